@@ -1,0 +1,149 @@
+"""The `cptlab` command. Thin: it parses arguments and calls the library.
+
+Any bad input ends with one line on stderr naming what was wrong and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import NumericalFault, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"cptlab: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def friendly(fn):
+    """User errors -> one line + exit 2; numerical faults -> one line + exit 3; Ctrl-C -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(str(e), 2)
+        except NumericalFault as e:
+            _fail(f"numerical fault: {e} (the last good checkpoint and the metrics so far are kept)", 3)
+        except KeyboardInterrupt:
+            _fail("interrupted; resume with --resume", 130)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                _fail(f"disk full while writing {e.filename or 'run files'}; what was written before is intact", 2)
+            raise
+
+    return wrapper
+
+
+def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+@app.command()
+@friendly
+def run(
+    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]"),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<run.name>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Build or load the base model, run the continual stages, evaluate, and write the report."""
+    from .config import load_config
+    from .continual import run_continual
+
+    _configure_threads()
+    if resume:
+        if args:
+            raise UserError("--resume takes the run's own config; drop the preset and overrides")
+        root = run_continual(resume=resume)
+    else:
+        preset, overrides = _split_args(args)
+        cfg = load_config(preset, overrides)
+        root = run_continual(cfg, out_dir=out, overwrite=overwrite)
+    print(f"run written to {root}")
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model_dir: str = typer.Argument(..., help="A local HF model directory (e.g. runs/NAME/base)."),
+    domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: all)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write the results as JSON here."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value config overrides"),
+) -> None:
+    """Evaluate a model directory on held-out sets of the given domains."""
+    from .config import eval_domains, load_config
+    from .evaluate import evaluate_all
+    from .models import load_model, resolve_device
+    from .store import atomic_write_json
+    from .tasks import check_domain
+    from .ui import console, eval_table
+
+    _configure_threads()
+    extra = [f"eval.domains=[{domains}]"] if domains else []
+    cfg = load_config(None, [f"model.path={model_dir}", *extra, *(overrides or [])])
+    names = eval_domains(cfg)
+    for n in names:
+        check_domain(n, "--domains")
+    model, tokenizer = load_model(model_dir, cfg.model, resolve_device(cfg.run.device))
+    results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, batch_size=cfg.rollout.batch_size,
+                           seed=cfg.run.seed)
+    rows = {n: r.metrics() for n, r in results.items()}
+    console.print(eval_table(f"evaluation of {model_dir}", rows))
+    if out:
+        atomic_write_json(Path(out), {"model": model_dir, "results": rows})
+
+
+@app.command("domains")
+@friendly
+def domains_cmd() -> None:
+    """List the built-in domains with an example each."""
+    from rich.table import Table
+
+    from .tasks import domain_table
+    from .ui import console, safe_text
+
+    table = Table(title="built-in domains (reasoning-gym tasks)")
+    for col in ("name", "family", "ood_of", "task", "example", "solution"):
+        table.add_column(col)
+    for r in domain_table():
+        table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "task", "example", "solution")))
+    console.print(table)
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the shipped presets."""
+    from .config import preset_names
+
+    print("\n".join(preset_names()))
+
+
+def _configure_threads() -> None:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # small CPU models: one thread per core, no oversubscription
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

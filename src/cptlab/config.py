@@ -1,0 +1,464 @@
+"""Typed configuration: one dataclass per concern, YAML presets, dotted overrides, validation.
+
+Every field has its default here, next to its meaning. `load_config` is the only entry point:
+preset or YAML file -> dotted `key.sub=value` overrides -> typed dataclasses -> validation.
+Anything wrong raises `ConfigError` naming the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    """Architecture of the model built from scratch (ignored when `path` is set)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_positions: int = 256
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """'auto': bfloat16 on CUDA, float32 on CPU."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained`; off unless you trust the directory's code."""
+
+
+@dataclass
+class PromptConfig:
+    style: Literal["compact", "full"] = "compact"
+    """compact: short prompts for tiny models; full: reasoning-gym's own question plus an answer-tag
+    instruction, for real pretrained models."""
+    question_template: str = "Q: {question}\n"
+    answer_prefix: str = "A:"
+    """Appended after the question (or the reprompt); the completion starts right after it."""
+    reprompt_template: str = "{prompt}{solution}{feedback}"
+    """Self-teacher context. Slots: {prompt} (the filled question_template), {solution}, {feedback}."""
+    solution_template: str = "Demo:{solution}\n"
+    """Wraps a demonstration; the reference uses '\\nCorrect solution:\\n\\n{solution}\\n\\n'."""
+    feedback_template: str = "Feedback: {feedback}\n"
+    use_chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template (for instruct models)."""
+
+
+@dataclass
+class WarmupConfig:
+    """SFT that turns a random tiny model into a base model with prior capabilities."""
+
+    enabled: bool = True
+    domains: list[str] = field(
+        default_factory=lambda: ["arithmetic", "counting", "sorting", "reversal", "filtering", "gcd"]
+    )
+    examples_per_domain: int = 3000
+    reprompt_fraction: float = 0.35
+    """Fraction of examples shown with a demonstration and/or feedback before the answer, so the base
+    model learns to use in-context demonstrations (the SDPO self-teacher needs it)."""
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    cache_dir: str = "~/.cache/cptlab/base"
+    """Base models are cached here by a hash of model+warmup+prompt config; '' disables the cache."""
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G samples per prompt (GRPO group / SDPO sibling pool)."""
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: Literal["plain"] = "plain"
+    """plain: `transformers.generate` (works for any HF model)."""
+    batch_size: int = 256
+    """Sequences generated at once (memory bound)."""
+
+
+@dataclass
+class GRPOConfig:
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None: same as clip_eps."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the stage's reference (base) model; 0 skips the reference forward."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO's centring only."""
+
+
+@dataclass
+class SDPOConfig:
+    alpha: float | None = 0.5
+    """Generalised JSD mixture weight (0 forward KL, 1 reverse KL); None uses `divergence`."""
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "jsd"
+    top_k: int | None = 100
+    """Distil over the teacher's top-k tokens plus a tail bucket; None: full vocabulary."""
+    add_tail: bool = True
+    is_clip: float | None = 2.0
+    """Clip of the per-token importance ratio against the rollout policy (matters when mu > 1)."""
+    temperature: float = 1.0
+    teacher_mode: Literal["current", "ema", "frozen", "trust_region"] = "ema"
+    ema_rate: float = 0.05
+    """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S after each optimizer step."""
+    mix_coef: float = 0.05
+    """trust_region: teacher logits = lerp(reference logits, current logits, mix_coef)."""
+    frozen_source: Literal["stage_start", "base"] = "stage_start"
+    """Weights a frozen (or trust-region reference) teacher keeps."""
+    demo_source: Literal["sibling", "reference", "none"] = "sibling"
+    include_feedback: bool = True
+    feedback_only_without_solution: bool = True
+    """Use the verifier's feedback only when no demonstration is available (reference default)."""
+    demo_content: Literal["full", "answer_only"] = "full"
+    """full: the demonstration's whole reasoning; answer_only: only its final answer tag."""
+    skip_self_success: bool = True
+    """Never use a sample as its own demonstration."""
+    success_threshold: float = 1.0
+    no_demo: Literal["feedback", "skip"] = "feedback"
+    """When no sibling succeeded: distil from a feedback-only reprompt, or drop that sample."""
+    blend_lambda: float = 0.0
+    """Mix GRPO advantages into the token-level SDPO signal (0 = pure SDPO, sampled-token loss)."""
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["grpo", "sdpo", "sft"] = "grpo"
+    lr: float = 1e-3
+    prompts_per_step: int = 16
+    """Prompts per rollout batch; the batch holds prompts_per_step * group_size samples."""
+    updates_per_batch: int = 1
+    """mu: optimizer steps per rollout batch (old log-probs are kept for the ratio)."""
+    grad_clip: float = 1.0
+    warmup_steps: int = 5
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    track_base_kl: bool = True
+    """Score each rollout under the base model too, to log KL(current || base) per step."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop the stage, or skip that batch (counted)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sdpo: SDPOConfig = field(default_factory=SDPOConfig)
+
+
+@dataclass
+class StageConfig:
+    domain: str = ""
+    steps: int = 50
+    method: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the run's `method` section for this stage, e.g. {name: sdpo, lr: 1e-4}."""
+
+
+@dataclass
+class EvalConfig:
+    domains: list[str] = field(default_factory=lambda: ["all"])
+    """Domains evaluated after every stage; 'all' = every built-in domain and its OOD variant."""
+    num_prompts: int = 64
+    num_samples: int = 4
+    """k samples per prompt for sampled accuracy (pass@1 averaged over k); 0 skips sampling."""
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    every: int = 0
+    """Also evaluate every N training steps inside a stage (0: only at stage ends)."""
+    save_samples: int = 4
+    """Responses per domain written to samples/ at each evaluation."""
+
+
+@dataclass
+class RunSettings:
+    name: str = "tiny"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: bool = True
+    checkpoint_every: int = 0
+    """Also checkpoint every N training steps inside a stage (0: only at stage ends)."""
+    keep_checkpoints: int = 1
+    """How many complete checkpoints to keep (the newest)."""
+    report: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+# ----------------------------------------------------------------------------------------------
+# building dataclasses from plain data, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(where, value, _type_name(tp))
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(where, value, _type_name(tp))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(where, value, "null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(where, value, _type_name(tp))
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, value, "a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(where, value, _type_name(tp))
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# presets, files and overrides
+
+
+def preset_names() -> list[str]:
+    root = resources.files("cptlab") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of config sections at the top level")
+    return data
+
+
+def load_source(preset_or_file: str | None) -> dict:
+    """Raw mapping of a preset name or a YAML file path (None -> preset 'tiny')."""
+    name = preset_or_file or "tiny"
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"config file '{name}' not found: expected a readable YAML file")
+        return _read_yaml(path.read_text(), name)
+    if name not in preset_names():
+        raise ConfigError("preset", name, "one of " + ", ".join(preset_names()) + " or a .yaml file")
+    text = (resources.files("cptlab") / "presets" / f"{name}.yaml").read_text()
+    data = _read_yaml(text, f"preset {name}")
+    base = data.pop("extends", None)
+    if base:
+        data = deep_merge(load_source(base), data)
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}': expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if k == "stages" or isinstance(node, list):
+                raise UserError(f"override '{text}': set stages in a YAML file, not with dotted keys")
+            child = node.get(k)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(keys[: i + 1]), child, "a mapping to set sub-keys in")
+            node[k] = dict(child)
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(preset_or_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset or YAML file + dotted overrides -> validated Config."""
+    data = apply_overrides(load_source(preset_or_file), overrides or [])
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def stage_method(cfg: Config, stage: StageConfig, index: int) -> MethodConfig:
+    """The run's method section with the stage's overrides merged in."""
+    merged = deep_merge(to_dict(cfg.method), stage.method)
+    return from_dict(MethodConfig, merged, f"stages[{index}].method")
+
+
+# ----------------------------------------------------------------------------------------------
+# range checks (types are already right when these run)
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, expected)
+
+
+def _validate_method(m: MethodConfig, where: str) -> None:
+    _check(m.lr > 0, f"{where}.lr", m.lr, "a positive learning rate")
+    _check(m.prompts_per_step >= 1, f"{where}.prompts_per_step", m.prompts_per_step, "an integer >= 1")
+    _check(m.updates_per_batch >= 1, f"{where}.updates_per_batch", m.updates_per_batch, "an integer >= 1")
+    _check(m.grad_clip > 0, f"{where}.grad_clip", m.grad_clip, "a positive gradient-norm clip")
+    _check(m.warmup_steps >= 0, f"{where}.warmup_steps", m.warmup_steps, "an integer >= 0")
+    g, s = m.grpo, m.sdpo
+    _check(0 < g.clip_eps < 1, f"{where}.grpo.clip_eps", g.clip_eps, "a value in (0, 1)")
+    _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
+           g.clip_eps_high, "a positive value or null")
+    _check(g.beta >= 0, f"{where}.grpo.beta", g.beta, "a value >= 0")
+    _check(s.alpha is None or 0 <= s.alpha <= 1, f"{where}.sdpo.alpha", s.alpha, "a value in [0, 1] or null")
+    _check(s.top_k is None or s.top_k >= 1, f"{where}.sdpo.top_k", s.top_k, "an integer >= 1 or null")
+    _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
+    _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
+    _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
+    _check(0 <= s.mix_coef <= 1, f"{where}.sdpo.mix_coef", s.mix_coef, "a value in [0, 1]")
+    _check(0 <= s.blend_lambda <= 1, f"{where}.sdpo.blend_lambda", s.blend_lambda, "a value in [0, 1]")
+
+
+def validate(cfg: Config) -> None:
+    from .tasks import check_domain
+
+    m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
+        _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "an integer >= 1")
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+           f"a multiple of model.num_heads ({m.num_heads})")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"a divisor of model.num_heads ({m.num_heads})")
+    for slot in ("{prompt}",):
+        _check(slot in cfg.prompt.reprompt_template, "prompt.reprompt_template",
+               cfg.prompt.reprompt_template, f"a template containing {slot}")
+    _check("{question}" in cfg.prompt.question_template, "prompt.question_template",
+           cfg.prompt.question_template, "a template containing {question}")
+    _check(r.group_size >= 2, "rollout.group_size", r.group_size, "an integer >= 2 (groups need siblings)")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "an integer >= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a value in (0, 1]")
+    _check(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
+    _check(e.num_prompts >= 1, "eval.num_prompts", e.num_prompts, "an integer >= 1")
+    _check(e.num_samples >= 0, "eval.num_samples", e.num_samples, "an integer >= 0")
+    _check(e.every >= 0, "eval.every", e.every, "an integer >= 0")
+    _check(e.temperature > 0, "eval.temperature", e.temperature, "a positive temperature")
+    _check(w.steps >= 0, "warmup.steps", w.steps, "an integer >= 0")
+    _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
+    _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
+    _check(0 <= w.reprompt_fraction <= 1, "warmup.reprompt_fraction", w.reprompt_fraction, "a value in [0, 1]")
+    _check(w.examples_per_domain >= 1, "warmup.examples_per_domain", w.examples_per_domain, "an integer >= 1")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "an integer >= 0")
+    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer >= 1")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name, "a non-empty name without '/'")
+    for i, d in enumerate(w.domains):
+        check_domain(d, f"warmup.domains[{i}]")
+    for i, d in enumerate(e.domains):
+        if d != "all":
+            check_domain(d, f"eval.domains[{i}]")
+    _validate_method(cfg.method, "method")
+    for i, stage in enumerate(cfg.stages):
+        check_domain(stage.domain, f"stages[{i}].domain")
+        _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
+        _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
+
+
+def eval_domains(cfg: Config) -> list[str]:
+    from .tasks import all_domain_names
+
+    if "all" in cfg.eval.domains:
+        return all_domain_names()
+    return list(dict.fromkeys(cfg.eval.domains))

@@ -1,0 +1,204 @@
+"""The continual driver: base model, then stage after stage, evaluating every domain after each.
+
+Stage 0 is the base model itself. After every stage (and every `eval.every` steps) all configured
+domains are evaluated, so the run's records hold the full accuracy matrix R[stage][domain].
+A run resumes from its newest complete checkpoint (`resume=DIR`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
+from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
+from .errors import NumericalFault, UserError
+from .evaluate import evaluate_all
+from .methods import MethodContext
+from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
+from .optim import make_optimizer
+from .store import RunStore
+from .teacher import Teacher
+from .trainer import StageRun, TrainSampler, derive_seed, train_stage
+from .ui import console, eval_table, progress
+from .warmup import cache_path, run_warmup, store_in_cache
+
+
+def base_model(cfg: Config, device: torch.device, store: RunStore | None = None):
+    """(model, tokenizer, info): a local HF directory, the warm-up cache, or built and warmed up now."""
+    if cfg.model.path:
+        model, tokenizer = load_model(cfg.model.path, cfg.model, device)
+        return model, tokenizer, {"source": "path", "path": cfg.model.path}
+    if store is not None and (store.root / "base" / "config.json").exists():
+        model, tokenizer = load_model(str(store.root / "base"), cfg.model, device)
+        return model, tokenizer, {"source": "run_dir"}
+    cached = cache_path(cfg)
+    if cached is not None and (cached / "config.json").exists():
+        console.print(f"base model: cached warm-up at {cached}")
+        model, tokenizer = load_model(str(cached), cfg.model, device)
+        return model, tokenizer, {"source": "cache", "path": str(cached)}
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.run.seed).to(device)
+    console.print(f"base model: tiny {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters; "
+                  f"warm-up SFT for {cfg.warmup.steps} steps")
+    info = {"source": "built", "parameters": count_parameters(model)}
+    if cfg.warmup.enabled and cfg.warmup.steps > 0:
+        t0 = time.perf_counter()
+        losses = run_warmup(model, tokenizer, cfg, device, cfg.run.seed)
+        info.update(warmup_seconds=time.perf_counter() - t0, warmup_final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    if cached is not None:
+        store_in_cache(model, tokenizer, cached, info)
+    return model, tokenizer, info
+
+
+class Driver:
+    """Holds the run's pieces; `run()` is the stage loop."""
+
+    def __init__(self, cfg: Config, store: RunStore):
+        self.cfg, self.store = cfg, store
+        self.device = resolve_device(cfg.run.device)
+        self.domains = eval_domains(cfg)
+
+    # -- evaluation and checkpoints -----------------------------------------------------------
+    def evaluate(self, stage: int, stage_name: str, step: int, global_step: int, final: bool) -> dict:
+        cfg = self.cfg
+        with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
+            results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
+                                   batch_size=cfg.rollout.batch_size, seed=derive_seed(cfg.run.seed, stage, step, "eval"),
+                                   on_domain=lambda name: advance(info=name))
+        for name, r in results.items():
+            self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
+                           final=final, domain=name, **r.metrics())
+        self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
+        if final:
+            console.print(eval_table(f"after stage {stage} ({stage_name})", {n: r.metrics() for n, r in results.items()}))
+        return results
+
+    def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, teacher=None) -> None:
+        if not self.cfg.run.checkpoint:
+            return
+        state = dict(stage=stage, step=step, global_step=global_step, stage_done=done, order=global_step * 2 + done)
+        save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, teacher,
+                        keep=self.cfg.run.keep_checkpoints)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def setup(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
+        if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
+            save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+        self.model.eval()
+        self.base = copy.deepcopy(self.model).eval().requires_grad_(False)
+        ckpts = self.store.checkpoint_dirs()
+        if not ckpts:
+            self.store.truncate_metrics(0)
+            return dict(stage=0, step=0, global_step=0, stage_done=False, path=None, base_info=info)
+        state = load_state(ckpts[-1])
+        self.store.truncate_metrics(state["metrics_lines"])
+        load_weights(ckpts[-1], self.model)
+        console.print(f"resuming from {ckpts[-1].name}")
+        return {**state, "path": ckpts[-1], "base_info": info}
+
+    def run(self) -> None:
+        cfg, store = self.cfg, self.store
+        t_start = time.perf_counter()
+        state = self.setup()
+        if state["path"] is None:
+            store.log("run_start", name=cfg.run.name, base=state["base_info"], domains=self.domains,
+                      stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
+                              for i, s in enumerate(cfg.stages)])
+            self.evaluate(0, "base", 0, 0, final=True)
+            self.checkpoint(0, 0, 0, done=True)
+            state.update(stage=0, stage_done=True)
+        global_step = state["global_step"]
+        for index, stage in enumerate(cfg.stages, start=1):
+            if index < state["stage"] or (index == state["stage"] and state["stage_done"]):
+                continue
+            global_step = self.run_stage(index, stage, state, global_step)
+        store.log("run_end", seconds=time.perf_counter() - t_start, global_step=global_step)
+
+    def run_stage(self, index: int, stage, state: dict, global_step: int) -> int:
+        cfg = self.cfg
+        mcfg = stage_method(cfg, stage, index - 1)
+        optimizer = make_optimizer(self.model, mcfg.lr, mcfg.weight_decay)
+        teacher = None
+        if mcfg.name == "sdpo":
+            s = mcfg.sdpo
+            teacher = Teacher(s.teacher_mode, self.model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=self.base,
+                              frozen_source=s.frozen_source)
+        start_step = 0
+        if state["path"] is not None and state["stage"] == index and not state["stage_done"]:
+            load_checkpoint(state["path"], self.model, optimizer, teacher)
+            start_step = state["step"]
+        track_base = mcfg.grpo.beta > 0 or mcfg.track_base_kl
+        ctx = MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device,
+                            base=self.base if track_base else None, teacher=teacher)
+        sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt.style)
+        t0 = time.perf_counter()
+
+        def on_step_end(step_done: int, gstep: int) -> None:
+            if step_done >= stage.steps:
+                return
+            if cfg.eval.every and step_done % cfg.eval.every == 0:
+                self.evaluate(index, stage.domain, step_done, gstep, final=False)
+            if cfg.run.checkpoint_every and step_done % cfg.run.checkpoint_every == 0:
+                self.checkpoint(index, step_done, gstep, False, optimizer, teacher)
+
+        run = StageRun(index, stage, mcfg, self.model, optimizer, ctx, sampler, cfg.run.seed, self.store.log,
+                       on_step_end)
+        try:
+            global_step = train_stage(run, start_step, global_step)
+        except NumericalFault as fault:
+            self.store.log("fault", stage=index, action="stopped", reason=str(fault), global_step=global_step)
+            raise
+        self.evaluate(index, stage.domain, stage.steps, global_step, final=True)
+        self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
+                       global_step=global_step, seconds=time.perf_counter() - t0)
+        self.checkpoint(index, stage.steps, global_step, True)
+        return global_step
+
+
+def open_run(cfg: Config | None, *, out_dir: str | None = None, resume: str | None = None,
+             overwrite: bool = False) -> tuple[Config, RunStore]:
+    if resume:
+        store = RunStore.open(Path(resume))
+        cfg = from_dict(Config, store.read_config())
+        validate(cfg)
+        return cfg, store
+    assert cfg is not None
+    root = Path(out_dir) if out_dir else Path(cfg.run.out_dir) / cfg.run.name
+    return cfg, RunStore.create(root, to_dict(cfg), overwrite=overwrite)
+
+
+def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """Run (or resume) a continual study; returns the run directory. Writes summary.json and report.html."""
+    cfg, store = open_run(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite)
+    try:
+        try:
+            Driver(cfg, store).run()
+        finally:
+            finish(cfg, store)
+    finally:
+        store.close()
+    return store.root
+
+
+def finish(cfg: Config, store: RunStore) -> None:
+    """Summary and report from what is on disk (also after a numerical fault)."""
+    from .analysis.summary import build_summary
+
+    store.write_json("summary.json", build_summary(store.read_metrics()))
+    if cfg.run.report:
+        try:
+            from .report import write_report
+        except ImportError:
+            return
+        write_report(store.root)
+
+
+__all__ = ["run_continual", "base_model", "Driver", "UserError"]

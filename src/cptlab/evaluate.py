@@ -1,0 +1,59 @@
+"""Evaluation on fixed held-out sets: greedy accuracy, sampled accuracy (pass@1 over k samples),
+format compliance and mean response length, per domain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import EvalConfig, PromptConfig
+from .prompts import student_prompt
+from .rollout import generate
+from .tasks import make_split, verify
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    greedy_acc: float
+    sampled_acc: float | None
+    format_rate: float
+    mean_length: float
+    samples: list[dict]
+
+    def metrics(self) -> dict:
+        return dict(greedy_acc=self.greedy_acc, sampled_acc=self.sampled_acc, format_rate=self.format_rate,
+                    mean_length=self.mean_length)
+
+
+def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, *,
+                    batch_size: int = 256, seed: int = 0) -> DomainResult:
+    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style)
+    prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, greedy=True,
+                      batch_size=batch_size)
+    verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]
+    n = len(examples)
+    greedy_acc = sum(v.correct for v in verdicts) / n
+    format_rate = sum(v.well_formed for v in verdicts) / n
+    mean_length = float(greedy.lengths.mean())
+    sampled_acc = None
+    if ecfg.num_samples > 0:
+        k = ecfg.num_samples
+        sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)],
+                           max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
+                           batch_size=batch_size, seed=seed)
+        hits = [verify(examples[i // k], t, pcfg.style).correct for i, t in enumerate(sampled.texts)]
+        sampled_acc = sum(hits) / len(hits)
+    samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
+               for ex, text, v in list(zip(examples, greedy.texts, verdicts))[: ecfg.save_samples]]
+    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples)
+
+
+def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, *,
+                 batch_size: int = 256, seed: int = 0, on_domain=None) -> dict[str, DomainResult]:
+    results = {}
+    for name in domains:
+        results[name] = evaluate_domain(model, tokenizer, name, ecfg, pcfg, batch_size=batch_size, seed=seed)
+        if on_domain:
+            on_domain(name)
+    return results

@@ -1,0 +1,502 @@
+"""Losses and advantages for continual post-training, as pure functions of tensors.
+
+No model, optimizer or config is in sight here, so every function is tested against hand-computed
+numbers (tests/test_losses.py). Shapes: B sequences, T completion positions, V vocabulary. `mask`
+is [B, T], 1.0 on the completion tokens that count; it may carry fractional weights, and every mean
+below is sum(x * mask) / sum(mask). Padded positions may hold garbage (inf, nan): it never leaks.
+
+Notation follows the papers:
+  GRPO (Shao et al. 2024, arXiv 2402.03300): G samples o_1..o_G per prompt, reward r_i, advantage
+      A_i = (r_i - mean_G r) / std_G r, token ratio rho_{i,t} = pi_theta(o_{i,t}) / pi_theta_old(o_{i,t}).
+  SDPO (Huebotter et al. 2026, arXiv 2601.20802): student pi_theta(. | x, y_<t) reads the plain
+      prompt x; the self-teacher pi_theta(. | x, f, y_<t) is the same network reading the reprompt f
+      (a successful sibling and/or feedback). Loss: sum_t D(student_t || stopgrad teacher_t).
+
+Registries (name -> function), like verl's core_algos: LOSS_AGGREGATIONS (GRPO loss types) and
+DIVERGENCES (SDPO divergences); `generalized_jsd` covers the reference's `alpha` knob.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# exp() of a log-ratio beyond +-20 overflows float16 and means the sample is meaningless anyway;
+# verl clamps at the same place.
+_LOG_RATIO_CLAMP = 20.0
+# Top-k mass is capped at 1 - 1e-7 so the tail bucket stays finite (as in the reference).
+_TAIL_LOG_MASS_MAX = -1e-7
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """sum(x * mask) over `dim` (all dims if None). Values where mask == 0 are ignored, even nan/inf."""
+    mask = mask.to(x.dtype)
+    x = torch.where(mask != 0, x, torch.zeros_like(x))
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """sum(x * mask) / sum(mask) over `dim` (all dims if None); 0 where the mask is empty, never nan."""
+    mask = mask.to(x.dtype)
+    total = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / total.clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] for each position: logits [B, T, V], tokens [B, T] -> [B, T].
+
+    log p(y_t) = z_{y_t} - logsumexp_v z_v, one sequence at a time, so the largest temporary is
+    [T, V] instead of a full [B, T, V] log-softmax. Half-precision logits are upcast per sequence
+    and the result is float32. Divide logits by the sampling temperature before calling.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} + (V,)")
+    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    if logits.shape[0] == 0:
+        return logits.new_zeros(tokens.shape, dtype=dtype)
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        row_logits = row_logits.to(dtype)
+        picked = row_logits.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy H = -sum_v p_v log p_v of softmax(logits) at each position: [..., V] -> [...]."""
+    logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1)  # 0 log 0 = 0 (logits of -inf)
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token: [B, T] -> [B, T].
+
+    k3 = exp(ref - lp) - (ref - lp) - 1 >= 0; unbiased, low variance (joschu.net/blog/kl-approx.html).
+    """
+    log_r = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return log_r.exp() - log_r - 1.0
+
+
+def _check_same_shape(fn: str, **tensors: Tensor | None) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name}={shape}" for name, shape in shapes.items())
+        raise ValueError(f"{fn}: these must have the same [B, T] shape, got {listed}")
+
+
+def _zero_padding(x: Tensor | None, mask: Tensor) -> Tensor | None:
+    """x with 0 where mask == 0, so garbage in padding can reach neither the loss nor the gradient."""
+    return None if x is None else torch.where(mask != 0, x, torch.zeros_like(x))
+
+
+def _is_weights(logprobs: Tensor | None, old_logprobs: Tensor | None, is_clip: float, fn: str) -> Tensor:
+    """Detached truncated importance weight min(exp(lp - old_lp), is_clip), as in the SDPO reference."""
+    if logprobs is None or old_logprobs is None:
+        raise ValueError(f"{fn}: is_clip={is_clip} needs both the current and the old sampled-token log-probs")
+    if is_clip <= 0:
+        raise ValueError(f"{fn}: is_clip must be > 0 (or None to disable), got {is_clip}")
+    log_ratio = (logprobs - old_logprobs).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return log_ratio.exp().clamp(max=is_clip)
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages: rewards [B] -> [B], B = n_prompts * group_size, groups contiguous.
+
+    A_i = (r_i - mean_G r) / (std_G r + eps) if scale, else r_i - mean_G r (Dr. GRPO, arXiv 2503.20783).
+    std is unbiased (torch.std). A group of one has no baseline to compare with: its advantage is 0.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"group_advantages: batch of {rewards.shape[0]} rewards is not divisible into groups of "
+            f"group_size={group_size}; expected B = n_prompts * group_size with group_size >= 1"
+        )
+    grouped = rewards.float().view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)
+        centered = centered / (std + eps)
+    return centered.view(-1)
+
+
+def _agg_grpo(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Token mean within each sequence, then mean over the sequences that have tokens.
+
+    Sequences with no counted token are left out of the mean (verl's seq-mean-token-mean); TRL's
+    "grpo" counts them as zeros instead. The two agree whenever every sequence has a token.
+    """
+    per_seq = masked_mean(per_token, mask, dim=-1)
+    has_tokens = (mask.to(per_token.dtype).sum(-1) > 0).to(per_token.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
+def _agg_bnpo(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Sum over all masked tokens / number of masked tokens (token mean over the batch)."""
+    return masked_mean(per_token, mask)
+
+
+def _agg_dr_grpo(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Sum over all masked tokens / (B * T): a constant normaliser, no length bias."""
+    return masked_sum(per_token, mask) / max(mask.numel(), 1)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "grpo": _agg_grpo,
+    "bnpo": _agg_bnpo,
+    "dr_grpo": _agg_dr_grpo,
+}
+
+
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar with one of LOSS_AGGREGATIONS."""
+    if loss_type not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[loss_type](per_token_loss, mask)
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    loss_type: str = "grpo",
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate (+ beta * k3 KL to a reference policy) -> (scalar loss, stats).
+
+    logprobs, old_logprobs, mask, ref_logprobs: [B, T] (sampled-token log-probs under pi_theta,
+    pi_theta_old, pi_ref); advantages: [B] (one A_i per sequence) or [B, T] (per token).
+    Per token:  L_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta * k3_{i,t},
+    with rho = exp(lp - old_lp), eps_high = clip_eps_high or clip_eps (DAPO's clip-higher), and
+    then LOSS_AGGREGATIONS[loss_type]. Gradients flow through `logprobs` only.
+    Stats (floats): pg_loss, kl (mean k3, when ref given), clip_fraction (share of tokens whose
+    gradient the clip removed; split into _low / _high), ratio_mean, approx_kl (mean old_lp - lp),
+    advantage_mean / advantage_std, num_tokens.
+    """
+    _check_same_shape("grpo_loss", logprobs=logprobs, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs)
+    if loss_type not in LOSS_AGGREGATIONS:
+        raise ValueError(f"grpo_loss: loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError(f"grpo_loss: beta={beta} needs ref_logprobs")
+    eps_low = clip_eps
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not 0.0 <= eps_low < 1.0 or eps_high < 0.0:
+        raise ValueError(f"grpo_loss: need 0 <= clip_eps < 1 and clip_eps_high >= 0, got {eps_low}, {eps_high}")
+    if advantages.shape == logprobs.shape[:1]:
+        adv = advantages.detach().unsqueeze(-1)  # A_i broadcast over the tokens of sequence i
+    elif advantages.shape == logprobs.shape:
+        adv = advantages.detach()
+    else:
+        raise ValueError(
+            f"grpo_loss: advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
+        )
+
+    logprobs, old_logprobs, ref_logprobs = (_zero_padding(x, mask) for x in (logprobs, old_logprobs, ref_logprobs))
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()  # rho_{i,t}
+    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    pg_per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    per_token = pg_per_token
+    kl = None
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs.detach())
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    loss = aggregate_loss(per_token, mask, loss_type)
+
+    with torch.no_grad():
+        # The min picks the (constant) clipped term exactly when the ratio left the trust region in
+        # the direction the advantage pushes it: those tokens get no gradient.
+        clipped_high = ((adv > 0) & (ratio > 1.0 + eps_high)).float()
+        clipped_low = ((adv < 0) & (ratio < 1.0 - eps_low)).float()
+        if advantages.dim() == 1:  # one A_i per sequence
+            adv_mean, adv_std = adv.float().mean(), adv.float().std(unbiased=False)
+        else:  # per-token advantages: moments over the counted tokens
+            adv_mean = masked_mean(adv.float(), mask)
+            adv_std = masked_mean((adv.float() - adv_mean) ** 2, mask).sqrt()
+        stats = {
+            "pg_loss": aggregate_loss(pg_per_token, mask, loss_type).item(),
+            "clip_fraction": masked_mean(clipped_high + clipped_low, mask).item(),
+            "clip_fraction_low": masked_mean(clipped_low, mask).item(),
+            "clip_fraction_high": masked_mean(clipped_high, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+            "approx_kl": masked_mean(-log_ratio, mask).item(),
+            "advantage_mean": adv_mean.item(),
+            "advantage_std": adv_std.item(),
+            "num_tokens": mask.float().sum().item(),
+        }
+        if kl is not None:
+            stats["kl"] = masked_mean(kl, mask).item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- SDPO divergences
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dim; terms with p_v = 0 are 0."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(pi_S || pi_T) over the last dim (mode-seeking; SDPO's default objective)."""
+    return _kl(student_logp, teacher_logp)
+
+
+def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(pi_T || pi_S) over the last dim (mass-covering, as in classic distillation)."""
+    return _kl(teacher_logp, student_logp)
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """Generalised Jensen-Shannon divergence with the reference's convention, over the last dim.
+
+    M = (1 - alpha) pi_S + alpha pi_T;  JSD_alpha = (1 - alpha) KL(pi_S || M) + alpha KL(pi_T || M).
+    alpha = 0 and alpha = 1 are defined as forward KL(pi_T || pi_S) and reverse KL(pi_S || pi_T), as
+    in lasgroup/SDPO (the mixture formula itself vanishes at both ends, like JSD_alpha / alpha). The
+    reference also reroutes alpha = 0.25 / 0.75 to Renyi divergences; we do not: JSD_alpha throughout.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return forward_kl(student_logp, teacher_logp)
+    if alpha == 1.0:
+        return reverse_kl(student_logp, teacher_logp)
+    log_m = torch.logsumexp(
+        torch.stack([student_logp + math.log(1.0 - alpha), teacher_logp + math.log(alpha)]), dim=0
+    )
+    return (1.0 - alpha) * _kl(student_logp, log_m) + alpha * _kl(teacher_logp, log_m)
+
+
+def jsd(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Symmetric Jensen-Shannon divergence (mixture 0.5/0.5), bounded by log 2."""
+    return generalized_jsd(student_logp, teacher_logp, 0.5)
+
+
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "reverse_kl": reverse_kl,
+    "forward_kl": forward_kl,
+    "jsd": jsd,
+}
+
+
+def _log1m_exp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012); both branches stay finite."""
+    near_zero = torch.log(-torch.expm1(x))
+    far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0))))
+    return torch.where(x > -math.log(2.0), near_zero, far)
+
+
+def _with_tail(topk_logp: Tensor) -> Tensor:
+    """Append the bucket log(1 - sum_k p_k) so the k + 1 entries form a distribution: [.., k] -> [.., k+1]."""
+    log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True).clamp(max=_TAIL_LOG_MASS_MAX)
+    return torch.cat([topk_logp, _log1m_exp(log_mass)], dim=-1)
+
+
+def _distillation_support(
+    student: Tensor, teacher: Tensor, top_k: int | None, add_tail: bool, top_k_from: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Log-probs of student and teacher on the support the divergence is taken over: [N, V] -> [N, K].
+
+    Full vocabulary, or the top-k ids of one side (plus a tail bucket, or renormalised without one).
+    Also returns the teacher's probability mass on the top-k ids (None for the full vocabulary).
+    """
+    vocab = student.shape[-1]
+    if top_k is None or top_k >= vocab:  # the top-V support is the full vocabulary: be exact
+        return torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), None
+    ids = (teacher if top_k_from == "teacher" else student).topk(top_k, dim=-1).indices
+    student_k = student.gather(-1, ids) - torch.logsumexp(student, -1, keepdim=True)
+    teacher_k = teacher.gather(-1, ids) - torch.logsumexp(teacher, -1, keepdim=True)
+    teacher_mass = torch.logsumexp(teacher_k, -1).exp()
+    if add_tail:
+        return _with_tail(student_k), _with_tail(teacher_k), teacher_mass
+    return torch.log_softmax(student_k, -1), torch.log_softmax(teacher_k, -1), teacher_mass
+
+
+def sdpo_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    add_tail: bool = True,
+    top_k_from: str = "teacher",
+    sampled_logprobs: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    is_clip: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Logit-level self-distillation: D(pi_S(.|x, y_<t) || stopgrad pi_T(.|x, f, y_<t)) per token.
+
+    student_logits, teacher_logits: [B, T, V] (teacher is detached here); mask [B, T] (multiply in
+    a per-sequence "has a teacher" flag where some samples got no reprompt).
+    Per token: p = softmax(logits / temperature) for both sides, then d_t = D(p_S, p_T) with
+      divergence: "reverse_kl" KL(S||T) | "forward_kl" KL(T||S) | "jsd" (0.5/0.5), or
+      alpha: generalized_jsd with M = (1-alpha) S + alpha T; 0 -> forward KL, 1 -> reverse KL;
+             overrides `divergence` (reference default 0.5).
+      top_k: the divergence runs over the top_k ids of `top_k_from` ("teacher", or "student" as in
+             lasgroup/SDPO) plus, if add_tail, one bucket log(1 - sum_k p) for the rest of the mass;
+             without the tail both top-k vectors are renormalised. top_k >= V is the full vocabulary.
+      is_clip: importance weight w_t = min(exp(sampled_logprobs - old_logprobs), is_clip), detached,
+             multiplies d_t (both [B, T], sampled-token log-probs under pi_theta and pi_theta_old at
+             the same temperature). None disables it, as in the reference (math.inf: unclipped).
+    loss = sum_t mask_t w_t d_t / sum_t mask_t (token mean over the batch, bnpo-style).
+    Stats: divergence (mean d_t), student_entropy, teacher_entropy, top1_agreement, num_tokens,
+    teacher_topk_mass (with top_k), is_ratio_mean / is_clip_fraction (with is_clip).
+    """
+    fn = "sdpo_loss"
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{fn}: student_logits and teacher_logits must both be [B, T, V], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"{fn}: mask must be [B, T] = {tuple(student_logits.shape[:2])}, got {tuple(mask.shape)}")
+    _check_same_shape(fn, mask=mask, sampled_logprobs=sampled_logprobs, old_logprobs=old_logprobs)
+    if alpha is None and divergence not in DIVERGENCES:
+        raise ValueError(f"{fn}: divergence={divergence!r} is unknown; expected one of {sorted(DIVERGENCES)}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{fn}: alpha must be in [0, 1] (0 forward KL, 1 reverse KL), got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{fn}: top_k must be >= 1 or None, got {top_k}")
+    if top_k_from not in ("teacher", "student"):
+        raise ValueError(f"{fn}: top_k_from must be 'teacher' or 'student', got {top_k_from!r}")
+
+    # Only the counted positions are ever turned into distributions: [N, V] with N = #mask != 0.
+    keep = mask != 0
+    weights = mask[keep].float()
+    compute_dtype = torch.float32 if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits.dtype
+    student = student_logits[keep].to(compute_dtype) / temperature
+    teacher = teacher_logits.detach()[keep].to(compute_dtype) / temperature
+
+    student_logp, teacher_logp, teacher_mass = _distillation_support(student, teacher, top_k, add_tail, top_k_from)
+    if alpha is not None:
+        per_token = generalized_jsd(student_logp, teacher_logp, alpha)
+    else:
+        per_token = DIVERGENCES[divergence](student_logp, teacher_logp)  # d_t, [N]
+    weighted = per_token
+    is_weight = None
+    if is_clip is not None:
+        is_weight = _is_weights(sampled_logprobs, old_logprobs, is_clip, fn)[keep]
+        weighted = per_token * is_weight
+    weights = weights.to(weighted.dtype)
+    loss = (weighted * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+
+    with torch.no_grad():
+        def mean(x: Tensor) -> float:
+            return ((x.to(weights.dtype) * weights).sum() / weights.sum().clamp(min=1e-12)).item()
+
+        stats = {
+            "divergence": mean(per_token),
+            "student_entropy": mean(token_entropy(student)),
+            "teacher_entropy": mean(token_entropy(teacher)),
+            "top1_agreement": mean((student.argmax(-1) == teacher.argmax(-1)).float()),
+            "num_tokens": weights.sum().item(),
+        }
+        if teacher_mass is not None:
+            stats["teacher_topk_mass"] = mean(teacher_mass)
+        if is_weight is not None:
+            stats["is_ratio_mean"] = mean(is_weight)
+            stats["is_clip_fraction"] = mean((is_weight >= is_clip).float())
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- SDPO, sampled tokens
+
+
+def blend_advantages(token_advantages: Tensor, sequence_advantages: Tensor | None, blend_lambda: float) -> Tensor:
+    """A_{i,t} = (1 - lambda) * A^SDPO_{i,t} + lambda * A^GRPO_i: [B, T] and [B] (or [B, T]) -> [B, T].
+
+    lambda = 0 is pure SDPO, lambda = 1 a plain (unclipped) group-relative policy gradient.
+    """
+    if not 0.0 <= blend_lambda <= 1.0:
+        raise ValueError(f"blend_lambda must be in [0, 1] (0 = pure SDPO), got {blend_lambda}")
+    if sequence_advantages is None:
+        if blend_lambda != 0.0:
+            raise ValueError(f"blend_lambda={blend_lambda} needs the GRPO sequence advantages")
+        return token_advantages
+    seq = sequence_advantages.unsqueeze(-1) if sequence_advantages.dim() == 1 else sequence_advantages
+    return (1.0 - blend_lambda) * token_advantages + blend_lambda * seq.to(token_advantages.dtype)
+
+
+def sdpo_token_loss(
+    logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    is_clip: float | None = None,
+    grpo_advantages: Tensor | None = None,
+    blend_lambda: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Sampled-token SDPO: a policy gradient whose per-token advantage comes from the self-teacher.
+
+    logprobs, teacher_logprobs, mask, old_logprobs: [B, T], log-probs of the sampled token y_t.
+    A^SDPO_t = log pi_T(y_t | x, f, y_<t) - log pi_S(y_t | x, y_<t)  (detached), optionally blended
+    with GRPO advantages [B] by `blend_lambda` (see blend_advantages), and
+    L_t = -w_t * A_t * log pi_S(y_t);  with lambda = 0 this is (lp - tlp).detach() * lp, whose
+    gradient in expectation over y_t ~ pi_S is that of KL(pi_S || pi_T) (the reference's non-full-
+    logit path). w_t = min(exp(lp - old_lp), is_clip), detached, when is_clip is given.
+    loss = token mean over mask. Stats: log_ratio_mean (mean lp - tlp: a one-sample estimate of the
+    reverse KL), advantage_mean, num_tokens, is_ratio_mean / is_clip_fraction (with is_clip).
+    """
+    fn = "sdpo_token_loss"
+    _check_same_shape(fn, logprobs=logprobs, teacher_logprobs=teacher_logprobs, mask=mask, old_logprobs=old_logprobs)
+    if grpo_advantages is not None and grpo_advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"{fn}: grpo_advantages must be [B] or [B, T], got {tuple(grpo_advantages.shape)}")
+    logprobs, teacher_logprobs, old_logprobs = (
+        _zero_padding(x, mask) for x in (logprobs, teacher_logprobs, old_logprobs)
+    )
+    sdpo_adv = (teacher_logprobs - logprobs).detach()
+    adv = blend_advantages(sdpo_adv, grpo_advantages, blend_lambda)
+    per_token = -adv * logprobs
+    is_weight = None
+    if is_clip is not None:
+        is_weight = _is_weights(logprobs, old_logprobs, is_clip, fn)
+        per_token = per_token * is_weight
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        stats = {
+            "log_ratio_mean": masked_mean(-sdpo_adv, mask).item(),
+            "advantage_mean": masked_mean(adv, mask).item(),
+            "num_tokens": mask.float().sum().item(),
+        }
+        if is_weight is not None:
+            stats["is_ratio_mean"] = masked_mean(is_weight, mask).item()
+            stats["is_clip_fraction"] = masked_mean((is_weight >= is_clip).float(), mask).item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Token cross-entropy: -mean over masked tokens of log p(target). logprobs, mask: [B, T].
+
+    `logprobs` are the targets' log-probs (gather_logprobs(logits, labels)). Stats: nll, perplexity
+    (exp nll), num_tokens.
+    """
+    _check_same_shape("sft_loss", logprobs=logprobs, mask=mask)
+    loss = -masked_mean(logprobs, mask)
+    nll = loss.detach().item()
+    return loss, {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "num_tokens": mask.float().sum().item()}

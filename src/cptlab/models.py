@@ -1,0 +1,108 @@
+"""Models: the tiny decoder built from a config, its character-level tokenizer, and loading any
+Hugging Face causal LM from a local directory (safetensors only, nothing fetched from a hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .tasks.answer import CLOSE, OPEN
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda': no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_tokenizer():
+    """Character-level tokenizer over printable ASCII and newline, with the answer tags as single
+    tokens (short sequences keep the tiny model fast). Built offline with `tokenizers`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    specials = [PAD, EOS, UNK]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(OPEN, normalized=False), AddedToken(CLOSE, normalized=False)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                   padding_side="left")
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A randomly initialised decoder (Qwen2 or Llama architecture) with dims from `cfg`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if cfg.arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    hf_config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(hf_config)
+    return model
+
+
+def check_model_dir(path: str) -> Path:
+    """Refuse what we cannot load safely, with one line saying why."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_dir():
+        raise UserError(f"model.path = '{path}': not a directory (expected a local Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.path = '{path}': no config.json (expected a Hugging Face model directory)")
+    if not any(p.glob("*.safetensors")):
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth")):
+            raise UserError(f"model.path = '{path}': only pickle weights (*.bin/*.pt); expected *.safetensors "
+                            "(convert them; pickle files can run code when loaded)")
+        raise UserError(f"model.path = '{path}': no *.safetensors weights found")
+    return p
+
+
+def load_model(path: str, cfg: ModelConfig, device: torch.device):
+    """Model and tokenizer from a local directory; safetensors only, no hub, no remote code unless set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = check_model_dir(path)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            p, local_files_only=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path = '{path}': cannot load ({first[:200]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def save_model(model, tokenizer, path: str | Path) -> None:
+    """Write a normal HF directory (config.json, model.safetensors, tokenizer files)."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

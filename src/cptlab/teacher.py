@@ -1,0 +1,120 @@
+"""The SDPO self-teacher: reprompt building and the teacher's weights (current, EMA, frozen,
+trust-region).
+
+The teacher is the same network reading a reprompt: the question, a successful sibling's completion
+(the demonstration) and/or the verifier's feedback on the student's own attempt; the student's
+completion is then scored token by token under that context.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .config import PromptConfig, SDPOConfig
+from .prompts import teacher_prompt
+from .tasks import Example, Verdict
+from .tasks.answer import format_answer
+
+
+@dataclass
+class Reprompts:
+    texts: list[str]
+    """One teacher prompt per sample (the plain student prompt where nothing is distilled)."""
+    distill: list[bool]
+    """Whether sample i takes part in the distillation loss."""
+    stats: dict[str, float]
+
+
+def _demo_text(completion: str, verdict: Verdict, content: str) -> str:
+    if content == "answer_only" and verdict.answer is not None:
+        return " " + format_answer(verdict.answer)
+    return completion
+
+
+def build_reprompts(examples: list[Example], completions: list[str], verdicts: list[Verdict], group_size: int,
+                    cfg: SDPOConfig, pcfg: PromptConfig, tokenizer=None) -> Reprompts:
+    """Rows come in groups of `group_size` samples of the same example (examples[i] for row i)."""
+    n = len(completions)
+    texts, distill = [], []
+    counts = dict(with_demo=0, feedback_only=0, dropped=0, self_success=0)
+    for i in range(n):
+        g0 = (i // group_size) * group_size
+        ex, verdict = examples[i], verdicts[i]
+        demo = None
+        if cfg.demo_source == "sibling":
+            for j in range(g0, g0 + group_size):
+                if j == i and cfg.skip_self_success:
+                    continue
+                if verdicts[j].reward >= cfg.success_threshold:
+                    demo = _demo_text(completions[j], verdicts[j], cfg.demo_content)
+                    break  # the first success, as the reference does (batch order is random)
+        elif cfg.demo_source == "reference":
+            demo = ex.solution(cfg.demo_content)
+        counts["self_success"] += verdict.reward >= cfg.success_threshold
+        feedback = None
+        if cfg.include_feedback and verdict.feedback and (demo is None or not cfg.feedback_only_without_solution):
+            feedback = verdict.feedback
+        if demo is None and (cfg.no_demo == "skip" or feedback is None):
+            texts.append(teacher_prompt(pcfg, ex.question, None, None, tokenizer))
+            distill.append(False)
+            counts["dropped"] += 1
+            continue
+        texts.append(teacher_prompt(pcfg, ex.question, demo, feedback, tokenizer))
+        distill.append(True)
+        counts["with_demo" if demo is not None else "feedback_only"] += 1
+    stats = {f"teacher/{k}_frac": v / max(1, n) for k, v in counts.items()}
+    return Reprompts(texts, distill, stats)
+
+
+class Teacher:
+    """Holds the teacher's weights for a stage. `model_for_forward()` is what scores reprompts.
+
+    current: the student itself under no_grad (no copy); ema: a copy updated after each optimizer
+    step, theta_T <- (1 - rate) theta_T + rate theta_S; frozen: a copy of the stage start (or base)
+    weights; trust_region: logits lerp(reference, current, mix_coef) with a frozen reference copy.
+    """
+
+    def __init__(self, mode: str, student, *, ema_rate: float = 0.05, mix_coef: float = 0.05, base=None,
+                 frozen_source: str = "stage_start"):
+        self.mode, self.ema_rate, self.mix_coef = mode, ema_rate, mix_coef
+        self.student = student
+        self.copy = None
+        if mode in ("ema", "frozen", "trust_region"):
+            source = base if (frozen_source == "base" and base is not None and mode != "ema") else student
+            self.copy = copy.deepcopy(source).eval()
+            self.copy.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, forward) -> torch.Tensor:
+        """`forward(model) -> logits`; combines current and reference logits for trust_region."""
+        if self.mode == "current":
+            return forward(self.student).detach()
+        if self.mode == "trust_region":
+            ref = forward(self.copy)
+            cur = forward(self.student)
+            return torch.lerp(ref, cur, self.mix_coef).detach()
+        return forward(self.copy).detach()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.mode == "ema":
+            ema_update(self.copy, self.student, self.ema_rate)
+
+    def state_dict(self) -> dict | None:
+        return None if self.copy is None else self.copy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.copy is not None:
+            self.copy.load_state_dict(state)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, rate: float) -> None:
+    """theta_T <- (1 - rate) * theta_T + rate * theta_S, parameter by parameter (buffers copied)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach().to(t.dtype), rate)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)

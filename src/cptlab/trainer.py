@@ -1,0 +1,114 @@
+"""One stage: rollout -> reward -> method loss -> optimizer step, maybe evaluate, maybe checkpoint.
+
+The loop is in `train_stage`; everything it calls is a small piece of its own (methods.py for the
+method, teacher.py for the self-teacher, evaluate.py, checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import MethodConfig, StageConfig
+from .errors import NumericalFault
+from .methods import METHODS, MethodContext, examples_per_step
+from .optim import lr_factor, set_lr
+from .tasks import Example, make_split
+from .ui import progress
+
+
+def derive_seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class TrainSampler:
+    """Deterministic prompts for (stage, step): resuming at step k draws what step k drew before."""
+
+    def __init__(self, domain: str, seed: int, stage_index: int, style: str, pool_size: int = 2048):
+        self.pool: list[Example] = make_split(domain, "train", pool_size, seed=seed, style=style)
+        self.seed, self.stage_index = seed, stage_index
+
+    def batch(self, step: int, n: int) -> list[Example]:
+        rng = random.Random(derive_seed(self.seed, self.stage_index, step, "prompts"))
+        return rng.sample(self.pool, min(n, len(self.pool)))
+
+
+@dataclass
+class StageRun:
+    """What the loop needs; the driver (continual.py) builds it."""
+
+    index: int
+    stage: StageConfig
+    method_cfg: MethodConfig
+    model: object
+    optimizer: torch.optim.Optimizer
+    ctx: MethodContext
+    sampler: TrainSampler
+    seed: int
+    log: Callable[..., dict]
+    """log(event, **fields): appends to metrics.jsonl."""
+    on_step_end: Callable[[int, int], None]
+    """on_step_end(step_done, global_step): the driver's evaluation / checkpoint schedule."""
+
+
+def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> float:
+    """Backward, clip, step. Returns the gradient norm; raises NumericalFault before stepping on nan/inf."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        raise NumericalFault(f"loss is {float(loss)}")
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NumericalFault(f"gradient norm is {grad_norm}")
+    optimizer.step()
+    return grad_norm
+
+
+def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
+    """Train steps start_step..stage.steps-1; returns the global step after the stage."""
+    m, stage = run.method_cfg, run.stage
+    method = METHODS[m.name](m, run.ctx)
+    n_examples = examples_per_step(m, run.ctx.rollout.group_size)
+    skipped = 0
+    run.model.train()
+    with progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance:
+        advance(start_step)
+        for step in range(start_step, stage.steps):
+            t0 = time.perf_counter()
+            examples = run.sampler.batch(step, n_examples)
+            batch = method.make_batch(run.model, examples, seed=derive_seed(run.seed, run.index, step, "rollout"))
+            t_rollout = time.perf_counter() - t0
+            stats: dict = {}
+            for update in range(m.updates_per_batch):
+                opt_step = step * m.updates_per_batch + update
+                set_lr(run.optimizer, m.lr * lr_factor(opt_step, stage.steps * m.updates_per_batch, m.warmup_steps,
+                                                       m.schedule))
+                loss, stats = method.loss(run.model, batch)
+                try:
+                    stats["grad_norm"] = _step(run.model, run.optimizer, loss, m.grad_clip)
+                except NumericalFault as fault:
+                    if m.nan_policy == "skip":
+                        skipped += 1
+                        run.log("fault", stage=run.index, step=step, global_step=global_step, action="skipped",
+                                reason=str(fault))
+                        continue
+                    raise NumericalFault(f"stage {run.index} ({stage.domain}, {m.name}) step {step}: {fault}") from None
+                method.after_step()
+                stats["loss"] = float(loss.detach())
+            global_step += 1
+            dt = time.perf_counter() - t0
+            tokens = float(batch.rollout.completion_mask.sum())
+            run.log("train", stage=run.index, domain=stage.domain, method=m.name, step=step + 1,
+                    global_step=global_step, lr=run.optimizer.param_groups[0]["lr"], **batch.stats, **stats,
+                    skipped_batches=skipped, step_seconds=dt, rollout_seconds=t_rollout, tokens_per_second=tokens / dt)
+            advance(info=f"reward {batch.stats.get('reward', float('nan')):.2f} loss {stats.get('loss', float('nan')):.3f}")
+            run.on_step_end(step + 1, global_step)
+    run.model.eval()
+    return global_step

@@ -1,0 +1,106 @@
+"""Warm-up SFT: turns a random tiny model into a base model with prior capabilities.
+
+The corpus mixes plain (prompt -> reference solution) examples with *reprompted* ones: the prompt,
+then a demonstration and/or verifier feedback in the self-teacher layout, then the solution. Real LLMs
+use in-context demonstrations out of the box; a tiny model only does if it saw them, and the SDPO
+self-teacher depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .losses import sft_loss
+from .optim import lr_factor, make_optimizer, set_lr
+from .prompts import student_prompt, teacher_prompt
+from .rollout import completion_logprobs, rollout_from_texts
+from .tasks import make_split
+from .ui import progress
+
+
+def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs over the warm-up domains, shuffled."""
+    w, p = cfg.warmup, cfg.prompt
+    rng = random.Random(seed)
+    pairs: list[tuple[str, str]] = []
+    for domain in w.domains:
+        examples = make_split(domain, "train", w.examples_per_domain, seed=seed, style=p.style)
+        for ex in examples:
+            target = ex.solution()
+            if rng.random() >= w.reprompt_fraction:
+                pairs.append((student_prompt(p, ex.question), target))
+                continue
+            if rng.random() < 0.7:  # demonstration (full or answer-only, as the CoT experiment varies)
+                demo = ex.solution("answer_only" if rng.random() < 0.3 else "full")
+                pairs.append((teacher_prompt(p, ex.question, demo, None), target))
+            else:  # feedback on a wrong answer borrowed from another example of the domain
+                wrong = rng.choice(examples).answer
+                if wrong == ex.answer:
+                    wrong = ex.answer + "0"
+                pairs.append((teacher_prompt(p, ex.question, None, f"answer {wrong} is wrong"), target))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -> list[float]:
+    """SFT on the warm-up corpus; returns the loss curve (one value per step)."""
+    w = cfg.warmup
+    corpus = warmup_corpus(cfg, seed)
+    optimizer = make_optimizer(model, w.lr, w.weight_decay)
+    rng = random.Random(seed + 1)
+    losses = []
+    model.train()
+    with progress("warm-up SFT", w.steps) as advance:
+        for step in range(w.steps):
+            batch = rng.sample(corpus, min(w.batch_size, len(corpus)))
+            ro = rollout_from_texts(tokenizer, [b[0] for b in batch], [b[1] for b in batch], device)
+            set_lr(optimizer, w.lr * lr_factor(step, w.steps, w.warmup_steps, "cosine"))
+            logprobs = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
+                                           ro.completion_mask, batch_size=len(batch))
+            loss, _ = sft_loss(logprobs, ro.completion_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+            advance(info=f"loss {losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def base_model_key(cfg: Config) -> str:
+    """Hash of everything that determines the warmed-up base model."""
+    blob = json.dumps(dict(model=asdict(cfg.model), warmup={k: v for k, v in asdict(cfg.warmup).items()
+                                                            if k != "cache_dir"},
+                           prompt=asdict(cfg.prompt), seed=cfg.run.seed, version=1), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: Config) -> Path | None:
+    if not cfg.warmup.cache_dir:
+        return None
+    return Path(os.path.expanduser(cfg.warmup.cache_dir)) / base_model_key(cfg)
+
+
+def store_in_cache(model, tokenizer, path: Path, info: dict) -> None:
+    """Save atomically: a temp dir renamed into place, so a crash never leaves half a model."""
+    from .models import save_model
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tokenizer, tmp)
+    (tmp / "warmup.json").write_text(json.dumps(info, indent=1))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process stored the same key first
+        shutil.rmtree(tmp, ignore_errors=True)

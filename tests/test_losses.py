@@ -1,0 +1,370 @@
+"""cptlab.losses against numbers computed by hand (in the comments) or from first principles."""
+
+import math
+
+import pytest
+import torch
+
+from cptlab.losses import (
+    DIVERGENCES,
+    LOSS_AGGREGATIONS,
+    blend_advantages,
+    gather_logprobs,
+    generalized_jsd,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    masked_mean,
+    sdpo_loss,
+    sdpo_token_loss,
+    sft_loss,
+    token_entropy,
+)
+
+ln = math.log
+
+
+def logits_of(probs):
+    """Logits whose softmax is `probs` (nested lists, last dim = vocabulary)."""
+    return torch.tensor(probs, dtype=torch.float64).log()
+
+
+def kl_by_hand(p, q):
+    return sum(pi * ln(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def test_masked_mean_ignores_padding_even_nan():
+    x = torch.tensor([[1.0, 3.0, float("nan")], [5.0, float("inf"), 7.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 3 + 5) / 3)
+    assert masked_mean(x, mask, dim=-1).tolist() == pytest.approx([2.0, 5.0])
+    assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
+
+
+def test_gather_logprobs_matches_log_softmax_and_upcasts_half():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 7)
+    tokens = torch.randint(0, 7, (3, 4))
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(gather_logprobs(logits, tokens), expected, atol=1e-6)
+    half = gather_logprobs(logits.bfloat16(), tokens)
+    assert half.dtype == torch.float32 and torch.allclose(half, expected, atol=5e-2)
+    # log softmax([0, ln 3])[1] = ln(3/4)
+    assert gather_logprobs(torch.tensor([[[0.0, ln(3)]]]), torch.tensor([[1]])).item() == pytest.approx(ln(0.75))
+
+
+def test_token_entropy_uniform_and_peaked():
+    assert token_entropy(torch.zeros(2, 5)).tolist() == pytest.approx([ln(5)] * 2)
+    # p = (0.5, 0.25, 0.25): H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2; a -inf logit contributes 0
+    peaked = torch.tensor([[ln(0.5), ln(0.25), ln(0.25), float("-inf")]])
+    assert token_entropy(peaked).item() == pytest.approx(1.5 * ln(2), abs=1e-6)
+
+
+def test_k3_kl_value():
+    # lp = ln .5, ref = ln .25: exp(ref - lp) - (ref - lp) - 1 = 0.5 + ln 2 - 1
+    value = k3_kl(torch.tensor([ln(0.5)]), torch.tensor([ln(0.25)]))
+    assert value.item() == pytest.approx(0.5 + ln(2) - 1, abs=1e-6)
+    assert k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
+
+
+# ------------------------------------------------------------------------------------ GRPO
+
+
+def test_group_advantages_scaled_and_centered():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3); group 2 has no spread
+    std = math.sqrt(1 / 3)
+    expected = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 0, 0, 0, 0]
+    assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, abs=1e-6)
+    assert group_advantages(rewards, 4, scale=False).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    assert group_advantages(rewards, 1).tolist() == [0.0] * 8
+
+
+def test_group_advantages_rejects_ragged_batch():
+    with pytest.raises(ValueError, match="group_size=4"):
+        group_advantages(torch.zeros(7), 4)
+
+
+def ragged_batch():
+    """Two sequences, hand-picked ratios rho = exp(lp - old_lp).
+
+    seq 0, A = +1, mask 1 1 1, rho = 1.0, 1.5, 0.5 -> token losses -1, -1.2 (clipped), -0.5
+    seq 1, A = -2, mask 1 1 0, rho = 1.1, 0.7, 2.0 -> token losses 2.2, 1.6 (clipped), (masked)
+    """
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.3, -2.0]], dtype=torch.float64)
+    ratios = torch.tensor([[1.0, 1.5, 0.5], [1.1, 0.7, 2.0]], dtype=torch.float64)
+    logprobs = (old + ratios.log()).requires_grad_(True)
+    return logprobs, old, torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("grpo", ((-1 - 1.2 - 0.5) / 3 + (2.2 + 1.6) / 2) / 2),  # 0.5
+        ("bnpo", (-1 - 1.2 - 0.5 + 2.2 + 1.6) / 5),  # 0.22
+        ("dr_grpo", (-1 - 1.2 - 0.5 + 2.2 + 1.6) / (2 * 3)),  # 0.18333
+    ],
+)
+def test_grpo_loss_each_loss_type_on_ragged_mask(loss_type, expected):
+    logprobs, old, adv, mask = ragged_batch()
+    loss, stats = grpo_loss(logprobs, old, adv, mask, loss_type=loss_type)
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+    assert stats["clip_fraction"] == pytest.approx(2 / 5)
+    assert stats["clip_fraction_high"] == pytest.approx(1 / 5)
+    assert stats["clip_fraction_low"] == pytest.approx(1 / 5)
+    assert stats["ratio_mean"] == pytest.approx((1 + 1.5 + 0.5 + 1.1 + 0.7) / 5)
+    assert stats["advantage_mean"] == pytest.approx(-0.5) and stats["advantage_std"] == pytest.approx(1.5)
+    assert set(LOSS_AGGREGATIONS) == {"grpo", "bnpo", "dr_grpo"}
+
+
+def test_grpo_loss_clip_eps_high_widens_upper_bound():
+    logprobs, old, adv, mask = ragged_batch()
+    # 1 + 0.6 > 1.5: the high clip is now inactive, token (0, 1) contributes -1.5
+    loss, stats = grpo_loss(logprobs, old, adv, mask, clip_eps_high=0.6, loss_type="bnpo")
+    assert loss.item() == pytest.approx((-1 - 1.5 - 0.5 + 2.2 + 1.6) / 5)
+    assert stats["clip_fraction"] == pytest.approx(1 / 5) and stats["clip_fraction_high"] == 0.0
+
+
+def test_grpo_loss_clipped_tokens_get_no_gradient_and_sign_is_right():
+    logprobs, old, adv, mask = ragged_batch()
+    loss, _ = grpo_loss(logprobs, old, adv, mask, loss_type="bnpo")
+    loss.backward()
+    grad = logprobs.grad
+    # d/dlp of -rho A / 5 = -rho A / 5 where not clipped; 0 where clipped or masked
+    assert grad[0].tolist() == pytest.approx([-1.0 / 5, 0.0, -0.5 / 5])
+    assert grad[1].tolist() == pytest.approx([2.2 / 5, 0.0, 0.0])
+    assert grad[0, 0] < 0  # positive advantage: gradient descent raises the token's log-prob
+
+
+def test_grpo_loss_empty_sequence_and_nan_padding_give_no_nan():
+    logprobs, old, adv, mask = ragged_batch()
+    nan = float("nan")
+    padded = torch.cat([logprobs.detach(), torch.full((1, 3), nan, dtype=torch.float64)])
+    padded[1, 2] = nan  # garbage under the mask of a real sequence too
+    padded.requires_grad_(True)
+    old = torch.cat([old, torch.full((1, 3), nan, dtype=torch.float64)])
+    loss, stats = grpo_loss(
+        padded, old, torch.cat([adv, torch.tensor([3.0], dtype=torch.float64)]),
+        torch.cat([mask, torch.zeros(1, 3, dtype=mask.dtype)]), ref_logprobs=old, beta=0.0,
+    )
+    assert loss.item() == pytest.approx(0.5)  # the empty sequence is left out of the sequence mean
+    assert all(math.isfinite(v) for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(padded.grad).all() and padded.grad[2].abs().sum() == 0
+
+
+def test_sdpo_token_loss_nan_padding_gives_finite_gradient():
+    lp = torch.tensor([[-0.5, float("nan")]], requires_grad=True)
+    loss, _ = sdpo_token_loss(lp, torch.tensor([[-0.2, float("nan")]]), torch.tensor([[1.0, 0.0]]))
+    loss.backward()
+    assert lp.grad.tolist()[0] == pytest.approx([-0.5 + 0.2, 0.0])
+
+
+def test_grpo_loss_k3_penalty():
+    lp = torch.tensor([[ln(0.5), ln(0.5)]], requires_grad=True)
+    ref = torch.tensor([[ln(0.25), ln(0.5)]])
+    k3 = 0.5 + ln(2) - 1  # first token; the second matches the reference exactly
+    loss, stats = grpo_loss(lp, lp.detach(), torch.tensor([0.0]), torch.ones(1, 2), ref_logprobs=ref, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * k3 / 2, abs=1e-7)
+    assert stats["kl"] == pytest.approx(k3 / 2, abs=1e-7) and stats["pg_loss"] == 0.0
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(lp, lp, torch.tensor([0.0]), torch.ones(1, 2), beta=0.1)
+
+
+def test_grpo_loss_validates_names_and_shapes():
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(lp, lp, torch.zeros(2), torch.ones(2, 3), loss_type="dapo")
+    with pytest.raises(ValueError, match="old_logprobs"):
+        grpo_loss(lp, torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------------ SDPO, logits
+
+# Two tokens, vocabulary of three; mask keeps both.
+STUDENT = [[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]]
+TEACHER = [[[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]]]
+MASK2 = torch.ones(1, 2)
+
+
+def hand_mean(divergence):
+    return sum(divergence(s, t) for s, t in zip(STUDENT[0], TEACHER[0])) / 2
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_sdpo_loss_zero_when_teacher_equals_student(divergence):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    loss, stats = sdpo_loss(logits, logits.clone(), torch.ones(2, 4), divergence=divergence)
+    assert abs(loss.item()) < 1e-6
+    assert stats["top1_agreement"] == 1.0
+
+
+def test_sdpo_loss_reverse_and_forward_kl_by_hand():
+    reverse, _ = sdpo_loss(logits_of(STUDENT), logits_of(TEACHER), MASK2, divergence="reverse_kl")
+    forward, _ = sdpo_loss(logits_of(STUDENT), logits_of(TEACHER), MASK2, divergence="forward_kl")
+    # token 0: 0.5 ln(5/7) + 0.3 ln(3/2) + 0.2 ln 2;  token 1: 0.1 ln(1/2) + 0.6 ln 3 + 0.3 ln(1/2)
+    assert reverse.item() == pytest.approx(hand_mean(kl_by_hand), abs=1e-12)
+    assert forward.item() == pytest.approx(hand_mean(lambda s, t: kl_by_hand(t, s)), abs=1e-12)
+    assert reverse.item() == pytest.approx(((0.5 * ln(5 / 7) + 0.3 * ln(1.5) + 0.2 * ln(2))
+                                            + (0.1 * ln(0.5) + 0.6 * ln(3) + 0.3 * ln(0.5))) / 2)
+
+
+def test_sdpo_loss_jsd_by_hand_symmetric_and_bounded():
+    def jsd_by_hand(s, t):
+        m = [(a + b) / 2 for a, b in zip(s, t)]
+        return 0.5 * kl_by_hand(s, m) + 0.5 * kl_by_hand(t, m)
+
+    value, _ = sdpo_loss(logits_of(STUDENT), logits_of(TEACHER), MASK2, divergence="jsd")
+    swapped, _ = sdpo_loss(logits_of(TEACHER), logits_of(STUDENT), MASK2, divergence="jsd")
+    assert value.item() == pytest.approx(hand_mean(jsd_by_hand), abs=1e-12)
+    assert swapped.item() == pytest.approx(value.item(), abs=1e-12)
+    # disjoint supports reach the bound log 2
+    far = torch.tensor([[[30.0, -30.0]]], dtype=torch.float64), torch.tensor([[[-30.0, 30.0]]], dtype=torch.float64)
+    bound, _ = sdpo_loss(*far, torch.ones(1, 1), divergence="jsd")
+    assert 0 < bound.item() <= ln(2) + 1e-12 and bound.item() == pytest.approx(ln(2), abs=1e-9)
+
+
+def test_sdpo_loss_alpha_endpoints_and_mixture():
+    student, teacher = logits_of(STUDENT), logits_of(TEACHER)
+    at = {a: sdpo_loss(student, teacher, MASK2, alpha=a)[0].item() for a in (0.0, 0.3, 0.5, 1.0)}
+    assert at[0.0] == pytest.approx(sdpo_loss(student, teacher, MASK2, divergence="forward_kl")[0].item())
+    assert at[1.0] == pytest.approx(sdpo_loss(student, teacher, MASK2, divergence="reverse_kl")[0].item())
+    assert at[0.5] == pytest.approx(sdpo_loss(student, teacher, MASK2, divergence="jsd")[0].item())
+
+    def gjsd_by_hand(s, t, a=0.3):  # M = 0.7 S + 0.3 T;  0.7 KL(S||M) + 0.3 KL(T||M)
+        m = [(1 - a) * x + a * y for x, y in zip(s, t)]
+        return (1 - a) * kl_by_hand(s, m) + a * kl_by_hand(t, m)
+
+    assert at[0.3] == pytest.approx(hand_mean(gjsd_by_hand), abs=1e-12)
+    with pytest.raises(ValueError, match="alpha"):
+        sdpo_loss(student, teacher, MASK2, alpha=1.5)
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("top_k", [5, 8])
+def test_sdpo_loss_top_k_at_vocab_size_equals_full(divergence, top_k):
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 1]])
+    full, _ = sdpo_loss(student, teacher, mask, divergence=divergence)
+    top, _ = sdpo_loss(student, teacher, mask, divergence=divergence, top_k=top_k)
+    assert top.item() == full.item()
+
+
+def test_sdpo_loss_top_k_with_tail_by_hand():
+    student = logits_of([[[0.2, 0.5, 0.3]]])
+    teacher = logits_of([[[0.7, 0.2, 0.1]]])
+    mask = torch.ones(1, 1)
+    # teacher's top-1 is id 0: buckets {0, rest}: student (0.2, 0.8), teacher (0.7, 0.3)
+    loss, stats = sdpo_loss(student, teacher, mask, top_k=1)
+    assert loss.item() == pytest.approx(0.2 * ln(0.2 / 0.7) + 0.8 * ln(0.8 / 0.3), abs=1e-9)
+    assert stats["teacher_topk_mass"] == pytest.approx(0.7)
+    # the reference's choice, the student's top-1 (id 1): student (0.5, 0.5), teacher (0.2, 0.8)
+    loss, _ = sdpo_loss(student, teacher, mask, top_k=1, top_k_from="student")
+    assert loss.item() == pytest.approx(0.5 * ln(0.5 / 0.2) + 0.5 * ln(0.5 / 0.8), abs=1e-9)
+    # top-2 of the teacher {0, 1} without tail, renormalised: student (2/7, 5/7), teacher (7/9, 2/9)
+    loss, _ = sdpo_loss(student, teacher, mask, top_k=2, add_tail=False, divergence="forward_kl")
+    assert loss.item() == pytest.approx(kl_by_hand([7 / 9, 2 / 9], [2 / 7, 5 / 7]), abs=1e-9)
+
+
+def test_sdpo_loss_tail_is_finite_when_top_k_holds_all_mass():
+    student = torch.tensor([[[40.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, 40.0, 0.0, 0.0]]])
+    loss, _ = sdpo_loss(student, teacher, torch.ones(1, 1), top_k=2, divergence="jsd")
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(student.grad).all()
+
+
+def test_sdpo_loss_teacher_gets_no_gradient_and_masked_positions_none():
+    torch.manual_seed(2)
+    student = torch.randn(2, 3, 4, requires_grad=True)
+    teacher = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1, 0], [0, 0, 0]])
+    loss, _ = sdpo_loss(student, teacher, mask, alpha=0.5, top_k=2)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad[0, :2].abs().sum() > 0 and student.grad[0, 2:].abs().sum() == 0
+    assert student.grad[1].abs().sum() == 0
+
+
+def test_sdpo_loss_temperature_divides_both_logits():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    hot, _ = sdpo_loss(student, teacher, torch.ones(1, 2), temperature=2.0)
+    scaled, _ = sdpo_loss(student / 2, teacher / 2, torch.ones(1, 2))
+    assert hot.item() == pytest.approx(scaled.item(), abs=1e-7)
+
+
+def test_sdpo_loss_importance_weights_clip_and_detach():
+    student, teacher = logits_of(STUDENT).requires_grad_(True), logits_of(TEACHER)
+    per_token = [kl_by_hand(s, t) for s, t in zip(STUDENT[0], TEACHER[0])]
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    sampled = torch.tensor([[ln(1.5), ln(3.0)]], dtype=torch.float64, requires_grad=True)  # ratios 1.5, 3
+    loss, stats = sdpo_loss(student, teacher, MASK2, sampled_logprobs=sampled, old_logprobs=old, is_clip=2.0)
+    assert loss.item() == pytest.approx((1.5 * per_token[0] + 2.0 * per_token[1]) / 2, abs=1e-12)
+    assert stats["is_clip_fraction"] == 0.5 and stats["is_ratio_mean"] == pytest.approx(1.75)
+    assert torch.autograd.grad(loss, sampled, allow_unused=True)[0] is None  # the weight is detached
+    with pytest.raises(ValueError, match="old sampled-token"):
+        sdpo_loss(student, teacher, MASK2, is_clip=2.0)
+    with pytest.raises(ValueError, match="mask must be"):
+        sdpo_loss(student, teacher, torch.ones(2, 1))
+
+
+# ------------------------------------------------------------------------------------ SDPO, sampled tokens
+
+
+def test_sdpo_token_loss_gradient_is_log_ratio():
+    lp = torch.tensor([[-0.5, -1.0, -2.0], [-0.1, -3.0, -0.7]], requires_grad=True)
+    tlp = torch.tensor([[-0.2, -1.5, -2.0], [-1.1, -0.5, -9.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    loss, stats = sdpo_token_loss(lp, tlp, mask)
+    loss.backward()
+    n = mask.sum()
+    assert torch.allclose(lp.grad * n, (lp - tlp).detach() * mask)
+    # value: mean over tokens of (lp - tlp) * lp
+    assert loss.item() == pytest.approx((((lp - tlp) * lp * mask).sum() / n).item())
+    assert stats["log_ratio_mean"] == pytest.approx((((lp - tlp) * mask).sum() / n).item())
+
+
+def test_sdpo_token_loss_blends_grpo_advantages():
+    lp = torch.tensor([[-0.5, -1.0]], requires_grad=True)
+    tlp = torch.tensor([[-0.2, -1.5]])
+    grpo_adv = torch.tensor([2.0])
+    loss, _ = sdpo_token_loss(lp, tlp, torch.ones(1, 2), grpo_advantages=grpo_adv, blend_lambda=0.25)
+    loss.backward()
+    # A_t = 0.75 (tlp - lp) + 0.25 * 2 = (0.725, 0.125); gradient -A_t / 2
+    assert lp.grad[0].tolist() == pytest.approx([-0.725 / 2, -0.125 / 2])
+    assert blend_advantages(torch.ones(1, 2), grpo_adv, 1.0).tolist() == [[2.0, 2.0]]
+    with pytest.raises(ValueError, match="blend_lambda"):
+        sdpo_token_loss(lp, tlp, torch.ones(1, 2), blend_lambda=0.5)
+
+
+def test_sdpo_token_loss_importance_weight_clipped():
+    lp = torch.tensor([[ln(0.5), ln(0.5)]], requires_grad=True)
+    old = torch.tensor([[ln(0.25), ln(0.5)]])  # ratios 2 -> clipped to 1.5, and 1
+    tlp = torch.tensor([[ln(0.25), ln(0.25)]])
+    loss, stats = sdpo_token_loss(lp, tlp, torch.ones(1, 2), old_logprobs=old, is_clip=1.5)
+    expected = (1.5 * ln(2) * ln(0.5) + 1.0 * ln(2) * ln(0.5)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["is_clip_fraction"] == 0.5
+
+
+# ------------------------------------------------------------------------------------ SFT
+
+
+def test_sft_loss_value():
+    logprobs = torch.tensor([[ln(0.5), ln(0.25)], [ln(0.1), float("nan")]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, stats = sft_loss(logprobs, mask)
+    nll = -(ln(0.5) + ln(0.25) + ln(0.1)) / 3
+    assert loss.item() == pytest.approx(nll, abs=1e-6)
+    assert stats["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5) and stats["num_tokens"] == 3
+
+
+def test_generalized_jsd_rejects_alpha_out_of_range():
+    with pytest.raises(ValueError):
+        generalized_jsd(torch.zeros(3), torch.zeros(3), -0.1)
