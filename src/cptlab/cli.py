@@ -6,7 +6,6 @@ Any bad input ends with one line on stderr naming what was wrong and exit code 2
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -118,7 +117,7 @@ def domains_cmd() -> None:
 
     table = Table(title="built-in domains (reasoning-gym tasks)")
     for col in ("name", "family", "ood_of", "task", "example", "solution"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
     for r in domain_table():
         table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "task", "example", "solution")))
     console.print(table)

@@ -26,11 +26,12 @@ class ModelConfig:
     """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Architecture of the model built from scratch (ignored when `path` is set)."""
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 96
+    num_layers: int = 6
+    """Depth matters more than width for these algorithmic tasks (calibrated on the warm-up)."""
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 384
+    intermediate_size: int = 288
     max_positions: int = 256
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """'auto': bfloat16 on CUDA, float32 on CPU."""
@@ -64,12 +65,15 @@ class WarmupConfig:
         default_factory=lambda: ["arithmetic", "counting", "sorting", "reversal", "filtering", "gcd"]
     )
     examples_per_domain: int = 3000
-    reprompt_fraction: float = 0.35
+    ood_fraction: float = 0.2
+    """Also train on each domain's OOD variant with this many examples per in-domain example, so the
+    base model has some ability on the partially related domains (as pretrained LLMs do)."""
+    reprompt_fraction: float = 0.25
     """Fraction of examples shown with a demonstration and/or feedback before the answer, so the base
     model learns to use in-context demonstrations (the SDPO self-teacher needs it)."""
-    steps: int = 700
+    steps: int = 1200
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 4e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     cache_dir: str = "~/.cache/cptlab/base"
@@ -440,6 +444,7 @@ def validate(cfg: Config) -> None:
     _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
     _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
     _check(0 <= w.reprompt_fraction <= 1, "warmup.reprompt_fraction", w.reprompt_fraction, "a value in [0, 1]")
+    _check(0 <= w.ood_fraction <= 1, "warmup.ood_fraction", w.ood_fraction, "a value in [0, 1]")
     _check(w.examples_per_domain >= 1, "warmup.examples_per_domain", w.examples_per_domain, "an integer >= 1")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "an integer >= 0")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer >= 1")

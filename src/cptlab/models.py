@@ -79,17 +79,32 @@ def check_model_dir(path: str) -> Path:
     return p
 
 
+def _load_tokenizer(p: Path, trust_remote_code: bool):
+    """AutoTokenizer picks a class from the model type (Qwen2Tokenizer for a qwen2 config), and in
+    transformers 5 that class imposes its own pre-tokenizer. A directory whose tokenizer was saved from
+    a plain `tokenizers` pipeline (like cptlab's character tokenizer) must be loaded as exactly that."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = p / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (p / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(p, local_files_only=True)
+    return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
 def load_model(path: str, cfg: ModelConfig, device: torch.device):
     """Model and tokenizer from a local directory; safetensors only, no hub, no remote code unless set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = _load_tokenizer(p, cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             p, local_files_only=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers/safetensors raise many types for a bad directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path = '{path}': cannot load ({first[:200]})") from None
     if tokenizer.pad_token is None:
@@ -99,9 +114,25 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device):
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
-    """Write a normal HF directory (config.json, model.safetensors, tokenizer files)."""
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    """Write a normal HF directory (config.json, model.safetensors, tokenizer files), atomically:
+    into a temp dir that is renamed into place, so a crash never leaves half a model."""
+    import shutil
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def count_parameters(model) -> int:

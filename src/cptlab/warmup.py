@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from .losses import sft_loss
 from .optim import lr_factor, make_optimizer, set_lr
 from .prompts import student_prompt, teacher_prompt
 from .rollout import completion_logprobs, rollout_from_texts
-from .tasks import make_split
+from .tasks import all_domain_names, make_split
 from .ui import progress
 
 
@@ -32,8 +31,13 @@ def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
     w, p = cfg.warmup, cfg.prompt
     rng = random.Random(seed)
     pairs: list[tuple[str, str]] = []
-    for domain in w.domains:
-        examples = make_split(domain, "train", w.examples_per_domain, seed=seed, style=p.style)
+    sizes = {d: w.examples_per_domain for d in w.domains}
+    for d in w.domains:
+        ood = f"{d}_ood"
+        if w.ood_fraction > 0 and ood in all_domain_names() and ood not in sizes:
+            sizes[ood] = max(1, round(w.examples_per_domain * w.ood_fraction))
+    for domain, size in sizes.items():
+        examples = make_split(domain, "train", size, seed=seed, style=p.style)
         for ex in examples:
             target = ex.solution()
             if rng.random() >= w.reprompt_fraction:
@@ -56,6 +60,7 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
     w = cfg.warmup
     corpus = warmup_corpus(cfg, seed)
     optimizer = make_optimizer(model, w.lr, w.weight_decay)
+    # plain random batches: sorting batches by length (less padding) trained far worse (measured)
     rng = random.Random(seed + 1)
     losses = []
     model.train()
@@ -71,7 +76,7 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             advance(info=f"loss {losses[-1]:.3f}")
     model.eval()
     return losses
@@ -92,15 +97,8 @@ def cache_path(cfg: Config) -> Path | None:
 
 
 def store_in_cache(model, tokenizer, path: Path, info: dict) -> None:
-    """Save atomically: a temp dir renamed into place, so a crash never leaves half a model."""
+    """Save atomically (see save_model); warmup.json says how the base model was made."""
     from .models import save_model
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp)
-    (tmp / "warmup.json").write_text(json.dumps(info, indent=1))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process stored the same key first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, path)
+    (path / "warmup.json").write_text(json.dumps(info, indent=1))

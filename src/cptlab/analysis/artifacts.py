@@ -1,0 +1,198 @@
+"""Artifacts of post-training in completions: broken answer tags, repetition, lost diversity, collapse.
+
+Pure functions of strings and number series. Units: completions of the tiny character-level models
+are short ("3+4=7 <answer>7</answer>"), so n-grams over whitespace tokens would be almost empty.
+With unit="auto" a corpus uses whitespace tokens ("word") when its median text has at least
+MIN_WORDS of them, and characters ("char") otherwise; in char mode whitespace is dropped and each
+answer tag is one token. The choice is made once per corpus (both corpora in `ngram_growth`), so
+numbers stay comparable inside a call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from statistics import median
+from typing import Sequence
+
+from ..tasks.answer import CLOSE, OPEN, parse_answer
+
+MIN_WORDS = 8
+_CHAR_TOKEN = re.compile(re.escape(CLOSE) + "|" + re.escape(OPEN) + r"|\S")
+
+
+def choose_unit(texts: Sequence[str], unit: str = "auto") -> str:
+    """'word' or 'char' for this corpus (see the module docstring)."""
+    if unit in ("word", "char"):
+        return unit
+    if unit != "auto":
+        raise ValueError(f"unit must be 'auto', 'word' or 'char', got {unit!r}")
+    counts = [len(t.split()) for t in texts]
+    return "word" if counts and median(counts) >= MIN_WORDS else "char"
+
+
+def tokenize(text: str, unit: str) -> list[str]:
+    return text.split() if unit == "word" else _CHAR_TOKEN.findall(text)
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(token_lists: Sequence[Sequence[str]], n: int) -> float:
+    """Corpus distinct-n (Li et al. 2016): unique n-grams / all n-grams over the texts; NaN if none."""
+    grams = [g for tokens in token_lists for g in ngrams(tokens, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def longest_repeated_ngram(tokens: Sequence[str]) -> int:
+    """Largest n such that some n-gram occurs at least twice (occurrences may overlap); 0 if none.
+
+    If an n-gram repeats, so do its (n-1)-gram prefixes, so the answer is found by binary search.
+    """
+    def repeats(n: int) -> bool:
+        seen = set()
+        for g in ngrams(tokens, n):
+            if g in seen:
+                return True
+            seen.add(g)
+        return False
+
+    lo, hi = 0, max(len(tokens) - 1, 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if repeats(mid) else (lo, mid - 1)
+    return lo
+
+
+def repetition_score(tokens: Sequence[str], n: int = 4) -> float:
+    """rep-n (Welleck et al. 2019): 1 - unique n-grams / n-grams within one text; NaN if it has none."""
+    grams = ngrams(tokens, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4) -> dict[str, float]:
+    """Artifact rates over a list of completions. Keys:
+
+      malformed_rate        no single well-formed <answer>...</answer> at the end (parse_answer)
+      no_answer_rate        no complete answer tag at all
+      repeated_tag_rate     an answer tag (opening or closing) occurs more than once
+      unbalanced_tag_rate   count of <answer> != count of </answer>
+      distinct_1/2/3        corpus distinct-n
+      longest_repeated_ngram  mean over texts of the longest n-gram occurring twice
+      repetition_rate       mean over texts of rep-`rep_n` (texts shorter than rep_n left out)
+      mean_tokens           mean text length in the chosen unit
+      char_level            1.0 if characters were the unit, 0.0 for whitespace tokens
+    Every rate is NaN for an empty list.
+    """
+    if not texts:
+        nan = float("nan")
+        keys = ("malformed_rate", "no_answer_rate", "repeated_tag_rate", "unbalanced_tag_rate", "distinct_1",
+                "distinct_2", "distinct_3", "longest_repeated_ngram", "repetition_rate", "mean_tokens", "char_level")
+        return {k: nan for k in keys}
+    unit = choose_unit(texts, unit)
+    tokens = [tokenize(t, unit) for t in texts]
+    parsed = [parse_answer(t) for t in texts]
+    n = len(texts)
+    return {
+        "malformed_rate": sum(not p.well_formed for p in parsed) / n,
+        "no_answer_rate": sum(p.answer is None for p in parsed) / n,
+        "repeated_tag_rate": sum(t.count(OPEN) > 1 or t.count(CLOSE) > 1 for t in texts) / n,
+        "unbalanced_tag_rate": sum(t.count(OPEN) != t.count(CLOSE) for t in texts) / n,
+        "distinct_1": distinct_n(tokens, 1),
+        "distinct_2": distinct_n(tokens, 2),
+        "distinct_3": distinct_n(tokens, 3),
+        "longest_repeated_ngram": sum(longest_repeated_ngram(t) for t in tokens) / n,
+        "repetition_rate": _mean([repetition_score(t, rep_n) for t in tokens]),
+        "mean_tokens": sum(len(t) for t in tokens) / n,
+        "char_level": 1.0 if unit == "char" else 0.0,
+    }
+
+
+def ngram_growth(base_texts: list[str], texts: list[str], n: int = 2, top: int = 10,
+                 unit: str = "auto") -> list[dict]:
+    """The n-grams whose relative frequency grew most from `base_texts` to `texts`.
+
+    freq = count / all n-grams of the corpus; growth = freq - base_freq (a difference, so that an
+    n-gram new in `texts` ranks by how common it became). Only growth > 0, largest first (ties by
+    n-gram), at most `top`. Each row: {ngram (joined with ' ' for words, '' for chars), base_freq,
+    freq, growth}.
+    """
+    unit = choose_unit(list(base_texts) + list(texts), unit)
+
+    def freqs(corpus: list[str]) -> dict[tuple[str, ...], float]:
+        counts = Counter(g for t in corpus for g in ngrams(tokenize(t, unit), n))
+        total = sum(counts.values())
+        return {g: c / total for g, c in counts.items()} if total else {}
+
+    base, new = freqs(base_texts), freqs(texts)
+    joiner = " " if unit == "word" else ""
+    rows = [{"ngram": joiner.join(g), "base_freq": base.get(g, 0.0), "freq": f, "growth": f - base.get(g, 0.0)}
+            for g, f in new.items()]
+    rows = [r for r in rows if r["growth"] > 0]
+    rows.sort(key=lambda r: (-r["growth"], r["ngram"]))
+    return rows[:top]
+
+
+def _trailing_mean(values: Sequence[float] | None, window: int) -> list[float] | None:
+    if values is None:
+        return None
+    values = [float("nan") if v is None else float(v) for v in values]
+    return [_mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def detect_collapse(steps: Sequence[int], accuracy: Sequence[float], entropy: Sequence[float] | None = None,
+                    repetition: Sequence[float] | None = None, *, drop_fraction: float = 0.5,
+                    entropy_drop: float = 0.5, entropy_rise: float = 2.0, repetition_rise: float = 0.2,
+                    min_peak: float = 0.1, window: int = 1) -> dict | None:
+    """The first step at which training collapsed, or None. Series are aligned with `steps`.
+
+    All series are first smoothed by a trailing mean over `window` points (NaN/None skipped). At
+    step t, with p = the running peak of accuracy (or reward) up to t and t* the step of that peak:
+      accuracy drop      acc_t < drop_fraction * p, and p >= min_peak (a peak of noise is no peak);
+      confirmed by one of
+        entropy fell     H_t <= (1 - entropy_drop) * H_{t*}   (the policy froze onto few outputs)
+        entropy rose     H_t >= entropy_rise * H_{t*}         (the policy dissolved into noise)
+        repetition rose  rep_t - rep_{t*} >= repetition_rise  (looping outputs)
+    With neither entropy nor repetition given, the accuracy drop alone flags (signals ['accuracy']).
+    Returns {step, index, peak_step, peak, value, signals, entropy_at_peak, entropy,
+    repetition_at_peak, repetition} (the last four None when not given).
+    """
+    if len(steps) != len(accuracy):
+        raise ValueError(f"detect_collapse: {len(steps)} steps vs {len(accuracy)} accuracy values")
+    acc = _trailing_mean(accuracy, window)
+    ent = _trailing_mean(entropy, window)
+    rep = _trailing_mean(repetition, window)
+    peak, peak_index = float("nan"), None
+    for i, a in enumerate(acc):
+        if math.isnan(a):
+            continue
+        if peak_index is None or a > peak:
+            peak, peak_index = a, i
+            continue
+        if peak < min_peak or a >= drop_fraction * peak:
+            continue
+        signals = []
+        if ent is not None and not (math.isnan(ent[i]) or math.isnan(ent[peak_index])):
+            if ent[i] <= (1.0 - entropy_drop) * ent[peak_index]:
+                signals.append("entropy_drop")
+            elif ent[i] >= entropy_rise * ent[peak_index]:
+                signals.append("entropy_rise")
+        if rep is not None and not (math.isnan(rep[i]) or math.isnan(rep[peak_index])):
+            if rep[i] - rep[peak_index] >= repetition_rise:
+                signals.append("repetition_rise")
+        if entropy is None and repetition is None:
+            signals = ["accuracy"]
+        if signals:
+            return {"step": steps[i], "index": i, "peak_step": steps[peak_index], "peak": peak, "value": a,
+                    "signals": signals,
+                    "entropy_at_peak": ent[peak_index] if ent else None, "entropy": ent[i] if ent else None,
+                    "repetition_at_peak": rep[peak_index] if rep else None,
+                    "repetition": rep[i] if rep else None}
+    return None

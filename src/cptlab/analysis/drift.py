@@ -1,0 +1,196 @@
+"""Parameter drift: how far, how sparsely and in which directions training moved the weights.
+
+Pure functions of tensors (state dicts name -> Tensor). The update of a weight is
+delta = current - base (or current - previous stage). Spectral metrics follow:
+  effective rank    Roy & Vetterli 2007: exp(H(p)), p_i = sigma_i / sum_j sigma_j.
+  subspace overlap  "The Path Not Taken" (arXiv 2511.08567): RL updates tend to avoid the base
+                    weight's principal directions; we report the mean cos^2 of the principal angles
+                    between the update's and the base weight's top-k left singular subspaces.
+All sums run in float32 or better, whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+KINDS = ("attention", "mlp", "embedding", "norm", "other")
+_ATTENTION = ("self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn")
+_MLP = ("mlp", "gate_proj", "up_proj", "down_proj", "feed_forward", "c_fc")
+_EMBEDDING = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+
+
+def module_kind(param_name: str) -> str:
+    """'attention' | 'mlp' | 'embedding' | 'norm' | 'other' from a HF (Qwen2 / Llama) parameter name.
+
+    Embeddings are checked first (lm_head too), then norms (so self_attn.q_norm is a norm), then
+    attention, then MLP.
+    """
+    name = param_name.lower()
+    parts = name.split(".")
+    if any(key in parts for key in _EMBEDDING):
+        return "embedding"
+    if any("norm" in part or part in ("ln_f", "ln_1", "ln_2") for part in parts):
+        return "norm"
+    if any(key in parts for key in _ATTENTION):
+        return "attention"
+    if any(key in parts for key in _MLP):
+        return "mlp"
+    return "other"
+
+
+def _f(x: Tensor) -> Tensor:
+    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def relative_l2(current: dict[str, Tensor], reference: dict[str, Tensor], names=None) -> float:
+    """||current - reference|| / ||reference||, both norms over all `names` (default: common keys).
+
+    Every tensor is flattened into one long vector, so big matrices weigh more. NaN when the
+    reference norm is 0 or there are no tensors.
+    """
+    names = [n for n in (names if names is not None else current) if n in reference]
+    diff_sq = ref_sq = 0.0
+    for n in names:
+        cur, ref = _f(current[n]), _f(reference[n])
+        diff_sq += float((cur - ref).pow(2).sum())
+        ref_sq += float(ref.pow(2).sum())
+    return math.sqrt(diff_sq) / math.sqrt(ref_sq) if ref_sq > 0 else float("nan")
+
+
+def effective_rank(matrix: Tensor) -> float:
+    """exp(-sum_i p_i log p_i), p = singular values / their sum (Roy & Vetterli 2007): [m, n] -> float.
+
+    Equals r for a matrix with r equal non-zero singular values; between 1 and min(m, n) otherwise.
+    0.0 for the zero matrix.
+    """
+    s = torch.linalg.svdvals(_f(matrix))
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def update_sparsity(delta: Tensor, tol: float = 1e-3) -> float:
+    """Fraction of entries with |delta| <= tol * max|delta|: any shape -> float in [0, 1].
+
+    Relative to the tensor's own largest change, so that the answer does not depend on the learning
+    rate; tol = 1e-3 also counts as unchanged the entries that bf16 rounding moved by an ulp or so
+    when the largest change is big. 1.0 for an all-zero delta (nothing moved).
+    """
+    a = _f(delta).abs()
+    if a.numel() == 0:
+        return float("nan")
+    peak = a.max()
+    if peak == 0:
+        return 1.0
+    return float((a <= tol * peak).float().mean())
+
+
+def _numerical_rank(s: Tensor, shape: tuple[int, ...]) -> int:
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    tol = s[0] * max(shape) * torch.finfo(s.dtype).eps
+    return int((s > tol).sum())
+
+
+def subspace_overlap(update: Tensor, base_weight: Tensor, k: int = 8) -> float:
+    """Mean cos^2 of the principal angles between the top-k left singular subspaces: [m, n] x2 -> float.
+
+    U = top-k_u left singular vectors of `update`, k_u = min(k, numerical rank of the update) (the
+    directions past its rank are arbitrary); V = top-k of `base_weight`. Returns ||U^T V||_F^2 / k_u,
+    the mean of cos^2 over the k_u principal angles: 1 when the update lies inside the base's top-k
+    subspace, 0 when orthogonal to it, about k / m for a random update. NaN for a zero update.
+    """
+    if update.shape != base_weight.shape or update.dim() != 2:
+        raise ValueError(f"subspace_overlap: need two matrices of one shape, got {tuple(update.shape)} "
+                         f"and {tuple(base_weight.shape)}")
+    k = max(1, min(k, min(update.shape)))
+    u, s, _ = torch.linalg.svd(_f(update), full_matrices=False)
+    k_update = min(k, _numerical_rank(s, tuple(update.shape)))
+    if k_update == 0:
+        return float("nan")
+    v = torch.linalg.svd(_f(base_weight), full_matrices=False)[0][:, :k]
+    cosines = u[:, :k_update].T @ v.to(u.dtype)  # [k_u, k]; its singular values are the cos(theta_i)
+    return float(cosines.pow(2).sum() / k_update)
+
+
+def _untied_names(base: dict[str, Tensor], current: dict[str, Tensor]) -> list[str]:
+    """Names of floating tensors present in both dicts with one shape, tied duplicates dropped.
+
+    A duplicate is a tensor sharing storage with an earlier one, or an lm_head weight equal to an
+    embedding weight in both dicts (tied embeddings, after a round trip through safetensors).
+    """
+    names, seen_ptrs = [], set()
+    embeddings = [n for n in current if "embed_tokens" in n or n.endswith("wte.weight")]
+    for n, t in current.items():
+        if n not in base or base[n].shape != t.shape or not t.is_floating_point():
+            continue
+        ptr = (t.device, t.data_ptr()) if t.numel() else None
+        if ptr is not None and ptr in seen_ptrs:
+            continue
+        if "lm_head" in n and any(e in base and current[e].shape == t.shape and torch.equal(current[e], t)
+                                  and torch.equal(base[e], base[n]) for e in embeddings):
+            continue
+        seen_ptrs.add(ptr)
+        names.append(n)
+    return names
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+@torch.no_grad()
+def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previous: dict[str, Tensor] | None = None,
+                    top_k: int = 8, tol: float = 1e-3) -> dict[str, float]:
+    """Drift numbers of `current` weights against the base (and the previous stage's) weights.
+
+    Keys:
+      rel_l2_base, rel_l2_base/<kind>   ||theta - theta_0|| / ||theta_0||, all tensors, and per
+                                        module kind present (attention, mlp, embedding, norm, other)
+      rel_l2_prev                       the same against `previous` (when given)
+      update_norm                       ||theta - theta_0|| (absolute)
+      sparsity, sparsity/<kind>         fraction of entries left unchanged (update_sparsity, each
+                                        tensor against its own largest change), entry-weighted
+      effective_rank, subspace_overlap  means over the 2-D updates (NaN ones skipped); embedding
+                                        matrices are left out (vocabulary-sized SVDs, row-sparse
+                                        updates of the tokens seen)
+      num_tensors                       tensors compared (tied duplicates skipped)
+    """
+    names = _untied_names(base, current)
+    out: dict[str, float] = {"rel_l2_base": relative_l2(current, base, names)}
+    if previous is not None:
+        out["rel_l2_prev"] = relative_l2(current, previous, [n for n in names if n in previous])
+    by_kind: dict[str, list[str]] = {}
+    for n in names:
+        by_kind.setdefault(module_kind(n), []).append(n)
+    for kind in KINDS:
+        if kind in by_kind:
+            out[f"rel_l2_base/{kind}"] = relative_l2(current, base, by_kind[kind])
+
+    update_sq, kind_counts, ranks, overlaps = 0.0, {}, [], []
+    for n in names:
+        delta = _f(current[n]) - _f(base[n])
+        update_sq += float(delta.pow(2).sum())
+        unchanged, total = kind_counts.get(module_kind(n), (0.0, 0))
+        kind_counts[module_kind(n)] = (unchanged + update_sparsity(delta, tol) * delta.numel(), total + delta.numel())
+        if delta.dim() == 2 and module_kind(n) != "embedding" and min(delta.shape) > 1:
+            ranks.append(effective_rank(delta) if delta.abs().max() > 0 else float("nan"))
+            overlaps.append(subspace_overlap(delta, base[n], top_k))
+    out["update_norm"] = math.sqrt(update_sq)
+    unchanged_all = sum(u for u, _ in kind_counts.values())
+    total_all = sum(t for _, t in kind_counts.values())
+    out["sparsity"] = unchanged_all / total_all if total_all else float("nan")
+    for kind in KINDS:
+        if kind in kind_counts and kind_counts[kind][1]:
+            out[f"sparsity/{kind}"] = kind_counts[kind][0] / kind_counts[kind][1]
+    out["effective_rank"] = _mean(ranks)
+    out["subspace_overlap"] = _mean(overlaps)
+    out["num_tensors"] = float(len(names))
+    return out

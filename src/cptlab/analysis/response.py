@@ -1,0 +1,108 @@
+"""Response drift: how far the trained policy's outputs moved from the base model's.
+
+`token_kl` and `answer_change_rate` are pure; `response_drift` runs both models on a prompt set
+(sampled completions of the current policy for the KL and entropy, greedy completions of both for
+the answers and lengths).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..losses import gather_logprobs, k3_kl, masked_mean, token_entropy
+from ..rollout import completion_logits, generate
+from ..tasks.answer import parse_answer
+
+
+def token_kl(logprobs: Tensor, base_logprobs: Tensor, mask: Tensor) -> float:
+    """Monte-Carlo KL(current || base) per token: masked mean of lp - lp_base. [B, T] x3 -> float.
+
+    Unbiased when the tokens were sampled from the current policy (at temperature 1); a single
+    sample can be negative, the expectation cannot. 0.0 for an empty mask.
+    """
+    if not (logprobs.shape == base_logprobs.shape == mask.shape):
+        raise ValueError(f"token_kl: logprobs {tuple(logprobs.shape)}, base_logprobs {tuple(base_logprobs.shape)} "
+                         f"and mask {tuple(mask.shape)} must have one [B, T] shape")
+    return float(masked_mean(logprobs.float() - base_logprobs.float(), mask))
+
+
+def answer_change_rate(base_answers: list[str | None], answers: list[str | None]) -> float:
+    """Fraction of prompts whose extracted answer differs (None = no answer; None vs None is equal).
+
+    Answers are compared after stripping whitespace. NaN for empty lists.
+    """
+    if len(base_answers) != len(answers):
+        raise ValueError(f"answer_change_rate: {len(base_answers)} base answers vs {len(answers)} answers")
+    if not answers:
+        return float("nan")
+
+    def norm(a):
+        return a.strip() if isinstance(a, str) else a
+
+    return sum(norm(a) != norm(b) for a, b in zip(base_answers, answers)) / len(answers)
+
+
+def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(lp [N, C], lp_base [N, C], entropy [N, C]) of the rollout's tokens, chunked by `batch_size`."""
+    lps, base_lps, entropies = [], [], []
+    for start in range(0, rollout.prompt_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        parts = (rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.completion_ids[sl],
+                 rollout.completion_mask[sl])
+        logits = completion_logits(model, *parts)
+        lps.append(gather_logprobs(logits, parts[2]))
+        entropies.append(token_entropy(logits))
+        device = next(base_model.parameters()).device
+        base_logits = completion_logits(base_model, *(p.to(device) for p in parts))
+        base_lps.append(gather_logprobs(base_logits, parts[2].to(device)).to(lps[-1].device))
+    return torch.cat(lps), torch.cat(base_lps), torch.cat(entropies)
+
+
+@torch.no_grad()
+def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int,
+                   batch_size: int = 256) -> dict[str, float]:
+    """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered).
+
+    Keys:
+      kl_to_base           per-token KL(current || base), token_kl on the current policy's samples
+                           (temperature 1, `seed`)
+      kl_to_base_k3        the same with Schulman's k3 estimator (non-negative, lower variance)
+      entropy              mean per-token entropy of the current policy on its samples
+      sampled_mean_length  mean length (tokens, EOS included) of those samples
+      answer_changed_frac  fraction of prompts whose greedy answer differs between base and current
+      mean_length, base_mean_length   mean greedy completion length (tokens) of current and base
+    """
+    if not prompts:
+        nan = float("nan")
+        return dict(kl_to_base=nan, kl_to_base_k3=nan, entropy=nan, sampled_mean_length=nan,
+                    answer_changed_frac=nan, mean_length=nan, base_mean_length=nan)
+    modes = (model.training, base_model.training)
+    model.eval()
+    base_model.eval()
+    device = next(model.parameters()).device
+    # generate() seeds the global RNG; fork it so that a mid-run analysis leaves training's stream alone
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            sampled = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                               batch_size=batch_size)
+            lp, lp_base, entropy = _logits_stats(model, sampled, base_model, batch_size)
+            mask = sampled.completion_mask
+            greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True,
+                              batch_size=batch_size)
+            base_greedy = generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True,
+                                   batch_size=batch_size)
+        finally:
+            model.train(modes[0])
+            base_model.train(modes[1])
+    return {
+        "kl_to_base": token_kl(lp, lp_base, mask),
+        "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),
+        "entropy": float(masked_mean(entropy, mask)),
+        "sampled_mean_length": float(sampled.lengths.float().mean()),
+        "answer_changed_frac": answer_change_rate([parse_answer(t).answer for t in base_greedy.texts],
+                                                  [parse_answer(t).answer for t in greedy.texts]),
+        "mean_length": float(greedy.lengths.float().mean()),
+        "base_mean_length": float(base_greedy.lengths.float().mean()),
+    }
+

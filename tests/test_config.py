@@ -1,0 +1,80 @@
+import pytest
+
+from cptlab.config import Config, apply_overrides, load_config, preset_names, stage_method
+from cptlab.errors import ConfigError, UserError
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "smoke"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert isinstance(cfg, Config)
+
+
+def test_default_is_tiny():
+    assert load_config(None).run.name == "tiny"
+
+
+def test_dotted_overrides_typed():
+    cfg = load_config("tiny", ["method.name=sdpo", "method.sdpo.ema_rate=0.1", "rollout.group_size=4",
+                               "eval.domains=[arithmetic,sorting]", "model.path=null"])
+    assert cfg.method.name == "sdpo" and cfg.method.sdpo.ema_rate == 0.1
+    assert cfg.rollout.group_size == 4 and cfg.eval.domains == ["arithmetic", "sorting"]
+    assert cfg.model.path is None
+
+
+def test_int_accepted_for_float_but_not_bool_for_int():
+    assert load_config("tiny", ["method.lr=1"]).method.lr == 1.0
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        load_config("tiny", ["rollout.group_size=true"])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.hiden_size=3", "model.hiden_size"),
+    ("rollout.group_size=abc", "rollout.group_size"),
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("method.sdpo.ema_rate=1.5", "method.sdpo.ema_rate"),
+    ("method.name=ppo", "method.name"),
+    ("eval.domains=[nosuchdomain]", "eval.domains[0]"),
+    ("method.sdpo.teacher_mode=average", "method.sdpo.teacher_mode"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert e.value.field == field
+    assert field in str(e.value) and "expected" in str(e.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset"):
+        load_config("nosuch")
+
+
+def test_stage_method_overrides_merge():
+    cfg = load_config("smoke")
+    m = stage_method(cfg, cfg.stages[1], 1)
+    assert m.name == "sdpo" and m.sdpo.teacher_mode == "ema" and m.lr == cfg.method.lr
+
+
+def test_bad_stage_domain_and_method(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stages:\n  - {domain: nosuch, steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.domain"):
+        load_config(str(f))
+    f.write_text("stages:\n  - {domain: sorting, steps: 2, method: {name: sdpo, sdpo: {alpha: 7}}}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.method\.sdpo\.alpha"):
+        load_config(str(f))
+
+
+def test_override_syntax_errors():
+    with pytest.raises(UserError):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(UserError):
+        apply_overrides({}, ["a..b=1"])
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("run: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(f))
