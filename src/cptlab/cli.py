@@ -106,6 +106,57 @@ def eval_cmd(
         atomic_write_json(Path(out), {"model": model_dir, "results": rows})
 
 
+@app.command()
+@friendly
+def report(run_dir: str = typer.Argument(..., help="A run directory.")) -> None:
+    """(Re)write RUN_DIR/report.html from what the run directory holds."""
+    from .analysis.summary import build_summary
+    from .report import write_report
+    from .store import RunStore
+
+    store = RunStore.open(Path(run_dir))
+    store.write_json("summary.json", build_summary(store.read_metrics()))
+    print(f"report written to {write_report(run_dir)}")
+
+
+@app.command()
+@friendly
+def compare(
+    run_dirs: list[str] = typer.Argument(..., help="Run directories to put side by side."),
+    out: str = typer.Option("compare.html", "-o", "--out", help="Output HTML file."),
+) -> None:
+    """Compare runs side by side (one colour per run; mean and spread over seeds)."""
+    from .report import write_compare
+
+    for d in run_dirs:
+        if not (Path(d) / "metrics.jsonl").exists():
+            raise UserError(f"'{d}' is not a run directory (no metrics.jsonl)")
+    print(f"comparison written to {write_compare(run_dirs, out)}")
+
+
+@app.command()
+@friendly
+def study(
+    name: str = typer.Argument(..., help="A study preset (see `cptlab studies`) or a study YAML file."),
+    out: str = typer.Option("runs/studies", "--out", help="Parent directory of the study's runs."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides for every run"),
+) -> None:
+    """Run a grid of variants x seeds and write the comparison (resumes finished and stopped cells)."""
+    from .study import run_study
+
+    _configure_threads()
+    run_study(name, out, overrides or [])
+
+
+@app.command("studies")
+def studies_cmd() -> None:
+    """List the shipped study presets with their questions."""
+    from .study import load_study, study_names
+
+    for name in study_names():
+        print(f"{name:24s} {load_study(name).question}")
+
+
 @app.command("domains")
 @friendly
 def domains_cmd() -> None:

@@ -179,6 +179,11 @@ class EvalConfig:
     """Also evaluate every N training steps inside a stage (0: only at stage ends)."""
     save_samples: int = 4
     """Responses per domain written to samples/ at each evaluation."""
+    drift: bool = True
+    """At each stage end, log parameter drift (vs base and previous stage), response drift on a probe
+    set and formatting-artifact rates (a `drift` record in metrics.jsonl)."""
+    probe_per_domain: int = 8
+    """Probe prompts per evaluated domain for response drift."""
 
 
 @dataclass

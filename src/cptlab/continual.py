@@ -77,6 +77,27 @@ class Driver:
             console.print(eval_table(f"after stage {stage} ({stage_name})", {n: r.metrics() for n, r in results.items()}))
         return results
 
+    def log_drift(self, stage: int, global_step: int, results: dict) -> None:
+        """Parameter drift vs base and previous stage, response drift on a probe set, artifact rates."""
+        from .analysis.artifacts import artifact_stats
+        from .analysis.drift import parameter_drift
+        from .analysis.response import response_drift
+        from .prompts import student_prompt
+        from .tasks import make_split
+
+        cfg = self.cfg
+        current = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        fields = {f"param/{k}": v for k, v in parameter_drift(self.base_state, current, self.prev_state).items()}
+        probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
+                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
+        resp = response_drift(self.model, self.base, self.tokenizer, probes, max_new_tokens=cfg.eval.max_new_tokens,
+                              seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size)
+        fields.update({f"response/{k}": v for k, v in resp.items()})
+        texts = [t for r in results.values() for t in r.texts]
+        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
+        self.store.log("drift", stage=stage, global_step=global_step, **fields)
+        self.prev_state = current
+
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, teacher=None) -> None:
         if not self.cfg.run.checkpoint:
             return
@@ -93,6 +114,8 @@ class Driver:
             save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
         self.model.eval()
         self.base = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.base_state = {k: v.detach().float().cpu() for k, v in self.base.state_dict().items()}
+        self.prev_state = None
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)
@@ -100,6 +123,8 @@ class Driver:
         state = load_state(ckpts[-1])
         self.store.truncate_metrics(state["metrics_lines"])
         load_weights(ckpts[-1], self.model)
+        if state.get("stage_done"):  # the previous stage's end weights, for drift vs previous stage
+            self.prev_state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
         console.print(f"resuming from {ckpts[-1].name}")
         return {**state, "path": ckpts[-1], "base_info": info}
 
@@ -111,7 +136,9 @@ class Driver:
             store.log("run_start", name=cfg.run.name, base=state["base_info"], domains=self.domains,
                       stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
                               for i, s in enumerate(cfg.stages)])
-            self.evaluate(0, "base", 0, 0, final=True)
+            results = self.evaluate(0, "base", 0, 0, final=True)
+            if cfg.eval.drift:
+                self.log_drift(0, 0, results)
             self.checkpoint(0, 0, 0, done=True)
             state.update(stage=0, stage_done=True)
         global_step = state["global_step"]
@@ -155,7 +182,9 @@ class Driver:
         except NumericalFault as fault:
             self.store.log("fault", stage=index, action="stopped", reason=str(fault), global_step=global_step)
             raise
-        self.evaluate(index, stage.domain, stage.steps, global_step, final=True)
+        results = self.evaluate(index, stage.domain, stage.steps, global_step, final=True)
+        if cfg.eval.drift:
+            self.log_drift(index, global_step, results)
         self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
                        global_step=global_step, seconds=time.perf_counter() - t0)
         self.checkpoint(index, stage.steps, global_step, True)

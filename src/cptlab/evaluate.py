@@ -19,6 +19,8 @@ class DomainResult:
     format_rate: float
     mean_length: float
     samples: list[dict]
+    texts: list[str]
+    """Every greedy completion (for artifact analysis)."""
 
     def metrics(self) -> dict:
         return dict(greedy_acc=self.greedy_acc, sampled_acc=self.sampled_acc, format_rate=self.format_rate,
@@ -46,7 +48,7 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
         sampled_acc = sum(hits) / len(hits)
     samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
                for ex, text, v in list(zip(examples, greedy.texts, verdicts))[: ecfg.save_samples]]
-    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples)
+    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples, greedy.texts)
 
 
 def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, *,
