@@ -1,6 +1,6 @@
 """Does one stage of GRPO / SDPO raise a domain's greedy accuracy? (issue: methods)
 
-    python benchmarks/single_stage_gain.py [--domain sorting] [--steps 40] [--methods grpo,sdpo] [key=value ...]
+    python benchmarks/single_stage_gain.py [--domain gcd] [--steps 300] [--methods grpo,sdpo] [key=value ...]
 
 Builds (or reuses from the cache) the tiny base model, then for each method runs one stage on the
 domain and prints greedy accuracy before and after, the gain in points and the wall time. SDPO uses
@@ -19,7 +19,7 @@ from cptlab.store import read_jsonl
 
 def one(method: str, domain: str, steps: int, extra: list[str], root: str) -> dict:
     cfg = load_config("tiny", [f"method.name={method}", "method.sdpo.teacher_mode=current",
-                               f"eval.domains=[{domain}]", "eval.num_samples=0", "eval.drift=false",
+                               f"eval.domains=[{domain}]", "eval.num_prompts=256", "eval.num_samples=0", "eval.drift=false",
                                "run.report=false", "run.checkpoint=false", *extra])
     cfg.stages = [StageConfig(domain=domain, steps=steps)]
     t0 = time.perf_counter()
@@ -33,8 +33,8 @@ def one(method: str, domain: str, steps: int, extra: list[str], root: str) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--domain", default="sorting")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--domain", default="gcd")
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--methods", default="grpo,sdpo")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()

@@ -25,6 +25,9 @@ def test_dotted_overrides_typed():
 
 def test_int_accepted_for_float_but_not_bool_for_int():
     assert load_config("tiny", ["method.lr=1"]).method.lr == 1.0
+    assert load_config("tiny", ["method.lr=5e-5"]).method.lr == 5e-5  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match="method.lr"):
+        load_config("tiny", ["method.lr=fast"])
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config("tiny", ["rollout.group_size=true"])
 

@@ -54,6 +54,12 @@ def base_model(cfg: Config, device: torch.device, store: RunStore | None = None)
     return model, tokenizer, info
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A float32 CPU copy of the weights (never a view of the live parameters: .float().cpu() of a
+    float32 CPU tensor is the tensor itself, which would make drift vs the previous stage zero)."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+
+
 class Driver:
     """Holds the run's pieces; `run()` is the stage loop."""
 
@@ -86,7 +92,7 @@ class Driver:
         from .tasks import make_split
 
         cfg = self.cfg
-        current = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        current = snapshot(self.model)
         fields = {f"param/{k}": v for k, v in parameter_drift(self.base_state, current, self.prev_state).items()}
         probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
@@ -114,7 +120,7 @@ class Driver:
             save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
         self.model.eval()
         self.base = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.base_state = {k: v.detach().float().cpu() for k, v in self.base.state_dict().items()}
+        self.base_state = snapshot(self.base)
         self.prev_state = None
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
@@ -124,7 +130,7 @@ class Driver:
         self.store.truncate_metrics(state["metrics_lines"])
         load_weights(ckpts[-1], self.model)
         if state.get("stage_done"):  # the previous stage's end weights, for drift vs previous stage
-            self.prev_state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+            self.prev_state = snapshot(self.model)
         console.print(f"resuming from {ckpts[-1].name}")
         return {**state, "path": ckpts[-1], "base_info": info}
 

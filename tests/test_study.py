@@ -1,0 +1,47 @@
+"""Study presets load and validate; a study runs its grid, writes the comparison and skips finished cells."""
+
+import json
+
+import pytest
+
+from cptlab.config import ConfigError
+from cptlab.study import load_study, run_study, study_names
+
+SIX = {"teacher_stability", "cot", "ood", "continual", "drift", "collapse"}
+
+
+def test_every_study_question_has_a_cpu_and_a_gpu_preset():
+    names = set(study_names())
+    assert SIX <= names and {f"{n}_gpu" for n in SIX} <= names
+    for name in names:
+        study = load_study(name)  # validates every cell's config
+        assert study.question and len(study.variants) >= 2
+
+
+def test_bad_study_variant_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: smoke\nvariants:\n  a: [method.name=dpo]\n")
+    with pytest.raises(ConfigError, match="method.name"):
+        load_study(str(bad))
+    with pytest.raises(ConfigError, match="study"):
+        load_study("no_such_study")
+
+
+@pytest.mark.slow
+def test_study_runs_grid_writes_compare_and_skips_finished_cells(tmp_path):
+    study = tmp_path / "mini.yaml"
+    study.write_text(
+        "question: smallest grid\npreset: smoke\nseeds: [0]\n"
+        "overrides: [\"stages=[{domain: arithmetic, steps: 2}]\", eval.every=0, run.checkpoint_every=0]\n"
+        "variants:\n  grpo: [method.name=grpo]\n  sft: [method.name=sft]\n")
+    out = run_study(str(study), str(tmp_path / "runs"))
+    root = tmp_path / "runs" / "mini"
+    assert out == root / "compare.html" and out.stat().st_size > 1000
+    cells = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert cells == ["grpo-s0", "sft-s0"]
+    for cell in cells:
+        summary = json.loads((root / cell / "summary.json").read_text())
+        assert summary["complete"] and len(summary["accuracy_matrix"]) == 2
+    before = (root / "grpo-s0" / "metrics.jsonl").read_text()
+    run_study(str(study), str(tmp_path / "runs"))  # finished cells are skipped, not rerun
+    assert (root / "grpo-s0" / "metrics.jsonl").read_text() == before
