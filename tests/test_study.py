@@ -45,3 +45,20 @@ def test_study_runs_grid_writes_compare_and_skips_finished_cells(tmp_path):
     before = (root / "grpo-s0" / "metrics.jsonl").read_text()
     run_study(str(study), str(tmp_path / "runs"))  # finished cells are skipped, not rerun
     assert (root / "grpo-s0" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_parallel_study_runs_cells_as_processes_with_their_logs(tmp_path):
+    study = tmp_path / "par.yaml"
+    study.write_text(
+        "question: parallel\npreset: smoke\nseeds: [0]\n"
+        "overrides: [\"stages=[{domain: arithmetic, steps: 2}]\", eval.every=0, run.checkpoint_every=0]\n"
+        "variants:\n  grpo: [method.name=grpo]\n")
+    out = run_study(str(study), str(tmp_path / "runs"), seeds=[0, 1], jobs=2)
+    root = tmp_path / "runs" / "par"
+    assert out.exists()
+    for cell in ("grpo-s0", "grpo-s1"):
+        assert json.loads((root / cell / "summary.json").read_text())["complete"]
+        assert (root / f"{cell}.log").exists()
+    seeds = [json.loads((root / c / "metrics.jsonl").read_text().splitlines()[0]) for c in ("grpo-s0", "grpo-s1")]
+    assert seeds[0]["name"] == "grpo-s0" and seeds[1]["name"] == "grpo-s1"

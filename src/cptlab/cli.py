@@ -140,12 +140,21 @@ def study(
     name: str = typer.Argument(..., help="A study preset (see `cptlab studies`) or a study YAML file."),
     out: str = typer.Option("runs/studies", "--out", help="Parent directory of the study's runs."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides for every run"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the study's)."),
+    jobs: int = typer.Option(1, "--jobs", help="Cells run in parallel (separate processes)."),
 ) -> None:
     """Run a grid of variants x seeds and write the comparison (resumes finished and stopped cells)."""
+    from .config import ConfigError
     from .study import run_study
 
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError("--seeds", seeds, "comma-separated integers, e.g. 0,1,2") from None
     _configure_threads()
-    run_study(name, out, overrides or [])
+    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs)
 
 
 @app.command("studies")
@@ -187,7 +196,9 @@ def _configure_threads() -> None:
 
     import torch
 
-    if not torch.cuda.is_available():  # small CPU models: one thread per core, no oversubscription
+    if os.environ.get("CPTLAB_NUM_THREADS"):  # set by `cptlab study --jobs N` for its child runs
+        torch.set_num_threads(max(1, int(os.environ["CPTLAB_NUM_THREADS"])))
+    elif not torch.cuda.is_available():  # small CPU models: one thread per core, no oversubscription
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
 
 

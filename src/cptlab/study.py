@@ -31,6 +31,10 @@ class StudyConfig:
     """name -> dotted overrides, e.g. {grpo: [method.name=grpo], sdpo: [method.name=sdpo]}."""
 
 
+def _say(message: str) -> None:
+    console.print(message, markup=False, highlight=False)  # "[study x]" is not rich markup
+
+
 def study_names() -> list[str]:
     root = resources.files("cptlab") / "presets" / "studies"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -57,28 +61,91 @@ def load_study(name: str) -> StudyConfig:
     return study
 
 
-def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[str] | None = None) -> Path:
+def _cell_done(cell: Path) -> bool:
+    summary = cell / "summary.json"
+    return summary.exists() and bool(json.loads(summary.read_text()).get("complete"))
+
+
+def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[str] | None = None,
+              seeds: list[int] | None = None, jobs: int = 1) -> Path:
+    """Run (or resume) every cell of a study, `jobs` at a time, then write <out>/<study>/compare.html.
+
+    jobs > 1 runs cells as parallel `cptlab run` processes (CPU threads split between them; on a GPU
+    they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
+    """
     from .continual import run_continual
     from .report import write_compare
 
     study = load_study(name)
+    if jobs < 1:
+        raise ConfigError("--jobs", jobs, "an integer >= 1")
     study_name = Path(name).stem
     root = Path(out_dir) / study_name
-    cells = []
+    cells: list[tuple[Path, list[str]]] = []
     for variant, extra in study.variants.items():
-        for seed in study.seeds:
-            cell = root / f"{variant}-s{seed}"
+        for seed in (seeds if seeds else study.seeds):
             overrides = [*study.overrides, *extra, *(extra_overrides or []), f"run.seed={seed}",
                          f"run.name={variant}-s{seed}"]
-            cells.append(cell)
-            if (cell / "summary.json").exists() and json.loads((cell / "summary.json").read_text()).get("complete"):
-                console.print(f"[study {study_name}] {cell.name}: done, skipped")
-                continue
-            console.print(f"[study {study_name}] running {cell.name}")
+            load_config(study.preset, overrides)  # CLI overrides validated before any work
+            cells.append((root / f"{variant}-s{seed}", overrides))
+    pending = []
+    for cell, overrides in cells:
+        if _cell_done(cell):
+            _say(f"[study {study_name}] {cell.name}: done, skipped")
+        else:
+            pending.append((cell, overrides))
+    if jobs == 1 or len(pending) <= 1:
+        for cell, overrides in pending:
+            _say(f"[study {study_name}] running {cell.name}")
             if (cell / "config.yaml").exists():
                 run_continual(resume=str(cell))
             else:
                 run_continual(load_config(study.preset, overrides), out_dir=str(cell), overwrite=True)
-    out = write_compare(cells, root / "compare.html")
-    console.print(f"[study {study_name}] comparison written to {out}")
+    elif pending:
+        _run_parallel(study, study_name, root, pending, jobs)
+    out = write_compare([cell for cell, _ in cells], root / "compare.html")
+    _say(f"[study {study_name}] comparison written to {out}")
     return out
+
+
+def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list, jobs: int) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from .continual import base_model
+    from .models import resolve_device
+
+    first = load_config(study.preset, pending[0][1])
+    if not first.model.path:  # build and cache the base model once, not once per process
+        base_model(first, resolve_device(first.run.device))
+    root.mkdir(parents=True, exist_ok=True)
+    threads = os.environ.get("CPTLAB_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "CPTLAB_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    queue, running, failed = list(pending), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            cell, overrides = queue.pop(0)
+            if (cell / "config.yaml").exists():
+                args = ["run", "--resume", str(cell)]
+            else:
+                args = ["run", study.preset, *overrides, "--out", str(cell), "--overwrite"]
+            log = open(root / f"{cell.name}.log", "w")
+            proc = subprocess.Popen([sys.executable, "-m", "cptlab.cli", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            running.append((cell, proc, log))
+            _say(f"[study {study_name}] started {cell.name} (log: {root / (cell.name + '.log')})")
+        time.sleep(1.0)
+        for item in list(running):
+            cell, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                ok = proc.returncode == 0
+                _say(f"[study {study_name}] {cell.name}: {'done' if ok else f'failed (exit {proc.returncode})'}")
+                if not ok:
+                    failed.append(cell.name)
+    if failed:
+        raise UserError(f"study cells failed: {', '.join(failed)} (see their .log files in {root}); "
+                        "run the study again to resume them")
