@@ -148,17 +148,42 @@ def accuracy_heatmap(R: np.ndarray, row_labels: Sequence[str], col_labels: Seque
 
 
 def heatmap_grid(panels: list[tuple[str, str, np.ndarray, list[str], list[str], list[int]]]) -> str:
-    """Small multiples: (title, colour, R, row_labels, col_labels, trained) per run, up to 4 a row."""
-    ncols = min(4, len(panels))
+    """Small multiples: (title, colour, R, row_labels, col_labels, trained) per run; as many a row as
+    fit a ~13-inch page at a readable cell size (one a row for a twelve-domain matrix)."""
+    n_cols_max = max(len(p[4]) for p in panels)
+    n_rows_max = max(len(p[3]) for p in panels)
+    width = max(3.0, 1.8 + 0.55 * n_cols_max)
+    ncols = max(1, min(len(panels), int(13.0 // width)))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(min(12.0, 3.0 * ncols), 2.6 * nrows)
+    fig = _figure(width * ncols, (1.5 + 0.38 * n_rows_max) * nrows)
     for k, (title, col, R, rows, cols, trained) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        draw_heatmap(ax, R, rows, cols, trained, fontsize=7)
+        draw_heatmap(ax, R, rows, cols, trained, fontsize=8)
         r, g, b = (int(col[i:i + 2], 16) for i in (1, 3, 5))
         ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 150 else "black"  # readable on the run's colour
-        ax.set_title(_short(title, 34), fontsize=8, color=ink, loc="left", fontweight="bold",
+        ax.set_title(_short(title, 40), fontsize=9, color=ink, loc="left", fontweight="bold",
                      bbox=dict(facecolor=col, edgecolor="none", boxstyle="round,pad=0.25"))
+    return data_uri(fig)
+
+
+def runs_grid(panels: dict[str, list[tuple[str, str, list, list]]], xlabel: str, ncols: int = 3) -> str:
+    """One small panel per quantity, one line per run in the run's colour: {title: [(label, colour, x, y)]}."""
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(max(3.4 * ncols, 5.0), 2.4 * nrows + 0.4)
+    handles = {}
+    for k, (title, lines) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for label, col, x, y in lines:
+            (line,) = ax.plot(x, y, color=col, marker="o", markersize=3.5, linewidth=1.4)
+            handles.setdefault(label, line)
+        _style(ax, title)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ticks = sorted({t for _, _, x, _ in lines for t in x})
+        if len(ticks) <= 12:
+            ax.set_xticks(ticks)
+    fig.legend(list(handles.values()), [_short(h, 40) for h in handles], fontsize=7, frameon=False,
+               loc="outside upper center", ncols=min(4, len(handles)))
     return data_uri(fig)
 
 

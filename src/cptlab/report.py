@@ -388,6 +388,19 @@ def _spread(values: list[float], signed: bool) -> str:
             f"<span class='muted'>{f.format(v.min())} to {f.format(v.max())}</span>")
 
 
+_COMPARE_DRIFT = [
+    ("param/rel_l2_base", "weights: rel. L2 to base"),
+    ("param/rel_l2_prev", "weights: rel. L2 to previous stage"),
+    ("param/effective_rank", "update effective rank"),
+    ("response/kl_to_base", "responses: KL to base"),
+    ("response/answer_changed_frac", "greedy answers changed"),
+    ("response/entropy", "response entropy"),
+    ("artifacts/malformed_rate", "malformed answers"),
+    ("artifacts/repetition_rate", "repetition rate"),
+    ("artifacts/distinct_2", "distinct-2"),
+]
+
+
 def build_compare(runs: list[Run]) -> str:
     labels = [run_label(r) for r in runs]
     labels = [f"{lab} [{r.root.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
@@ -448,6 +461,22 @@ def build_compare(runs: list[Run]) -> str:
              for i, n in enumerate(nums)]
     body += ["<h2>Average accuracy after each stage</h2>",
              img(plots.lines_by_run(lines, "stage (0 = base)", "mean greedy accuracy (%)"), "average accuracy")]
+    drift_panels: dict[str, list] = {}
+    for i, r in enumerate(runs):
+        table_i, by_step = plots.drift_table(r.records, r.summary.get("drift"))
+        if by_step:
+            continue  # several drift records per stage: not comparable stage by stage
+        for key, title in _COMPARE_DRIFT:
+            if key in table_i:
+                x, y = table_i[key]
+                drift_panels.setdefault(title, []).append((labels[i], colours[i], x, y))
+    if drift_panels:
+        body += ["<h2>Drift and artifacts after each stage</h2>",
+                 '<p class="note">Parameter drift (relative L2 distance to the base and to the previous stage\'s '
+                 "weights), response drift on the probe set (token KL to the base on the model's own samples, share "
+                 "of probe prompts whose greedy answer changed), and formatting artifacts / repetition in the "
+                 "evaluation responses.</p>",
+                 img(plots.runs_grid(drift_panels, "stage (0 = base)"), "drift comparison")]
     return page(f"cptlab comparison of {len(runs)} runs", body)
 
 
