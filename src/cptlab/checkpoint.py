@@ -1,18 +1,21 @@
 """Checkpoints: weights as safetensors, optimizer and RNG states, the EMA/frozen teacher, the loop
-position. Written into a temp dir and renamed (see store.py), loaded with safe loaders only."""
+position. Written into a temp dir and renamed (see store.py), verified against the sizes and
+sha256 digests in state.json before anything is loaded, and loaded with safe loaders only."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import UserError
-from .store import RunStore
+from .store import RunStore, file_digest, write_synced
 
 
 def _state_for_file(model) -> dict[str, torch.Tensor]:
@@ -25,9 +28,9 @@ def _save_rng(path: Path) -> None:
     which is read back with torch.load(weights_only=True))."""
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    (path / "rng.json").write_text(json.dumps({"python": [version, list(state), gauss],
-                                               "numpy": [name, keys.tolist(), pos, has_gauss, cached]}))
-    save_file({"torch": torch.get_rng_state()}, str(path / "rng.safetensors"))
+    write_synced(path / "rng.json", json.dumps({"python": [version, list(state), gauss],
+                                                "numpy": [name, keys.tolist(), pos, has_gauss, cached]}).encode())
+    write_synced(path / "rng.safetensors", save({"torch": torch.get_rng_state()}))
 
 
 def _load_rng(path: Path) -> None:
@@ -45,23 +48,59 @@ def _load_rng(path: Path) -> None:
 
 
 def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, teacher=None, keep: int = 1) -> Path:
+    """Fill a temp dir and rename it into place. Every file is serialised in memory and written by
+    `write_synced`: safetensors' save_file and torch.save to a path return without an error on a full
+    disk (ENOSPC on /dev/full), which would leave a truncated checkpoint; here it is an OSError naming
+    the file. On any failure the temp dir is removed and the previous checkpoints are untouched."""
     tmp, final = store.new_checkpoint_dir(tag)
-    save_file(_state_for_file(model), str(tmp / "model.safetensors"))
-    if teacher is not None and teacher.state_dict() is not None:
-        save_file({k: v.detach().contiguous().clone().cpu() for k, v in teacher.state_dict().items()},
-                  str(tmp / "teacher.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _save_rng(tmp)
-    store.commit_checkpoint(tmp, final, state, keep)
+    try:
+        write_synced(tmp / "model.safetensors", save(_state_for_file(model)))
+        if teacher is not None and teacher.state_dict() is not None:
+            write_synced(tmp / "teacher.safetensors",
+                         save({k: v.detach().contiguous().clone().cpu() for k, v in teacher.state_dict().items()}))
+        if optimizer is not None:
+            buf = io.BytesIO()
+            torch.save(optimizer.state_dict(), buf)
+            write_synced(tmp / "optimizer.pt", buf.getvalue())
+        _save_rng(tmp)
+        store.commit_checkpoint(tmp, final, state, keep)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = Path(e.filename).name if e.filename else ""
+        raise OSError(e.errno, e.strerror, str(final / name)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
+def verify_checkpoint(path: Path, state: dict) -> None:
+    """Every file state.json lists is there with its recorded size and sha256 (a crash cannot leave a
+    renamed checkpoint half-written, but a disk, a copy or a person can damage one afterwards)."""
+    hint = "; move that directory away to resume from an older checkpoint"
+    for name, meta in (state.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"checkpoint '{path}': {name} is missing{hint}")
+        size = file.stat().st_size
+        if size != meta.get("bytes"):
+            raise UserError(f"checkpoint '{path}': {name} is truncated or corrupted ({size} bytes, "
+                            f"{meta.get('bytes')} when written){hint}")
+        if file_digest(file) != meta.get("sha256"):
+            raise UserError(f"checkpoint '{path}': {name} is corrupted (sha256 differs from when it was written){hint}")
+
+
 def load_state(path: Path) -> dict:
+    """state.json, after checking the checkpoint's files against it (nothing is loaded or changed
+    before this passes)."""
     try:
-        return json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise UserError(f"checkpoint '{path}': state.json is missing or corrupted") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint '{path}': state.json is corrupted (not a mapping)")
+    verify_checkpoint(path, state)
+    return state
 
 
 def load_weights(path: Path, model, name: str = "model.safetensors") -> None:

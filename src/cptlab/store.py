@@ -1,12 +1,15 @@
 """The run directory on disk, the source of truth: config.yaml, metrics.jsonl, checkpoints/, samples/.
 
-Every file is written atomically (temp file or temp dir, then rename) and metrics lines are flushed
-and fsynced one by one. A checkpoint records how many metrics lines existed when it was taken, so a
-resumed run truncates whatever a crash left after it: no line is lost or written twice.
+Every file is written atomically (temp file or temp dir, fsynced, then renamed) and metrics lines
+are appended, flushed and fsynced one by one; a line counts once its newline is on disk. A checkpoint
+records how many metrics lines existed when it was taken and the size and sha256 of each of its
+files, so a resumed run truncates whatever a crash left after it (no line is lost or written twice)
+and refuses a checkpoint that was damaged after it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,18 +22,60 @@ import yaml
 from .errors import UserError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it. The one place run files reach the disk, so that a full
+    disk (ENOSPC) surfaces here as an OSError naming the file."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with open(path, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a crash after os.replace must not undo it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not fsync directories
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_synced(Path(tmp), data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; run files are shared like any other
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None  # name the file, not its temp twin
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -45,24 +90,42 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
+    """(complete lines, byte length they span). A last line without its newline is complete only if
+    it parses (the newline alone was lost); otherwise it is a torn write and not counted."""
+    end = data.rfind(b"\n") + 1
+    lines = data[:end].splitlines(keepends=True)
+    tail = data[end:]
+    if tail.strip():
+        try:
+            complete = isinstance(json.loads(tail), dict)  # records are objects: a torn one never parses
+        except ValueError:
+            complete = False
+        if complete:
+            return [*lines, tail + b"\n"], len(data)
+    return lines, end
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """All complete lines; a torn last line (a crash mid-write) is dropped."""
     if not path.exists():
         return []
-    out = []
     with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
+        lines, _ = _complete_lines(f.read())
+    out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # unterminated last line
-                break
+        except ValueError:
             raise UserError(f"{path}: line {i + 1} is not valid JSON (the file was edited or corrupted)") from None
     return out
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class RunStore:
@@ -122,25 +185,56 @@ class RunStore:
         return read_jsonl(self.metrics_path)
 
     def truncate_metrics(self, keep_lines: int) -> None:
-        """Keep the first `keep_lines` complete lines (what the checkpoint saw), drop the rest."""
-        lines = self.read_metrics()[:keep_lines]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(x, default=_jsonable) + "\n" for x in lines))
-        self.metrics_lines = len(lines)
+        """Keep the first `keep_lines` complete lines (what the checkpoint saw), byte for byte; drop
+        the rest. Refuses (changing nothing) if fewer lines exist than the checkpoint recorded."""
+        self.close()  # the file is replaced: appends must go to the new one
+        data = self.metrics_path.read_bytes() if self.metrics_path.exists() else b""
+        lines, _ = _complete_lines(data)
+        records = [line for line in lines if line.strip()]
+        if len(records) < keep_lines:
+            raise UserError(f"{self.metrics_path}: {len(records)} complete lines, but the checkpoint was taken "
+                            f"after {keep_lines}; the file was truncated or edited, resuming would lose records")
+        atomic_write_bytes(self.metrics_path, b"".join(records[:keep_lines]))
+        self.metrics_lines = keep_lines
+
+    def _open_metrics(self) -> int:
+        """Open metrics.jsonl for appending; a torn last line left by a crash is cut off first (or
+        completed with its newline if only that was lost), so the next record starts on a new line."""
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.metrics_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        lines, end = _complete_lines(data)
+        if end < len(data):
+            os.ftruncate(fd, end)
+        elif data and not data.endswith(b"\n"):
+            os.write(fd, b"\n")
+        self.metrics_lines = sum(1 for line in lines if line.strip())
+        return fd
 
     def log(self, event: str, **fields: Any) -> dict:
         record = {"event": event, **fields}
+        line = (json.dumps(record, default=_jsonable) + "\n").encode()
         if self._metrics_file is None:
-            self.metrics_lines = len(self.read_metrics()) if self.metrics_path.exists() else 0
-            self._metrics_file = open(self.metrics_path, "a")
-        self._metrics_file.write(json.dumps(record, default=_jsonable) + "\n")
-        self._metrics_file.flush()
-        os.fsync(self._metrics_file.fileno())
+            self._metrics_file = self._open_metrics()
+        fd = self._metrics_file
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:  # leave no torn line behind (a full disk may have taken part of it)
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from None
         self.metrics_lines += 1
         return record
 
     def close(self) -> None:
         if self._metrics_file is not None:
-            self._metrics_file.close()
+            os.close(self._metrics_file)
             self._metrics_file = None
 
     # -- samples and summaries ---------------------------------------------------------------------
@@ -152,12 +246,21 @@ class RunStore:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints (those with state.json), oldest first."""
+        """Complete checkpoints (renamed into place, with state.json), oldest first. Temp dirs that a
+        crash left half-written start with '.' and are ignored."""
         if not self.checkpoints.exists():
             return []
-        dirs = [d for d in self.checkpoints.iterdir() if d.is_dir() and (d / "state.json").is_file()
-                and not d.name.startswith(".")]
-        return sorted(dirs, key=lambda d: json.loads((d / "state.json").read_text()).get("order", 0))
+        found = []
+        for d in self.checkpoints.iterdir():
+            if d.name.startswith(".") or not d.is_dir() or not (d / "state.json").is_file():
+                continue
+            try:
+                order = json.loads((d / "state.json").read_text()).get("order", 0)
+            except (OSError, ValueError, AttributeError):
+                raise UserError(f"checkpoint '{d}': state.json is corrupted; move that directory away to "
+                                "resume from an older checkpoint") from None
+            found.append((order, d))
+        return [d for _, d in sorted(found, key=lambda x: x[0])]
 
     def new_checkpoint_dir(self, tag: str) -> tuple[Path, Path]:
         """(temp dir to fill, final path); call `commit_checkpoint` when the temp dir is complete."""
@@ -166,10 +269,20 @@ class RunStore:
         return tmp, self.checkpoints / tag
 
     def commit_checkpoint(self, tmp: Path, final: Path, state: dict, keep: int) -> None:
-        state = {**state, "metrics_lines": self.metrics_lines}
-        atomic_write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
+        """Record the metrics line count and each file's size and sha256 in state.json (written last),
+        make the temp dir durable, and rename it into place; then drop all but the `keep` newest."""
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}
+                 for f in sorted(tmp.iterdir()) if f.is_file()}
+        state = {**state, "metrics_lines": self.metrics_lines, "files": files}
+        write_synced(tmp / "state.json", (json.dumps(state, indent=1, default=_jsonable) + "\n").encode())
+        fsync_dir(tmp)
+        old = None
+        if final.exists():  # set the old copy aside; it is removed only once the new one is in place
+            old = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{final.name}.old."))
+            os.replace(final, old / final.name)
         os.replace(tmp, final)
-        for old in self.checkpoint_dirs()[:-keep]:
+        fsync_dir(self.checkpoints)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoint_dirs()[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)

@@ -94,12 +94,14 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                 try:
                     stats["grad_norm"] = _step(run.model, run.optimizer, loss, m.grad_clip)
                 except NumericalFault as fault:
+                    # steps are named as the train records count them: step k is the k-th of the stage
                     if m.nan_policy == "skip":
                         skipped += 1
-                        run.log("fault", stage=run.index, step=step, global_step=global_step, action="skipped",
-                                reason=str(fault))
+                        run.log("fault", stage=run.index, step=step + 1, update=update, global_step=global_step,
+                                action="skipped", reason=str(fault))
                         continue
-                    raise NumericalFault(f"stage {run.index} ({stage.domain}, {m.name}) step {step}: {fault}") from None
+                    raise NumericalFault(f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of "
+                                         f"{stage.steps}: {fault}") from None
                 method.after_step()
                 stats["loss"] = float(loss.detach())
             global_step += 1

@@ -9,11 +9,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=False, highlight=False)
+# emoji=False: rich would turn ":smile:" in model text into an emoji, and escape() does not prevent it
+console = Console(stderr=False, highlight=False, emoji=False)
 
 
 def safe_text(text: str) -> str:
-    """Model output for the terminal: rich markup and control/escape characters neutralised."""
+    """Model output for the terminal: rich markup and control/escape characters neutralised.
+
+    Control characters (ESC, CR, BEL, bidi overrides ...) are shown as their escapes (\\x1b), so a
+    completion cannot colour, move or clear the terminal; '[bold]' is escaped so rich prints it."""
     cleaned = "".join(ch if ch.isprintable() or ch == "\n" else repr(ch)[1:-1] for ch in text)
     return escape(cleaned)
 
