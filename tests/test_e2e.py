@@ -48,8 +48,9 @@ def test_smoke_writes_run_directory(smoke_run):
     assert list((smoke_run / "samples").glob("*.json"))
     drift = {r["stage"]: r for r in records(smoke_run) if r["event"] == "drift"}
     assert sorted(drift) == [0, 1, 2] and drift[0]["param/rel_l2_base"] == 0.0
-    for stage in (1, 2):  # each stage moved the weights, from the base and from the previous stage
-        assert drift[stage]["param/rel_l2_base"] > 0 and drift[stage]["param/rel_l2_prev"] > 0
+    # the SDPO stage always has a gradient (the smoke model's GRPO stage may see all-zero rewards and
+    # rightly not move): it moved from the base and from the previous stage's weights
+    assert drift[2]["param/rel_l2_base"] > 0 and drift[2]["param/rel_l2_prev"] > 0
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, tmp_path):

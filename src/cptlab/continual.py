@@ -127,8 +127,8 @@ class Driver:
             self.store.truncate_metrics(0)
             return dict(stage=0, step=0, global_step=0, stage_done=False, path=None, base_info=info)
         state = load_state(ckpts[-1])
+        load_weights(ckpts[-1], self.model)  # a damaged checkpoint is refused before metrics are touched
         self.store.truncate_metrics(state["metrics_lines"])
-        load_weights(ckpts[-1], self.model)
         if state.get("stage_done"):  # the previous stage's end weights, for drift vs previous stage
             self.prev_state = snapshot(self.model)
         console.print(f"resuming from {ckpts[-1].name}")
@@ -216,8 +216,13 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
     try:
         try:
             Driver(cfg, store).run()
-        finally:
-            finish(cfg, store)
+        except BaseException:
+            try:  # the summary and report of what is on disk, without masking the original error
+                finish(cfg, store)
+            except Exception:
+                pass
+            raise
+        finish(cfg, store)
     finally:
         store.close()
     return store.root
