@@ -81,3 +81,12 @@ def test_yaml_is_safe_loaded(tmp_path):
     f.write_text("run: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(f))
+
+
+def test_run_seeds_share_one_base_model_unless_asked():
+    from cptlab.warmup import cache_path
+
+    base = cache_path(load_config("tiny", []))
+    assert cache_path(load_config("tiny", ["run.seed=2"])) == base  # a study's seeds share the base
+    assert cache_path(load_config("tiny", ["run.seed=2", "warmup.seed=null"])) != base
+    assert cache_path(load_config("tiny", ["warmup.seed=1"])) != base

@@ -79,6 +79,9 @@ class WarmupConfig:
     weight_decay: float = 0.01
     cache_dir: str = "~/.cache/cptlab/base"
     """Base models are cached here by a hash of model+warmup+prompt config; '' disables the cache."""
+    seed: int | None = 0
+    """Seed of the base model (initialisation and warm-up corpus). Fixed by default, so that the runs
+    of a study that differ in `run.seed` start from the same base model; null: use run.seed."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .store import RunStore
 from .teacher import Teacher
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
-from .warmup import cache_path, run_warmup, store_in_cache
+from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
 
 
 def base_model(cfg: Config, device: torch.device, store: RunStore | None = None):
@@ -41,13 +41,13 @@ def base_model(cfg: Config, device: torch.device, store: RunStore | None = None)
         model, tokenizer = load_model(str(cached), cfg.model, device)
         return model, tokenizer, {"source": "cache", "path": str(cached)}
     tokenizer = build_tokenizer()
-    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.run.seed).to(device)
+    model = build_tiny_model(cfg.model, tokenizer, seed=warmup_seed(cfg)).to(device)
     console.print(f"base model: tiny {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters; "
                   f"warm-up SFT for {cfg.warmup.steps} steps")
     info = {"source": "built", "parameters": count_parameters(model)}
     if cfg.warmup.enabled and cfg.warmup.steps > 0:
         t0 = time.perf_counter()
-        losses = run_warmup(model, tokenizer, cfg, device, cfg.run.seed)
+        losses = run_warmup(model, tokenizer, cfg, device, warmup_seed(cfg))
         info.update(warmup_seconds=time.perf_counter() - t0, warmup_final_loss=sum(losses[-20:]) / len(losses[-20:]))
     if cached is not None:
         store_in_cache(model, tokenizer, cached, info)

@@ -82,11 +82,16 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
     return losses
 
 
+def warmup_seed(cfg: Config) -> int:
+    """The base model's seed: warmup.seed, or run.seed where that is null."""
+    return cfg.run.seed if cfg.warmup.seed is None else cfg.warmup.seed
+
+
 def base_model_key(cfg: Config) -> str:
     """Hash of everything that determines the warmed-up base model."""
     blob = json.dumps(dict(model=asdict(cfg.model), warmup={k: v for k, v in asdict(cfg.warmup).items()
-                                                            if k != "cache_dir"},
-                           prompt=asdict(cfg.prompt), seed=cfg.run.seed, version=1), sort_keys=True)
+                                                            if k not in ("cache_dir", "seed")},
+                           prompt=asdict(cfg.prompt), seed=warmup_seed(cfg), version=1), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
