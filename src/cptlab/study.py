@@ -110,9 +110,6 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
 
 def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list, jobs: int) -> None:
     import os
-    import subprocess
-    import sys
-    import time
 
     from .continual import base_model
     from .models import resolve_device
@@ -124,6 +121,25 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
     threads = os.environ.get("CPTLAB_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "CPTLAB_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     queue, running, failed = list(pending), [], []
+    try:
+        _schedule(study, study_name, root, queue, running, failed, jobs, env)
+    except BaseException:  # Ctrl-C or an error here: do not leave orphaned runs behind
+        for _, proc, log in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+        raise
+    if failed:
+        raise UserError(f"study cells failed: {', '.join(failed)} (see their .log files in {root}); "
+                        "run the study again to resume them")
+
+
+def _schedule(study, study_name, root, queue, running, failed, jobs, env) -> None:
+    """Keep `jobs` cell processes running until the queue is empty and all have exited."""
+    import subprocess
+    import sys
+    import time
+
     while queue or running:
         while queue and len(running) < jobs:
             cell, overrides = queue.pop(0)
@@ -146,6 +162,3 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
                 _say(f"[study {study_name}] {cell.name}: {'done' if ok else f'failed (exit {proc.returncode})'}")
                 if not ok:
                     failed.append(cell.name)
-    if failed:
-        raise UserError(f"study cells failed: {', '.join(failed)} (see their .log files in {root}); "
-                        "run the study again to resume them")
