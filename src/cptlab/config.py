@@ -72,7 +72,7 @@ class WarmupConfig:
     reprompt_fraction: float = 0.25
     """Fraction of examples shown with a demonstration and/or feedback before the answer, so the base
     model learns to use in-context demonstrations (the SDPO self-teacher needs it)."""
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 4e-3
     warmup_steps: int = 30
