@@ -22,6 +22,20 @@ from .errors import ConfigError, UserError
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters through `peft` for models too large to fine-tune fully."""
+
+    rank: int = 0
+    """LoRA rank r; 0 trains all weights (no adapters)."""
+    alpha: float = 16.0
+    """Scale of the update: delta W = (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters (Qwen2 / Llama names by default)."""
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
@@ -38,6 +52,7 @@ class ModelConfig:
     """'auto': bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the directory's code."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -91,8 +106,12 @@ class RolloutConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
-    engine: Literal["plain"] = "plain"
-    """plain: `transformers.generate` (works for any HF model)."""
+    engine: Literal["auto", "plain", "fast"] = "auto"
+    """plain: `transformers.generate` (works for any HF model, the reference path); fast: cptlab's own
+    decode loop with a preallocated KV cache (and CUDA graphs on GPU) for Llama/Qwen2-style decoders;
+    auto: fast where the architecture is supported, else plain."""
+    cuda_graphs: bool = True
+    """fast engine on CUDA: capture the decode step in a CUDA graph (replayed every token)."""
     batch_size: int = 256
     """Sequences generated at once (memory bound)."""
 
@@ -151,6 +170,9 @@ class MethodConfig:
     """Prompts per rollout batch; the batch holds prompts_per_step * group_size samples."""
     updates_per_batch: int = 1
     """mu: optimizer steps per rollout batch (old log-probs are kept for the ratio)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass (gradients accumulate over micro-batches, with the loss
+    normalised as for the whole batch); 0: the whole batch at once. Bounds activation and logits memory."""
     grad_clip: float = 1.0
     warmup_steps: int = 5
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -417,6 +439,7 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(m.updates_per_batch >= 1, f"{where}.updates_per_batch", m.updates_per_batch, "an integer >= 1")
     _check(m.grad_clip > 0, f"{where}.grad_clip", m.grad_clip, "a positive gradient-norm clip")
     _check(m.warmup_steps >= 0, f"{where}.warmup_steps", m.warmup_steps, "an integer >= 0")
+    _check(m.micro_batch_size >= 0, f"{where}.micro_batch_size", m.micro_batch_size, "an integer >= 0 (0: whole batch)")
     g, s = m.grpo, m.sdpo
     _check(0 < g.clip_eps < 1, f"{where}.grpo.clip_eps", g.clip_eps, "a value in (0, 1)")
     _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
@@ -441,6 +464,12 @@ def validate(cfg: Config) -> None:
            f"a multiple of model.num_heads ({m.num_heads})")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
            f"a divisor of model.num_heads ({m.num_heads})")
+    lo = m.lora
+    _check(lo.rank >= 0, "model.lora.rank", lo.rank, "an integer >= 0 (0: full fine-tuning)")
+    _check(lo.alpha > 0, "model.lora.alpha", lo.alpha, "a positive scale")
+    _check(0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "a value in [0, 1)")
+    _check(lo.rank == 0 or len(lo.target_modules) > 0, "model.lora.target_modules", lo.target_modules,
+           "a non-empty list of module names")
     for slot in ("{prompt}",):
         _check(slot in cfg.prompt.reprompt_template, "prompt.reprompt_template",
                cfg.prompt.reprompt_template, f"a template containing {slot}")

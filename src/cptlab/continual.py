@@ -7,7 +7,6 @@ A run resumes from its newest complete checkpoint (`resume=DIR`).
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoi
 from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
 from .errors import NumericalFault, UserError
 from .evaluate import evaluate_all
+from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext
 from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
 from .optim import make_optimizer
@@ -57,7 +57,7 @@ def base_model(cfg: Config, device: torch.device, store: RunStore | None = None)
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A float32 CPU copy of the weights (never a view of the live parameters: .float().cpu() of a
     float32 CPU tensor is the tensor itself, which would make drift vs the previous stage zero)."""
-    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in effective_state_dict(model).items()}
 
 
 class Driver:
@@ -118,8 +118,9 @@ class Driver:
         self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
         if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
             save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+        self.model = apply_lora(self.model, cfg.model.lora)
         self.model.eval()
-        self.base = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.base = base_reference(self.model)
         self.base_state = snapshot(self.base)
         self.prev_state = None
         ckpts = self.store.checkpoint_dirs()

@@ -89,7 +89,8 @@ def warmup_seed(cfg: Config) -> int:
 
 def base_model_key(cfg: Config) -> str:
     """Hash of everything that determines the warmed-up base model."""
-    blob = json.dumps(dict(model=asdict(cfg.model), warmup={k: v for k, v in asdict(cfg.warmup).items()
+    model = {k: v for k, v in asdict(cfg.model).items() if k != "lora"}  # adapters come after the base
+    blob = json.dumps(dict(model=model, warmup={k: v for k, v in asdict(cfg.warmup).items()
                                                             if k not in ("cache_dir", "seed")},
                            prompt=asdict(cfg.prompt), seed=warmup_seed(cfg), version=1), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
