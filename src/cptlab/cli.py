@@ -99,6 +99,7 @@ def eval_cmd(
         check_domain(n, "--domains")
     model, tokenizer = load_model(model_dir, cfg.model, resolve_device(cfg.run.device))
     results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, batch_size=cfg.rollout.batch_size,
+                           engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
                            seed=cfg.run.seed)
     rows = {n: r.metrics() for n, r in results.items()}
     console.print(eval_table(f"evaluation of {model_dir}", rows))

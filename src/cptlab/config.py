@@ -49,7 +49,8 @@ class ModelConfig:
     intermediate_size: int = 288
     max_positions: int = 256
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """'auto': bfloat16 on CUDA, float32 on CPU."""
+    """Weights' storage dtype. 'auto': float32 weights, forwards under bfloat16 autocast on CUDA (mixed
+    precision); 'bfloat16' halves weight memory but AdamW then updates bfloat16 weights."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the directory's code."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -74,6 +74,7 @@ class Driver:
         with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
             results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
                                    batch_size=cfg.rollout.batch_size, seed=derive_seed(cfg.run.seed, stage, step, "eval"),
+                                   engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
                                    on_domain=lambda name: advance(info=name))
         for name, r in results.items():
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
@@ -97,7 +98,8 @@ class Driver:
         probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
         resp = response_drift(self.model, self.base, self.tokenizer, probes, max_new_tokens=cfg.eval.max_new_tokens,
-                              seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size)
+                              seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size,
+                              engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs)
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})

@@ -28,11 +28,12 @@ class DomainResult:
 
 
 def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, *,
-                    batch_size: int = 256, seed: int = 0) -> DomainResult:
+                    batch_size: int = 256, seed: int = 0, engine: str = "auto", cuda_graphs: bool = True) -> DomainResult:
+    """engine / cuda_graphs: the rollout engine (rollout.generate), as the run's rollout section sets it."""
+    gen = dict(batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
     examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style)
     prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, greedy=True,
-                      batch_size=batch_size)
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, greedy=True, **gen)
     verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]
     n = len(examples)
     greedy_acc = sum(v.correct for v in verdicts) / n
@@ -42,8 +43,7 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     if ecfg.num_samples > 0:
         k = ecfg.num_samples
         sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)],
-                           max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
-                           batch_size=batch_size, seed=seed)
+                           max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, seed=seed, **gen)
         hits = [verify(examples[i // k], t, pcfg.style).correct for i, t in enumerate(sampled.texts)]
         sampled_acc = sum(hits) / len(hits)
     samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
@@ -52,10 +52,12 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
 
 
 def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, *,
-                 batch_size: int = 256, seed: int = 0, on_domain=None) -> dict[str, DomainResult]:
+                 batch_size: int = 256, seed: int = 0, on_domain=None, engine: str = "auto",
+                 cuda_graphs: bool = True) -> dict[str, DomainResult]:
     results = {}
     for name in domains:
-        results[name] = evaluate_domain(model, tokenizer, name, ecfg, pcfg, batch_size=batch_size, seed=seed)
+        results[name] = evaluate_domain(model, tokenizer, name, ecfg, pcfg, batch_size=batch_size, seed=seed,
+                                        engine=engine, cuda_graphs=cuda_graphs)
         if on_domain:
             on_domain(name)
     return results

@@ -165,6 +165,20 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str) -> Tens
     return LOSS_AGGREGATIONS[loss_type](per_token_loss, mask)
 
 
+def loss_units(mask: Tensor, loss_type: str) -> float:
+    """How many units `aggregate_loss(.., mask, loss_type)` averages over: sequences with a counted
+    token ("grpo"), counted tokens ("bnpo", also every token-mean loss), rows ("dr_grpo", whose
+    normaliser B * T has the same T for every micro-batch of a batch). A micro-batch's loss weighted
+    by units(micro) / units(batch) sums to the whole batch's loss."""
+    if loss_type == "grpo":
+        return float((mask.sum(-1) > 0).sum())
+    if loss_type == "bnpo":
+        return float(mask.sum())
+    if loss_type == "dr_grpo":
+        return float(mask.shape[0])
+    raise ValueError(f"loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,

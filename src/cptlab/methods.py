@@ -7,14 +7,14 @@ The losses themselves are pure tensor functions in `losses.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from .config import MethodConfig, PromptConfig, RolloutConfig
-from .losses import (gather_logprobs, group_advantages, grpo_loss, k3_kl, masked_mean, sdpo_loss, sft_loss,
-                     token_entropy)
+from .losses import (gather_logprobs, group_advantages, grpo_loss, k3_kl, loss_units, masked_mean, sdpo_loss,
+                     sft_loss, token_entropy)
 from .prompts import student_prompt
 from .rollout import Rollout, completion_logits, completion_logprobs, encode_prompts, generate, rollout_from_texts
 from .tasks import Example, Verdict, verify
@@ -35,6 +35,22 @@ class Batch:
     teacher_mask: Tensor | None = None
     distill: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def select(self, rows: slice) -> "Batch":
+        """A micro-batch: every per-row field sliced; the batch-level stats stay with the batch."""
+        parts = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "stats":
+                parts[f.name] = {}
+            elif isinstance(value, Rollout):
+                parts[f.name] = value.select(rows)
+            else:
+                parts[f.name] = None if value is None else value[rows]
+        return Batch(**parts)
 
 
 @dataclass
@@ -62,7 +78,8 @@ class OnPolicyMethod:
         prompts = [student_prompt(ctx.prompt, ex.question, ctx.tokenizer) for ex in rows]
         ro = generate(model, ctx.tokenizer, prompts, max_new_tokens=ctx.rollout.max_new_tokens,
                       temperature=ctx.rollout.temperature, top_p=ctx.rollout.top_p,
-                      batch_size=ctx.rollout.batch_size, seed=seed)
+                      batch_size=ctx.rollout.batch_size, seed=seed, engine=ctx.rollout.engine,
+                      cuda_graphs=ctx.rollout.cuda_graphs)
         verdicts = [verify(ex, text, ctx.prompt.style) for ex, text in zip(rows, ro.texts)]
         rewards = torch.tensor([v.reward for v in verdicts], device=ctx.device)
         batch = Batch(rows, ro, verdicts, rewards)
@@ -93,6 +110,10 @@ class OnPolicyMethod:
         if batch.ref_logprobs is not None:
             stats["kl_to_base"] = float(masked_mean(k3_kl(logprobs.detach(), batch.ref_logprobs), ro.completion_mask))
         return logits, logprobs, stats
+
+    def loss_units(self, batch: Batch) -> float:
+        """How many units the loss is a mean over (micro-batch weights are ratios of these)."""
+        return loss_units(batch.rollout.completion_mask, self.cfg.grpo.loss_type)
 
     def after_step(self) -> None:
         pass
@@ -153,6 +174,10 @@ class SDPO(OnPolicyMethod):
             loss = (1 - s.blend_lambda) * loss + s.blend_lambda * pg
         return loss, stats
 
+    def loss_units(self, batch: Batch) -> float:
+        # token mean over the distilled tokens (with blend_lambda > 0 the GRPO part is weighted alike)
+        return loss_units(batch.rollout.completion_mask * batch.distill[:, None], "bnpo")
+
     def after_step(self) -> None:
         self.ctx.teacher.after_step()
 
@@ -177,6 +202,9 @@ class SFT:
         loss, stats = sft_loss(gather_logprobs(logits, ro.completion_ids), ro.completion_mask)
         stats["entropy"] = float(masked_mean(token_entropy(logits.detach()), ro.completion_mask))
         return loss, stats
+
+    def loss_units(self, batch: Batch) -> float:
+        return loss_units(batch.rollout.completion_mask, "bnpo")
 
     def after_step(self) -> None:
         pass

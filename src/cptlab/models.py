@@ -24,8 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Dtype the weights are stored (and optimised) in. 'auto' is float32: on CUDA the forwards run
+    under bfloat16 autocast (rollout.autocast) and the fast engine samples from a bfloat16 copy, while
+    AdamW updates float32 weights (lr 3e-5 steps vanish in bfloat16's 8-bit mantissa)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return getattr(torch, name)
 
 

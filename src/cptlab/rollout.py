@@ -32,6 +32,11 @@ class Rollout:
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(-1)
 
+    def select(self, rows: slice) -> "Rollout":
+        """The rows `rows` (a micro-batch), as views."""
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                       self.completion_mask[rows], self.texts[rows])
+
 
 def encode_prompts(tokenizer, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids and mask."""
@@ -58,28 +63,67 @@ def _decode(tokenizer, ids: Tensor, mask: Tensor, eos_id: int) -> list[str]:
     return out
 
 
+def use_fast_engine(model, engine: str) -> bool:
+    """Whether `engine` ('auto' | 'plain' | 'fast') means the fast engine for this model."""
+    from .engine import unsupported_reason
+    from .errors import ConfigError
+
+    if engine == "plain":
+        return False
+    reason = unsupported_reason(model)
+    if engine == "fast" and reason is not None:
+        raise ConfigError("rollout.engine", engine, f"'plain' or 'auto' for this model (the fast engine does not "
+                          f"support {reason})")
+    return reason is None
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (weights stay float32 for the optimizer); nothing on CPU."""
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, greedy: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 256,
-             seed: int | None = None) -> Rollout:
-    """Sample one completion per prompt (repeat a prompt G times for a group)."""
-    from transformers import GenerationConfig
+             seed: int | None = None, engine: str = "auto", cuda_graphs: bool = True) -> Rollout:
+    """Sample one completion per prompt (repeat a prompt G times for a group).
 
+    engine: 'fast' (engine.py: static KV cache, CUDA graphs), 'plain' (`transformers.generate`), or
+    'auto' (fast where the architecture is supported)."""
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature if not greedy else None,
-        top_p=top_p if not greedy else None, top_k=0 if not greedy else None, eos_token_id=eos_id,
-        pad_token_id=pad_id, bos_token_id=None)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
+    if use_fast_engine(model, engine):
+        from .engine import engine_for
+
+        dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+        fast = engine_for(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs)
+
+        def sample(ids, mask):
+            return fast.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                 greedy=greedy, temperature=temperature, top_p=top_p)
+    else:
+        from transformers import GenerationConfig
+
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature if not greedy else None,
+            top_p=top_p if not greedy else None, top_k=0 if not greedy else None, eos_token_id=eos_id,
+            pad_token_id=pad_id, bos_token_id=None)
+
+        def sample(ids, mask):
+            with autocast(device):
+                return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
     chunks = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        comp = out[:, ids.shape[1]:]
+        comp = sample(ids, mask)
         if comp.shape[1] == 0:
             comp = torch.full((ids.shape[0], 1), eos_id, device=device, dtype=ids.dtype)
         chunks.append((ids, mask, comp))
@@ -103,6 +147,9 @@ def _concat(chunks, tokenizer, eos_id: int, pad_id: int) -> Rollout:
     comp_mask = completion_mask_from_ids(comp, eos_id)
     if pad_id != eos_id:
         comp_mask = comp_mask * (comp != pad_id).float()
+    # no column of padding only: every training forward is as wide as the longest completion
+    width = max(1, int(comp_mask.sum(-1).max()))
+    comp, comp_mask = comp[:, :width], comp_mask[:, :width]
     comp = torch.where(comp_mask > 0, comp, torch.full_like(comp, pad_id))
     return Rollout(prompt_ids, prompt_mask, comp, comp_mask, _decode(tokenizer, comp, comp_mask, eos_id))
 
@@ -115,8 +162,9 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     # positions count real tokens only, as generate() does with left padding
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     C = completion_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=C + 1,
-                use_cache=False)
+    with autocast(ids.device):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=C + 1,
+                    use_cache=False)
     return out.logits[:, :-1].float()
 
 

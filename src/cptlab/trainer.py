@@ -57,18 +57,39 @@ class StageRun:
     """on_step_end(step_done, global_step): the driver's evaluation / checkpoint schedule."""
 
 
-def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> float:
-    """Backward, clip, step. Returns the gradient norm; raises NumericalFault before stepping on nan/inf."""
+def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]:
+    """Backward of the batch's loss, in micro-batches of `micro_batch_size` rows (0: all at once) whose
+    losses are weighted by their share of the loss's units (sequences or tokens, `loss_units`), so the
+    accumulated gradient is the whole batch's. Returns the loss value and the stats, weighted alike.
+    Raises NumericalFault on a nan/inf loss before anything is stepped."""
+    n = len(batch)
+    size = n if micro_batch_size <= 0 else min(micro_batch_size, n)
+    total = method.loss_units(batch) if size < n else 1.0
+    loss_value, stats = 0.0, {}
+    for start in range(0, n, size):
+        part = batch if size == n else batch.select(slice(start, start + size))
+        loss, part_stats = method.loss(model, part)
+        if not torch.isfinite(loss):
+            raise NumericalFault(f"loss is {float(loss)}")
+        weight = 1.0 if size == n else (method.loss_units(part) / total if total > 0 else size / n)
+        (loss * weight).backward()
+        loss_value += float(loss.detach()) * weight
+        for k, v in part_stats.items():
+            stats[k] = stats.get(k, 0.0) + v * weight
+    return loss_value, stats
+
+
+def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_clip: float) -> tuple[float, dict]:
+    """Zero grads, backward (the closure), clip, step. Returns (loss, stats) with the gradient norm in
+    the stats; raises NumericalFault before stepping on a nan/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        raise NumericalFault(f"loss is {float(loss)}")
-    loss.backward()
+    loss, stats = backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NumericalFault(f"gradient norm is {grad_norm}")
     optimizer.step()
-    return grad_norm
+    return loss, {**stats, "grad_norm": grad_norm}
 
 
 def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
@@ -90,9 +111,9 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                 opt_step = step * m.updates_per_batch + update
                 set_lr(run.optimizer, m.lr * lr_factor(opt_step, stage.steps * m.updates_per_batch, m.warmup_steps,
                                                        m.schedule))
-                loss, stats = method.loss(run.model, batch)
                 try:
-                    stats["grad_norm"] = _step(run.model, run.optimizer, loss, m.grad_clip)
+                    loss, stats = _step(run.model, run.optimizer,
+                                        lambda: _backward(method, run.model, batch, m.micro_batch_size), m.grad_clip)
                 except NumericalFault as fault:
                     # steps are named as the train records count them: step k is the k-th of the stage
                     if m.nan_policy == "skip":
@@ -103,7 +124,7 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                     raise NumericalFault(f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of "
                                          f"{stage.steps}: {fault}") from None
                 method.after_step()
-                stats["loss"] = float(loss.detach())
+                stats["loss"] = loss
             global_step += 1
             dt = time.perf_counter() - t0
             tokens = float(batch.rollout.completion_mask.sum())

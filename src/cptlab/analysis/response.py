@@ -61,7 +61,7 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
 
 @torch.no_grad()
 def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int,
-                   batch_size: int = 256) -> dict[str, float]:
+                   batch_size: int = 256, engine: str = "auto", cuda_graphs: bool = True) -> dict[str, float]:
     """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered).
 
     Keys:
@@ -81,17 +81,15 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_
     model.eval()
     base_model.eval()
     device = next(model.parameters()).device
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
     # generate() seeds the global RNG; fork it so that a mid-run analysis leaves training's stream alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            sampled = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                               batch_size=batch_size)
+            sampled = generate(model, tokenizer, prompts, seed=seed, **gen)
             lp, lp_base, entropy = _logits_stats(model, sampled, base_model, batch_size)
             mask = sampled.completion_mask
-            greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                              batch_size=batch_size)
-            base_greedy = generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                                   batch_size=batch_size)
+            greedy = generate(model, tokenizer, prompts, greedy=True, **gen)
+            base_greedy = generate(base_model, tokenizer, prompts, greedy=True, **gen)
         finally:
             model.train(modes[0])
             base_model.train(modes[1])

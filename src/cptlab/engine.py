@@ -1,0 +1,349 @@
+"""The fast rollout engine: cptlab's own decode loop for Llama/Qwen2-style decoders.
+
+`transformers.generate` re-runs a lot of Python per token and grows its KV cache as it goes; for the
+small models of a study the decode step is bound by that overhead and by kernel launches, not by
+FLOPs. This engine keeps its own inference copy of the weights (QKV and gate/up fused, in the rollout
+dtype), a preallocated KV cache of fixed length, and does a whole decode step (all layers, sampling,
+stop bookkeeping) on tensors only, so that on CUDA the step is captured once in a CUDA graph and
+replayed for every token. Prompts are left-padded, so generated column t is the same for every row.
+
+The plain `transformers.generate` path (rollout.py) stays the reference: for any architecture this
+engine does not know, and in the tests that check both give the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3")
+_STOP_CHECK_EVERY = 8
+"""Decode steps between the host checks whether every row has stopped (a device sync)."""
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the engine cannot run `model` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+        return f"activation {cfg.hidden_act!r}"
+    inner = _inner(model)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "no decoder layers / rotary embedding found"
+    return None
+
+
+def _inner(model):
+    """The decoder stack (`model.model` of a *ForCausalLM), through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", None)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # as the HF RMSNorm: normalise in float32, scale in the activation dtype
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _fused(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """The engine's tensors from a state dict with HF names: QKV and gate/up concatenated so that a
+    layer is four matrix products. Missing optional tensors (biases, q/k norms, untied head) are left out."""
+    out = {"embed": sd["model.embed_tokens.weight"], "final_norm": sd["model.norm.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head"] = sd["lm_head.weight"]
+    for i in range(n_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        out[f"{i}.norm_in"] = sd[p + "input_layernorm.weight"]
+        out[f"{i}.w_qkv"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"])
+        if a + "q_proj.bias" in sd:
+            out[f"{i}.b_qkv"] = torch.cat([sd[a + n + "_proj.bias"] for n in "qkv"])
+        if a + "q_norm.weight" in sd:
+            out[f"{i}.q_norm"], out[f"{i}.k_norm"] = sd[a + "q_norm.weight"], sd[a + "k_norm.weight"]
+        out[f"{i}.w_o"] = sd[a + "o_proj.weight"]
+        out[f"{i}.norm_post"] = sd[p + "post_attention_layernorm.weight"]
+        out[f"{i}.w_gate_up"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        out[f"{i}.w_down"] = sd[p + "mlp.down_proj.weight"]
+    return out
+
+
+class _Weights:
+    """The engine's inference copy of the weights, refreshed in place by `sync` so that captured CUDA
+    graphs keep pointing at the same storage."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device):
+        from .lora import effective_state_dict
+
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.t = {k: v.detach().to(device, dtype, copy=True)
+                  for k, v in _fused(effective_state_dict(model), self.n_layers).items()}
+        if getattr(cfg, "tie_word_embeddings", False) or "lm_head" not in self.t:
+            self.t.pop("lm_head", None)
+        self.lm_head = self.t.get("lm_head", self.t["embed"])
+
+    def get(self, layer: int, name: str) -> Tensor | None:
+        return self.t.get(f"{layer}.{name}")
+
+    @torch.no_grad()
+    def sync(self, model) -> None:
+        """Copy the model's current (merged) weights into the engine's buffers."""
+        from .lora import effective_state_dict
+
+        for k, v in _fused(effective_state_dict(model), self.n_layers).items():
+            if k in self.t:
+                self.t[k].copy_(v)
+
+
+class _State:
+    """Static buffers of one (batch, cache length) shape: KV cache, masks, loop counters, output."""
+
+    def __init__(self, w: _Weights, batch: int, length: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, w.n_kv, length, w.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(w.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(w.n_layers)]
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        """valid[b, c]: cache column c holds a real token of row b (prompt padding stays False)."""
+        self.tok = torch.zeros(batch, dtype=torch.long, device=device)
+        """The last sampled token of each row: the input of the next decode step."""
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        """Position id of `tok` (real tokens before it; left padding does not count)."""
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        """Cache column that `tok` is written to (the same for every row)."""
+        self.t = torch.zeros(1, dtype=torch.long, device=device)
+        """Output column of the token the step samples."""
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.inv_temp = torch.ones(1, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(1, dtype=torch.float32, device=device)
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+
+
+def _sample(logits: Tensor, mode: str, inv_temp: Tensor, top_p: Tensor) -> Tensor:
+    """Next tokens [B] from logits [B, V] (float32). Sampling is the exponential-race form of the
+    categorical draw (argmax p / E, E ~ Exp(1)): no host sync, so it lives inside a CUDA graph."""
+    if mode == "greedy":
+        return logits.argmax(-1)
+    scaled = logits * inv_temp
+    if mode == "top_p":  # nucleus: keep the smallest prefix of sorted tokens with mass >= top_p
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = scaled.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+class DecodeEngine:
+    """Batched sampling with a static KV cache (and CUDA graphs on CUDA) for one model.
+
+    Call `generate` with left-padded prompt ids; it refreshes its weight copy from the model first,
+    so it always samples from the model's current weights.
+    """
+
+    max_states = 4
+    """Shapes (batch bucket, cache length) whose buffers and graphs are kept (least recently used out)."""
+
+    def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True):
+        self.dtype, self.device = dtype, device
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.w = _Weights(model, dtype, device)
+        cfg = model.config
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[getattr(cfg, "hidden_act", "silu")]
+        self._rotary = _inner(model).rotary_emb
+        self._positions = max(int(getattr(cfg, "max_position_embeddings", 0) or 0), 64)
+        self.cos, self.sin = self._rope_table(self._positions)
+        self.states: dict[tuple[int, int], _State] = {}
+        self.pool = None
+        self._eos, self._pad = -1, -1
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [n, head_dim] from the model's own rotary module (any RoPE scaling it implements)."""
+        inv = getattr(self._rotary, "inv_freq", None)
+        probe_device = inv.device if inv is not None else torch.device("cpu")
+        x = torch.zeros(1, dtype=torch.float32, device=probe_device)
+        cos, sin = self._rotary(x, torch.arange(n, device=probe_device)[None])
+        return cos[0].to(self.device, self.dtype), sin[0].to(self.device, self.dtype)
+
+    def _layers(self, h: Tensor, pos: Tensor, write, keys, allowed: Tensor) -> Tensor:
+        """Run every layer on h [B, T, hidden] at positions pos [B, T]. `write(i, k, v)` stores the
+        new keys/values of layer i in the cache, `keys(i)` returns the (K, V) attended over
+        ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see."""
+        w = self.w
+        B, T, _ = h.shape
+        H, KV, D = w.n_heads, w.n_kv, w.head_dim
+        G = H // KV
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, D]
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=h.device).masked_fill_(~allowed, float("-inf"))
+        bias = bias[:, None, None]  # [B, 1, 1, T, S] against scores [B, KV, G, T, S]
+        for i in range(w.n_layers):
+            a = _rms_norm(h, w.get(i, "norm_in"), w.eps)
+            q, k, v = F.linear(a, w.get(i, "w_qkv"), w.get(i, "b_qkv")).split([H * D, KV * D, KV * D], -1)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, KV, D).transpose(1, 2)
+            v = v.view(B, T, KV, D).transpose(1, 2)
+            if w.get(i, "q_norm") is not None:
+                q, k = _rms_norm(q, w.get(i, "q_norm"), w.eps), _rms_norm(k, w.get(i, "k_norm"), w.eps)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            write(i, k, v)
+            K, V = keys(i)
+            # grouped-query attention without repeating K/V: query heads j*G..j*G+G-1 read kv head j
+            scores = torch.matmul(q.reshape(B, KV, G * T, D), K.transpose(-1, -2)).view(B, KV, G, T, -1)
+            probs = (scores.float() * D ** -0.5 + bias).softmax(-1).to(q.dtype)
+            o = torch.matmul(probs.view(B, KV, G * T, -1), V).view(B, H, T, D)
+            h = h + F.linear(o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
+            gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
+            h = h + F.linear(self.act(gate) * up, w.get(i, "w_down"))
+        return F.linear(_rms_norm(h, w.t["final_norm"], w.eps), self.w.lm_head).float()
+
+    def _prefill(self, st: _State, ids: Tensor, mask: Tensor) -> Tensor:
+        """Fill cache columns [0, P) from the prompts; logits [B, V] at the last prompt column."""
+        B, P = ids.shape
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        # a padding query sees itself, so that no row of the softmax is empty (its output is unused)
+        allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
+
+        def write(i, k, v):
+            st.k[i][:, :, :P].copy_(k)
+            st.v[i][:, :, :P].copy_(v)
+
+        logits = self._layers(self.w.t["embed"][ids], pos, write, lambda i: (st.k[i][:, :, :P], st.v[i][:, :, :P]),
+                              allowed)
+        return logits[:, -1]
+
+    def _step(self, st: _State, mode: str) -> None:
+        """One decode step on the state's buffers only (what a CUDA graph captures): write `tok` at
+        column `col`, sample the next token into out[:, t], advance the counters."""
+        st.valid.index_fill_(1, st.col, True)
+
+        def write(i, k, v):
+            st.k[i].index_copy_(2, st.col, k)
+            st.v[i].index_copy_(2, st.col, v)
+
+        logits = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
+                              lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1]
+        nxt = _sample(logits, mode, st.inv_temp, st.top_p)
+        nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
+        st.out.index_copy_(1, st.t, nxt[:, None])
+        st.done.logical_or_(nxt == self._eos)
+        st.tok.copy_(nxt)
+        st.pos.add_(1)
+        st.col.add_(1)
+        st.t.add_(1)
+
+    # -- state and graphs -----------------------------------------------------------------------
+    def _state(self, batch: int, length: int) -> _State:
+        key = (batch, length)
+        st = self.states.pop(key, None)
+        if st is None:
+            while len(self.states) >= self.max_states:
+                self.states.pop(next(iter(self.states)))
+            st = _State(self.w, batch, length, self.dtype, self.device)
+        self.states[key] = st  # most recently used last
+        return st
+
+    def _run_step(self, st: _State, mode: str) -> None:
+        if not self.cuda_graphs:
+            self._step(st, mode)
+            return
+        graph = st.graphs.get(mode)
+        if graph is None:
+            graph = self._capture(st, mode)
+        graph.replay()
+
+    def _capture(self, st: _State, mode: str):
+        """Capture one decode step (after two warm-up steps on a side stream, as CUDA graphs need).
+        Warm-up and capture move the counters and write the cache; `generate` re-initialises both
+        afterwards, so nothing of it reaches the output."""
+        st.col.zero_()
+        st.t.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(st, mode)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(st, mode)
+        st.graphs[mode] = graph
+        return graph
+
+    # -- public ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int,
+                 pad_id: int, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+        """Completion ids [N, C] (C <= max_new_tokens: the loop stops once every row emitted EOS;
+        after its EOS a row holds `pad_id`)."""
+        if (eos_id, pad_id) != (self._eos, self._pad):  # both are baked into captured graphs
+            self._eos, self._pad = eos_id, pad_id
+            self.states.clear()
+        self.w.sync(model)
+        N, P = prompt_ids.shape
+        need = P + max_new_tokens
+        if need > self._positions:
+            self._positions = need
+            self.cos, self.sin = self._rope_table(need)
+            self.states.clear()  # captured graphs read the old tables
+        if self.cuda_graphs:  # few distinct shapes, so that captured graphs are reused
+            B, L = max(8, 1 << (N - 1).bit_length()), -(-need // 64) * 64
+        else:
+            B, L = N, need
+        ids = torch.full((B, P), pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, P), dtype=torch.bool, device=self.device)
+        ids[:N], mask[:N] = prompt_ids.to(self.device), prompt_mask.to(self.device).bool()
+        mask[N:, -1] = True  # filler rows: one real token, outputs dropped
+        mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
+        st = self._state(B, L)
+        if self.cuda_graphs and mode not in st.graphs:
+            self._capture(st, mode)
+        st.inv_temp.fill_(1.0 / temperature)
+        st.top_p.fill_(top_p)
+        first = _sample(self._prefill(st, ids, mask), mode, st.inv_temp, st.top_p)
+        st.valid.zero_()
+        st.valid[:, :P] = mask
+        st.out.fill_(pad_id)
+        st.out[:, 0] = first
+        st.done.copy_(first == eos_id)
+        st.tok.copy_(first)
+        st.pos.copy_(mask.sum(-1))
+        st.col.fill_(P)
+        st.t.fill_(1)
+        produced = 1
+        while produced < max_new_tokens:
+            self._run_step(st, mode)
+            produced += 1
+            if produced % _STOP_CHECK_EVERY == 0 and bool(st.done[:N].all()):
+                break
+        return st.out[:N, :produced].clone()
+
+
+_ENGINES: "weakref.WeakKeyDictionary[object, DecodeEngine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool) -> DecodeEngine:
+    """The model's engine (built once per model object, dtype, device and graph setting)."""
+    eng = _ENGINES.get(model)
+    if eng is None or (eng.dtype, eng.device, eng.cuda_graphs) != (dtype, device, cuda_graphs and device.type == "cuda"):
+        eng = DecodeEngine(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs)
+        _ENGINES[model] = eng
+    return eng
