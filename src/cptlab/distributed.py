@@ -1,0 +1,252 @@
+"""Process-group plumbing for `torchrun --nproc_per_node N`: rank, sharding, gradient and stat reductions.
+
+Nothing here knows about methods. A run with no torchrun environment (or WORLD_SIZE=1) creates no
+process group and every function below is a no-op that returns its input, so the single-process
+path needs no branches.
+
+Group statistics. TRL's GRPOTrainer lets a prompt's G completions land on different processes, so it
+gathers every reward (`accelerator.gather`), normalises over the global batch and keeps its own
+`process_slice` of the advantages; verl's single controller computes advantages on the driver over
+the whole batch (grouped by uid) before dispatching chunks to workers. In cptlab a rank shards
+*prompts* and samples all G completions of each of its prompts itself, so group advantages (and SDPO's
+sibling demonstrations) are local and exact; only logging stats and token-mean normalisers need
+reductions across ranks.
+
+Loss normalisation. The gradient reduction averages over ranks, so a loss that is a mean over an equal
+number of items per rank needs nothing more: GRPO's "grpo" loss (mean over sequences, each with tokens)
+with the same number of sequences per rank. A loss that is `sum / count` where the count differs per
+rank (token means: "bnpo", SDPO, SFT) must be multiplied by `global_token_scale(count)` to equal the
+single-process loss over the union of all ranks' data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import UserError
+from .models import resolve_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    """Global rank (torchrun's RANK); 0 without torchrun."""
+    world_size: int
+    """Number of processes (WORLD_SIZE); 1 without torchrun."""
+    local_rank: int
+    """Rank on this host (LOCAL_RANK): picks the GPU, cuda:local_rank."""
+    device: torch.device
+    """This process's device for the model and batches."""
+    backend: str | None
+    """"nccl" on CUDA, "gloo" on CPU, None when no process group was created (world 1)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise UserError(f"environment variable {name} is missing: launch with torchrun, which sets "
+                            "RANK, WORLD_SIZE and LOCAL_RANK")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name} = {raw!r}: expected an integer") from None
+
+
+def init_from_env(device_pref: str = "auto", timeout_minutes: float = 60.0) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    device_pref is run.device: "auto" | "cpu" | "cuda". With CUDA the backend is nccl on
+    cuda:LOCAL_RANK, otherwise gloo. World 1 creates no group. timeout_minutes bounds how long ranks
+    wait in a collective, so it must cover rank 0 evaluating and checkpointing alone.
+    """
+    # Our GPU hosts need NVLink multicast off (NVLS in NCCL, multicast in symmetric memory).
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistInfo(0, 1, 0, resolve_device(device_pref), None)
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", rank)
+    device = resolve_device(device_pref)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK = {local_rank}: this host has {torch.cuda.device_count()} CUDA devices; "
+                            "use --nproc_per_node at most the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device,
+                                timeout=timedelta(minutes=timeout_minutes))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+    return DistInfo(rank, world, local_rank, device, dist.get_backend())
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on the rank that logs, evaluates and checkpoints."""
+    return rank() == 0
+
+
+def _comm_device() -> torch.device:
+    """Where small bookkeeping tensors must live for the backend: the current GPU for nccl."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous slice of `items`; every rank gets len(items) / world of them.
+
+    Equal slices keep the per-rank batches, and so the gradient average, balanced; all ranks draw the
+    same `items` (the sampler is deterministic), so no broadcast is needed.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"shard: rank {rank} is outside 0..{world - 1}")
+    n = len(items)
+    if n % world:
+        raise UserError(f"method.prompts_per_step: {n} items per step do not split evenly over {world} ranks; "
+                        f"use a multiple of {world} (or a different --nproc_per_node)")
+    per_rank = n // world
+    return items[rank * per_rank:(rank + 1) * per_rank]
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average .grad over ranks in place: one all-reduce per (device, dtype) of one flat buffer.
+
+    Use on an unwrapped model instead of DDP (the model stays a plain HF module, so generation and the
+    self-teacher call it directly). A missing grad counts as zeros so that every rank sends the same
+    buffer; a parameter keeps grad None only if it had none on every rank (so an optimizer skips it
+    the same way everywhere). Not for FSDP2 models: fully_shard reduces their gradients itself.
+    """
+    if not _active():
+        return
+    world = dist.get_world_size()
+    groups: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            groups.setdefault((str(p.device), p.dtype), []).append(p)
+    for (_, dtype), ps in groups.items():  # same parameter order on every rank, so same collective order
+        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps]
+                         + [torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=ps[0].device)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        has_grad = flat[-len(ps):] > 0
+        flat = flat[:-len(ps)].div_(world)
+        offset = 0
+        for p, any_grad in zip(ps, has_grad.tolist()):
+            reduced = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is not None:
+                p.grad.copy_(reduced)
+            elif any_grad:
+                p.grad = reduced.clone()
+
+
+def global_token_scale(local_tokens: Tensor | float) -> float:
+    """Factor W * n_r / sum_r n_r that turns a local `sum / n_r` loss into its share of the global one.
+
+    With S_r the local sum and N = sum_r n_r: (S_r / n_r) * W n_r / N = W S_r / N, and the rank average
+    that all_reduce_grads (or DDP, or FSDP2) takes gives sum_r S_r / N, the loss over all ranks' data.
+    Use it for token-mean losses (loss_type "bnpo", SDPO, SFT: pass mask.sum()), and for "grpo" when
+    some sequences have no counted token (pass the number of sequences that have one); a sequence-mean
+    loss over equal sequence counts per rank needs no rescale. "dr_grpo" (sum / (B * T)) matches the
+    single-process loss only if every rank pads to the same T (pass mask.numel()). The factor is
+    detached; multiply the loss by it before backward. Returns 0.0 if no rank has a token.
+    """
+    if not _active():
+        return 1.0
+    local = torch.as_tensor(local_tokens, dtype=torch.float64).detach().to(_comm_device()).reshape(())
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if float(total) == 0.0:
+        return 0.0
+    return float(dist.get_world_size() * local / total)
+
+
+def all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
+    """Mean over ranks of each logging stat (keys may differ: a key averages over the ranks that have it).
+
+    A mean of per-rank means: exact for per-rank totals divided by W and for quantities over equal
+    counts, approximate for token means with ragged counts (fine for logging).
+    """
+    if not _active():
+        return dict(stats)
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: float(v) for k, v in stats.items()})
+    out: dict[str, float] = {}
+    for key in stats.keys() | {k for g in gathered for k in g}:
+        values = [g[key] for g in gathered if key in g]
+        out[key] = sum(values) / len(values)
+    return out
+
+
+def all_gather_tensor(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's `tensor` along dim 0, in rank order (dim 0 may differ per rank).
+
+    For nccl the tensor must be on this rank's GPU. Rewards, lengths, correctness: all ranks get the
+    global vector.
+    """
+    if not _active():
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank src's `obj` (any picklable value) on every rank, e.g. a decision only rank 0 can make."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: keeps skip/raise decisions (nan loss) in step, so
+    no rank leaves a collective the others are waiting in."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

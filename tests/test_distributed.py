@@ -1,0 +1,186 @@
+"""cptlab.distributed on CPU: two gloo ranks spawned by torch.multiprocessing, checked against the
+single-process computation over the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from cptlab import distributed as D
+from cptlab.errors import UserError
+from cptlab.losses import masked_mean
+
+WORLD = 2
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, port: int, body) -> None:
+    """What torchrun would set, then init_from_env, then the check; exceptions reach the parent."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = D.init_from_env("cpu", timeout_minutes=1)
+    try:
+        assert (info.rank, info.world_size, info.backend, info.device.type) == (rank, WORLD, "gloo", "cpu")
+        assert D.rank() == rank and D.world_size() == WORLD and D.is_main() == (rank == 0)
+        body(info)
+    finally:
+        D.destroy()
+
+
+def _spawn(body) -> None:
+    mp.spawn(_entry, args=(_free_port(), body), nprocs=WORLD, join=True)
+
+
+class TwoDtypes(nn.Module):
+    """A float32 and a float64 layer (two reduction buffers), one layer only rank 0 uses, one unused."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(3, 2).double()
+        self.only_rank0 = nn.Linear(4, 2)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x, use_extra: bool):
+        out = self.b(torch.tanh(self.a(x)).double())
+        if use_extra:
+            out = out + self.only_rank0(x).double()
+        return out
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g, dtype=torch.float64)
+
+
+def _check_grads(info):
+    x, y = _batch()
+    # single process, whole batch; the rank-0-only layer sees only the first half's rows
+    full = TwoDtypes()
+    out = full(x, use_extra=False) + torch.cat([full.only_rank0(x[:4]), torch.zeros(4, 2)]).double()
+    ((out - y) ** 2).mean().backward()
+
+    local = TwoDtypes()
+    half = D.shard(list(range(8)), info.rank, info.world_size)
+    xs, ys = x[half], y[half]
+    ((local(xs, use_extra=info.rank == 0) - ys) ** 2).mean().backward()
+    D.all_reduce_grads(local.parameters())
+    for (name, p), q in zip(local.named_parameters(), full.parameters()):
+        if name.startswith("unused"):
+            assert p.grad is None and q.grad is None
+        else:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_all_reduce_grads_of_two_halves_equals_full_batch_gradient():
+    _spawn(_check_grads)
+
+
+def _token_loss(model, x, y, mask):
+    per_token = ((model(x) - y) ** 2).sum(-1)  # [B, T]
+    return masked_mean(per_token, mask)
+
+
+def _check_token_scale(info):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 5, 3, generator=g), torch.randn(4, 5, 2, generator=g)
+    lengths = torch.tensor([5, 4, 1, 0])  # rank 0 holds 9 tokens, rank 1 holds 1
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+
+    _token_loss(model, x, y, mask).backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+
+    rows = D.shard(list(range(4)), info.rank, info.world_size)
+    for scaled in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = _token_loss(model, x[rows], y[rows], mask[rows])
+        scale = D.global_token_scale(mask[rows].sum())
+        assert scale == pytest.approx(2 * (9 if info.rank == 0 else 1) / 10)
+        (loss * scale if scaled else loss).backward()
+        D.all_reduce_grads(model.parameters())
+        # the scaled losses average to the global token-mean loss too (what the trainer logs)
+        mean_loss = D.all_reduce_mean({"loss": float(loss * scale)})["loss"]
+        assert mean_loss == pytest.approx(float(_token_loss(model, x, y, mask)))
+        same = all(torch.allclose(p.grad, q) for p, q in zip(model.parameters(), full_grads))
+        assert same == scaled  # without the rescale the ragged split gets the wrong gradient
+
+    # no counted token on any rank: the factor is 0, not a division by zero
+    assert D.global_token_scale(torch.tensor(0.0)) == 0.0
+
+
+def test_global_token_scale_matches_full_batch_token_mean_with_ragged_masks():
+    _spawn(_check_token_scale)
+
+
+def _check_collectives(info):
+    r = info.rank
+    # ragged dim 0: rank 0 has 3 rewards, rank 1 has 1
+    rewards = torch.tensor([0.0, 1.0, 0.5]) if r == 0 else torch.tensor([1.0])
+    assert D.all_gather_tensor(rewards).tolist() == [0.0, 1.0, 0.5, 1.0]
+    assert D.all_gather_tensor(torch.full((2, 3), float(r))).tolist() == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
+    assert D.broadcast_object({"stop": r == 0} if r == 0 else None) == {"stop": True}
+    assert D.broadcast_object(f"from {r}", src=1) == "from 1"
+    stats = {"reward": float(r), "only_here": 7.0} if r == 0 else {"reward": 3.0}
+    assert D.all_reduce_mean(stats) == {"reward": 1.5, "only_here": 7.0}
+    assert D.any_rank(r == 1) is True and D.any_rank(False) is False
+    D.barrier()
+
+
+def test_gather_broadcast_mean_and_any_rank_across_two_ranks():
+    _spawn(_check_collectives)
+
+
+def test_shard_splits_evenly_and_names_the_field_when_it_cannot():
+    items = list(range(8))
+    parts = [D.shard(items, r, 4) for r in range(4)]
+    assert parts == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert D.shard(items, 0, 1) == items
+    with pytest.raises(UserError) as err:
+        D.shard(list(range(6)), 0, 4)
+    message = str(err.value)
+    assert "method.prompts_per_step" in message and "6" in message and "4 ranks" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="rank 4"):
+        D.shard(items, 4, 4)
+
+
+def test_world_of_one_creates_no_group_and_every_call_is_a_no_op(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    info = D.init_from_env("cpu")
+    assert (info.rank, info.world_size, info.local_rank, info.backend, info.is_main) == (0, 1, 0, None, True)
+    assert info.device == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0" and os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
+
+    layer = nn.Linear(2, 2)
+    layer(torch.ones(1, 2)).sum().backward()
+    before = [p.grad.clone() for p in layer.parameters()]
+    D.all_reduce_grads(layer.parameters())
+    assert all(torch.equal(p.grad, b) for p, b in zip(layer.parameters(), before))
+    rewards = torch.tensor([1.0, 0.0])
+    assert D.all_gather_tensor(rewards) is rewards
+    assert D.all_reduce_mean({"loss": 2.0}) == {"loss": 2.0}
+    assert D.global_token_scale(torch.tensor(5.0)) == 1.0
+    assert D.broadcast_object([1, 2]) == [1, 2]
+    assert D.any_rank(True) is True
+    D.barrier()
+    D.destroy()
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: still no group
+    assert D.init_from_env("cpu").backend is None and not torch.distributed.is_initialized()
