@@ -184,3 +184,40 @@ def test_world_of_one_creates_no_group_and_every_call_is_a_no_op(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: still no group
     assert D.init_from_env("cpu").backend is None and not torch.distributed.is_initialized()
+
+
+def test_prompts_per_step_must_split_over_the_ranks():
+    from cptlab.config import load_config
+    from cptlab.continual import check_world_size
+    from cptlab.errors import ConfigError
+
+    cfg = load_config("smoke", ["method.prompts_per_step=3"])
+    check_world_size(cfg, 1)
+    check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.method\.prompts_per_step.*2 torchrun ranks"):
+        check_world_size(cfg, 2)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_one_run(tmp_path):
+    """`torchrun --nproc_per_node 2 -m cptlab run smoke`: rank 0 alone writes the run directory, every
+    step is logged once, every evaluation once per domain, and a checkpoint is there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "cptlab", "run", "smoke", "--out", str(out), "run.report=false", "eval.drift=false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run written to") == 1  # the other rank's console is quiet
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert [(r["stage"], r["step"]) for r in train] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    evals = [(r["stage"], r["step"], r["domain"]) for r in records if r["event"] == "eval"]
+    assert len(evals) == len(set(evals)) > 0
+    assert sum(r["event"] == "run_end" for r in records) == 1
+    assert any((out / "checkpoints").iterdir())

@@ -72,7 +72,9 @@ def run(
         preset, overrides = _split_args(args)
         cfg = load_config(preset, overrides)
         root = run_continual(cfg, out_dir=out, overwrite=overwrite)
-    print(f"run written to {root}")
+    from .ui import console
+
+    console.print(f"run written to {root}", markup=False)
 
 
 @app.command("eval")

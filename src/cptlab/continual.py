@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
 from .errors import NumericalFault, UserError
@@ -20,7 +21,7 @@ from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext
 from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
 from .optim import make_optimizer
-from .store import RunStore
+from .store import FollowerStore, RunStore
 from .teacher import Teacher
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
@@ -61,12 +62,23 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 class Driver:
-    """Holds the run's pieces; `run()` is the stage loop."""
+    """Holds the run's pieces; `run()` is the stage loop.
 
-    def __init__(self, cfg: Config, store: RunStore):
+    Under torchrun every rank trains on its slice of each step's prompts (trainer.py); rank 0 alone
+    evaluates, logs and checkpoints while the others wait at a barrier (the weights are identical on
+    every rank after each step's gradient all-reduce)."""
+
+    def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
         self.cfg, self.store = cfg, store
-        self.device = resolve_device(cfg.run.device)
+        self.info = info or dist.DistInfo(0, 1, 0, resolve_device(cfg.run.device), None)
+        self.device = self.info.device
         self.domains = eval_domains(cfg)
+
+    def main_only(self, fn, *args, **kwargs):
+        """Run fn on rank 0, then hold every rank at a barrier; returns fn's result on rank 0, else None."""
+        result = fn(*args, **kwargs) if self.info.is_main else None
+        dist.barrier()
+        return result
 
     # -- evaluation and checkpoints -----------------------------------------------------------
     def evaluate(self, stage: int, stage_name: str, step: int, global_step: int, final: bool) -> dict:
@@ -83,6 +95,12 @@ class Driver:
         if final:
             console.print(eval_table(f"after stage {stage} ({stage_name})", {n: r.metrics() for n, r in results.items()}))
         return results
+
+    def evaluate_and_drift(self, stage: int, stage_name: str, step: int, global_step: int) -> None:
+        """The stage-end evaluation of every domain, then the drift record."""
+        results = self.evaluate(stage, stage_name, step, global_step, final=True)
+        if self.cfg.eval.drift:
+            self.log_drift(stage, global_step, results)
 
     def log_drift(self, stage: int, global_step: int, results: dict) -> None:
         """Parameter drift vs base and previous stage, response drift on a probe set, artifact rates."""
@@ -117,9 +135,13 @@ class Driver:
     def setup(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
-        self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
-        if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
-            save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+        if self.info.is_main:  # other ranks load what rank 0 built or found (run_dir/base), once it is there
+            self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
+            if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
+                save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+        dist.barrier()
+        if not self.info.is_main:
+            self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
         self.model = apply_lora(self.model, cfg.model.lora)
         self.model.eval()
         self.base = base_reference(self.model)
@@ -145,10 +167,8 @@ class Driver:
             store.log("run_start", name=cfg.run.name, base=state["base_info"], domains=self.domains,
                       stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
                               for i, s in enumerate(cfg.stages)])
-            results = self.evaluate(0, "base", 0, 0, final=True)
-            if cfg.eval.drift:
-                self.log_drift(0, 0, results)
-            self.checkpoint(0, 0, 0, done=True)
+            self.main_only(self.evaluate_and_drift, 0, "base", 0, 0)
+            self.main_only(self.checkpoint, 0, 0, 0, done=True)
             state.update(stage=0, stage_done=True)
         global_step = state["global_step"]
         for index, stage in enumerate(cfg.stages, start=1):
@@ -180,9 +200,9 @@ class Driver:
             if step_done >= stage.steps:
                 return
             if cfg.eval.every and step_done % cfg.eval.every == 0:
-                self.evaluate(index, stage.domain, step_done, gstep, final=False)
+                self.main_only(self.evaluate, index, stage.domain, step_done, gstep, final=False)
             if cfg.run.checkpoint_every and step_done % cfg.run.checkpoint_every == 0:
-                self.checkpoint(index, step_done, gstep, False, optimizer, teacher)
+                self.main_only(self.checkpoint, index, step_done, gstep, False, optimizer, teacher)
 
         run = StageRun(index, stage, mcfg, self.model, optimizer, ctx, sampler, cfg.run.seed, self.store.log,
                        on_step_end)
@@ -191,12 +211,10 @@ class Driver:
         except NumericalFault as fault:
             self.store.log("fault", stage=index, action="stopped", reason=str(fault), global_step=global_step)
             raise
-        results = self.evaluate(index, stage.domain, stage.steps, global_step, final=True)
-        if cfg.eval.drift:
-            self.log_drift(index, global_step, results)
+        self.main_only(self.evaluate_and_drift, index, stage.domain, stage.steps, global_step)
         self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
                        global_step=global_step, seconds=time.perf_counter() - t0)
-        self.checkpoint(index, stage.steps, global_step, True)
+        self.main_only(self.checkpoint, index, stage.steps, global_step, True)
         return global_step
 
 
@@ -212,22 +230,65 @@ def open_run(cfg: Config | None, *, out_dir: str | None = None, resume: str | No
     return cfg, RunStore.create(root, to_dict(cfg), overwrite=overwrite)
 
 
+def check_world_size(cfg: Config, world: int) -> None:
+    """Every stage's prompts per step must split evenly over the torchrun ranks."""
+    from .errors import ConfigError
+    from .methods import examples_per_step
+
+    for i, stage in enumerate(cfg.stages):
+        m = stage_method(cfg, stage, i)
+        n = examples_per_step(m, cfg.rollout.group_size)
+        if n % world:
+            raise ConfigError(f"stages[{i}].method.prompts_per_step", m.prompts_per_step,
+                              f"a multiple of the {world} torchrun ranks ({n} examples per step do not split evenly)")
+
+
+def _open_distributed(cfg: Config | None, out_dir, resume, overwrite) -> tuple[Config, RunStore, dist.DistInfo]:
+    """Start the process group (a no-op without torchrun), then let rank 0 create or open the run
+    directory; the other ranks open it read-only once it exists. A refusal on rank 0 (existing
+    directory, bad checkpoint...) reaches every rank, so none is left waiting."""
+    pref = cfg.run.device if cfg is not None else from_dict(Config, RunStore.open(Path(resume)).read_config()).run.device
+    info = dist.init_from_env(pref)
+    store, root, error = None, None, None
+    if info.is_main:
+        try:
+            cfg, store = open_run(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite)
+            root = str(store.root)
+        except UserError as e:
+            error = e
+    root, message = dist.broadcast_object((root, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    if not info.is_main:
+        store = FollowerStore.open(Path(root))
+        cfg = from_dict(Config, store.read_config())
+        validate(cfg)
+    check_world_size(cfg, info.world_size)
+    return cfg, store, info
+
+
 def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
                   overwrite: bool = False) -> Path:
-    """Run (or resume) a continual study; returns the run directory. Writes summary.json and report.html."""
-    cfg, store = open_run(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite)
+    """Run (or resume) a continual study; returns the run directory. Writes summary.json and report.html.
+    Under `torchrun --nproc_per_node N` the ranks split each step's prompts (see Driver)."""
+    cfg, store, info = _open_distributed(cfg, out_dir, resume, overwrite)
     try:
         try:
-            Driver(cfg, store).run()
+            Driver(cfg, store, info).run()
         except BaseException:
             try:  # the summary and report of what is on disk, without masking the original error
-                finish(cfg, store)
+                if info.is_main:
+                    finish(cfg, store)
             except Exception:
                 pass
             raise
-        finish(cfg, store)
+        if info.is_main:
+            finish(cfg, store)
     finally:
         store.close()
+        dist.destroy()
     return store.root
 
 

@@ -286,3 +286,20 @@ class RunStore:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.checkpoint_dirs()[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class FollowerStore(RunStore):
+    """A non-main rank's view of the run directory under torchrun: it reads (config, checkpoints) but
+    never writes; rank 0 owns every file."""
+
+    def log(self, event: str, **fields: Any) -> dict:
+        return {"event": event, **fields}
+
+    def truncate_metrics(self, keep_lines: int) -> None:
+        self.metrics_lines = keep_lines
+
+    def write_samples(self, tag: str, samples: dict[str, list[dict]]) -> None:
+        pass
+
+    def write_json(self, name: str, obj: Any) -> None:
+        pass

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import distributed as dist
 from .config import MethodConfig, StageConfig
 from .errors import NumericalFault
 from .methods import METHODS, MethodContext, examples_per_step
@@ -60,18 +61,22 @@ class StageRun:
 def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]:
     """Backward of the batch's loss, in micro-batches of `micro_batch_size` rows (0: all at once) whose
     losses are weighted by their share of the loss's units (sequences or tokens, `loss_units`), so the
-    accumulated gradient is the whole batch's. Returns the loss value and the stats, weighted alike.
-    Raises NumericalFault on a nan/inf loss before anything is stepped."""
+    accumulated gradient is the whole batch's. Under torchrun the local batch's share of the global
+    units scales it too (`global_token_scale`): after the gradient all-reduce it is the gradient of
+    the loss over all ranks' data. Returns the loss value and the stats, weighted alike. Raises
+    NumericalFault on a nan/inf loss (on any rank) before anything is stepped."""
     n = len(batch)
     size = n if micro_batch_size <= 0 else min(micro_batch_size, n)
-    total = method.loss_units(batch) if size < n else 1.0
+    local = method.loss_units(batch) if (size < n or dist.world_size() > 1) else 1.0
+    scale = dist.global_token_scale(local)
     loss_value, stats = 0.0, {}
     for start in range(0, n, size):
         part = batch if size == n else batch.select(slice(start, start + size))
         loss, part_stats = method.loss(model, part)
-        if not torch.isfinite(loss):
-            raise NumericalFault(f"loss is {float(loss)}")
-        weight = 1.0 if size == n else (method.loss_units(part) / total if total > 0 else size / n)
+        if dist.any_rank(not bool(torch.isfinite(loss))):
+            raise NumericalFault(f"loss is {float(loss)}" if not torch.isfinite(loss) else "loss is nan/inf on another rank")
+        share = 1.0 if size == n else (method.loss_units(part) / local if local > 0 else size / n)
+        weight = share * scale
         (loss * weight).backward()
         loss_value += float(loss.detach()) * weight
         for k, v in part_stats.items():
@@ -84,6 +89,7 @@ def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_cli
     the stats; raises NumericalFault before stepping on a nan/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
     loss, stats = backward()
+    dist.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
@@ -103,8 +109,10 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
         advance(start_step)
         for step in range(start_step, stage.steps):
             t0 = time.perf_counter()
-            examples = run.sampler.batch(step, n_examples)
-            batch = method.make_batch(run.model, examples, seed=derive_seed(run.seed, run.index, step, "rollout"))
+            # every rank draws the same prompts and keeps its own slice (all G samples of a prompt stay together)
+            examples = dist.shard(run.sampler.batch(step, n_examples), dist.rank(), dist.world_size())
+            rollout_seed = derive_seed(run.seed, run.index, step, "rollout", *([dist.rank()] if dist.rank() else []))
+            batch = method.make_batch(run.model, examples, seed=rollout_seed)
             t_rollout = time.perf_counter() - t0
             stats: dict = {}
             for update in range(m.updates_per_batch):
@@ -127,11 +135,12 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                 stats["loss"] = loss
             global_step += 1
             dt = time.perf_counter() - t0
-            tokens = float(batch.rollout.completion_mask.sum())
+            tokens = float(batch.rollout.completion_mask.sum()) * dist.world_size()
+            stats = dist.all_reduce_mean({**batch.stats, **stats})  # ranks' means (a collective: all call it)
             run.log("train", stage=run.index, domain=stage.domain, method=m.name, step=step + 1,
-                    global_step=global_step, lr=run.optimizer.param_groups[0]["lr"], **batch.stats, **stats,
+                    global_step=global_step, lr=run.optimizer.param_groups[0]["lr"], **stats,
                     skipped_batches=skipped, step_seconds=dt, rollout_seconds=t_rollout, tokens_per_second=tokens / dt)
-            advance(info=f"reward {batch.stats.get('reward', float('nan')):.2f} loss {stats.get('loss', float('nan')):.3f}")
+            advance(info=f"reward {stats.get('reward', float('nan')):.2f} loss {stats.get('loss', float('nan')):.3f}")
             run.on_step_end(step + 1, global_step)
     run.model.eval()
     return global_step

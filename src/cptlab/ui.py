@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -10,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 # emoji=False: rich would turn ":smile:" in model text into an emoji, and escape() does not prevent it
-console = Console(stderr=False, highlight=False, emoji=False)
+# under torchrun only rank 0 talks; the other ranks' consoles are quiet
+console = Console(stderr=False, highlight=False, emoji=False, quiet=os.environ.get("RANK", "0") not in ("", "0"))
 
 
 def safe_text(text: str) -> str:
