@@ -109,3 +109,18 @@ def test_unsupported_architecture_falls_back_or_is_refused(tokenizer):
     with pytest.raises(ConfigError, match="rollout.engine"):
         use_fast_engine(gpt2, "fast")
     assert unsupported_reason(noisy_model(tokenizer)) is None and use_fast_engine(noisy_model(tokenizer), "auto")
+
+
+def test_lora_model_samples_from_merged_weights(tokenizer):
+    from cptlab.config import LoraConfig
+    from cptlab.lora import apply_lora
+
+    m = apply_lora(noisy_model(tokenizer), LoraConfig(rank=4), seed=0)
+    with torch.no_grad():  # non-zero adapters (B starts at zero)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    plain = generate(m, tokenizer, PROMPTS, max_new_tokens=24, greedy=True, engine="plain")
+    fast = generate(m, tokenizer, PROMPTS, max_new_tokens=24, greedy=True, engine="fast")
+    base = generate(noisy_model(tokenizer), tokenizer, PROMPTS, max_new_tokens=24, greedy=True, engine="plain")
+    assert fast.texts == plain.texts and fast.texts != base.texts

@@ -15,12 +15,14 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError
+from .lora import checkpoint_state_dict, is_adapter_key, is_peft_model
 from .store import RunStore, file_digest, write_synced
 
 
 def _state_for_file(model) -> dict[str, torch.Tensor]:
-    # tied embeddings share storage; safetensors refuses shared tensors, so store contiguous clones
-    return {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    # tied embeddings share storage; safetensors refuses shared tensors, so store contiguous clones.
+    # A LoRA model stores its adapters only (see lora.checkpoint_state_dict).
+    return {k: v.detach().contiguous().clone().cpu() for k, v in checkpoint_state_dict(model).items()}
 
 
 def _save_rng(path: Path) -> None:
@@ -56,8 +58,7 @@ def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=Non
     try:
         write_synced(tmp / "model.safetensors", save(_state_for_file(model)))
         if teacher is not None and teacher.state_dict() is not None:
-            write_synced(tmp / "teacher.safetensors",
-                         save({k: v.detach().contiguous().clone().cpu() for k, v in teacher.state_dict().items()}))
+            write_synced(tmp / "teacher.safetensors", save(_state_for_file(teacher.copy)))
         if optimizer is not None:
             buf = io.BytesIO()
             torch.save(optimizer.state_dict(), buf)
@@ -111,6 +112,8 @@ def load_weights(path: Path, model, name: str = "model.safetensors") -> None:
         raise UserError(f"checkpoint '{path}': {name} is unreadable ({str(e).splitlines()[0][:120]})") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if is_peft_model(model):  # adapters-only checkpoint: the frozen base weights are already loaded
+        missing = [k for k in missing if is_adapter_key(k)]
     if missing or unexpected:
         raise UserError(f"checkpoint '{path}': {name} does not match the model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

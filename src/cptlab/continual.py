@@ -142,7 +142,7 @@ class Driver:
         dist.barrier()
         if not self.info.is_main:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
-        self.model = apply_lora(self.model, cfg.model.lora)
+        self.model = apply_lora(self.model, cfg.model.lora, seed=cfg.run.seed)
         self.model.eval()
         self.base = base_reference(self.model)
         self.base_state = snapshot(self.base)

@@ -8,12 +8,12 @@ completion is then scored token by token under that context.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from .config import PromptConfig, SDPOConfig
+from .lora import copy_sharing_base_weights
 from .prompts import teacher_prompt
 from .tasks import Example, Verdict
 from .tasks.answer import format_answer
@@ -83,9 +83,11 @@ class Teacher:
         self.student = student
         self.copy = None
         if mode in ("ema", "frozen", "trust_region"):
-            source = base if (frozen_source == "base" and base is not None and mode != "ema") else student
-            self.copy = copy.deepcopy(source).eval()
-            self.copy.requires_grad_(False)
+            if frozen_source == "base" and base is not None and mode != "ema":
+                self.copy = base  # already a frozen eval-mode reference: no second copy
+            else:  # with LoRA only the adapters are copied; the frozen base weights are shared
+                self.copy = copy_sharing_base_weights(student).eval()
+                self.copy.requires_grad_(False)
 
     @torch.no_grad()
     def logits(self, forward) -> torch.Tensor:
@@ -115,6 +117,7 @@ class Teacher:
 def ema_update(teacher, student, rate: float) -> None:
     """theta_T <- (1 - rate) * theta_T + rate * theta_S, parameter by parameter (buffers copied)."""
     for t, s in zip(teacher.parameters(), student.parameters()):
-        t.lerp_(s.detach().to(t.dtype), rate)
+        if t is not s:  # LoRA copies share the frozen base weights with the student
+            t.lerp_(s.detach().to(t.dtype), rate)
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)

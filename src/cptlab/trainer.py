@@ -89,8 +89,9 @@ def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_cli
     the stats; raises NumericalFault before stepping on a nan/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
     loss, stats = backward()
-    dist.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dist.all_reduce_grads(trainable)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NumericalFault(f"gradient norm is {grad_norm}")

@@ -78,6 +78,7 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
             optimizer.step()
             losses.append(loss.item())
             advance(info=f"loss {losses[-1]:.3f}")
+    model.zero_grad(set_to_none=True)  # no stale gradients on weights that LoRA later freezes
     model.eval()
     return losses
 
