@@ -124,3 +124,23 @@ def test_lora_model_samples_from_merged_weights(tokenizer):
     fast = generate(m, tokenizer, PROMPTS, max_new_tokens=24, greedy=True, engine="fast")
     base = generate(noisy_model(tokenizer), tokenizer, PROMPTS, max_new_tokens=24, greedy=True, engine="plain")
     assert fast.texts == plain.texts and fast.texts != base.texts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_cuda_graph_engine_matches_plain_on_gpu(tokenizer, arch):
+    """On CUDA, in float32: the captured-graph decode loop gives transformers.generate's greedy tokens,
+    across two calls of different batch and prompt shapes (graphs and buffers reused or re-made)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = noisy_model(tokenizer, arch).cuda()
+    eng = DecodeEngine(m, dtype=torch.float32, device=torch.device("cuda"), cuda_graphs=True)
+    for prompts in (PROMPTS * 2, PROMPTS[:3] * 5, PROMPTS * 2):
+        ids, mask = encode_prompts(tokenizer, prompts, torch.device("cuda"))
+        fast = eng.generate(m, ids, mask, max_new_tokens=30, eos_id=tokenizer.eos_token_id,
+                            pad_id=tokenizer.pad_token_id, greedy=True)
+        with torch.no_grad():  # transformers.generate in float32 (rollout.generate would autocast to bf16)
+            plain = m.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=30,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+        width = min(fast.shape[1], plain.shape[1])
+        assert width > 5 and torch.equal(fast[:, :width].cpu(), plain[:, :width].cpu())
+    assert eng.cuda_graphs and any(st.graphs for st in eng.states.values())

@@ -46,14 +46,19 @@ def _inner(model):
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # as the HF RMSNorm: normalise in float32, scale in the activation dtype
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+    # one fused kernel; it accumulates in float32 whatever the activation dtype
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """RoPE as x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, D/2) * sin_signed
+    (sin_signed = [-sin_1, sin_2]): three kernels for q and k together."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+def _linear_residual(h: Tensor, a: Tensor, weight: Tensor) -> Tensor:
+    """h + a @ weight.T in one matrix-product kernel (beta = 1 accumulation)."""
+    return torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), weight.t()).view(h.shape)
 
 
 def _fused(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
@@ -174,42 +179,51 @@ class DecodeEngine:
 
     # -- pieces --------------------------------------------------------------------------------
     def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
-        """cos/sin [n, head_dim] from the model's own rotary module (any RoPE scaling it implements)."""
+        """cos and signed sin [n, head_dim] (see _rotate) from the model's own rotary module, so any
+        RoPE scaling it implements is used as is."""
         inv = getattr(self._rotary, "inv_freq", None)
         probe_device = inv.device if inv is not None else torch.device("cpu")
         x = torch.zeros(1, dtype=torch.float32, device=probe_device)
         cos, sin = self._rotary(x, torch.arange(n, device=probe_device)[None])
-        return cos[0].to(self.device, self.dtype), sin[0].to(self.device, self.dtype)
+        cos, sin = cos[0], sin[0]
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def _layers(self, h: Tensor, pos: Tensor, write, keys, allowed: Tensor) -> Tensor:
         """Run every layer on h [B, T, hidden] at positions pos [B, T]. `write(i, k, v)` stores the
         new keys/values of layer i in the cache, `keys(i)` returns the (K, V) attended over
-        ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see."""
+        ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see.
+
+        Written for few kernels per layer (the decode step is bound by launches): fused norms, q and k
+        rotated together, attention as baddbmm (mask + scaled scores in one kernel) -> softmax -> bmm
+        with grouped-query heads read without repeating K/V, residual adds folded into addmm."""
         w = self.w
         B, T, _ = h.shape
         H, KV, D = w.n_heads, w.n_kv, w.head_dim
-        G = H // KV
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, D]
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=h.device).masked_fill_(~allowed, float("-inf"))
-        bias = bias[:, None, None]  # [B, 1, 1, T, S] against scores [B, KV, G, T, S]
+        G, S = H // KV, allowed.shape[-1]
+        cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # [B, T, 1, D]
+        # additive mask per (row, kv head) batch entry: [B * KV, G * T, S]
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+        bias = bias[:, None, None].expand(B, KV, G, T, S).reshape(B * KV, G * T, S)
         for i in range(w.n_layers):
             a = _rms_norm(h, w.get(i, "norm_in"), w.eps)
-            q, k, v = F.linear(a, w.get(i, "w_qkv"), w.get(i, "b_qkv")).split([H * D, KV * D, KV * D], -1)
-            q = q.view(B, T, H, D).transpose(1, 2)
-            k = k.view(B, T, KV, D).transpose(1, 2)
-            v = v.view(B, T, KV, D).transpose(1, 2)
+            qkv = F.linear(a, w.get(i, "w_qkv"), w.get(i, "b_qkv")).view(B, T, H + 2 * KV, D)
+            qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
             if w.get(i, "q_norm") is not None:
-                q, k = _rms_norm(q, w.get(i, "q_norm"), w.eps), _rms_norm(k, w.get(i, "k_norm"), w.eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            write(i, k, v)
+                qk = torch.cat([_rms_norm(qk[:, :, :H], w.get(i, "q_norm"), w.eps),
+                                _rms_norm(qk[:, :, H:], w.get(i, "k_norm"), w.eps)], dim=2)
+            qk = _rotate(qk, cos, sin)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, D]
+            write(i, k, v.transpose(1, 2))
             K, V = keys(i)
-            # grouped-query attention without repeating K/V: query heads j*G..j*G+G-1 read kv head j
-            scores = torch.matmul(q.reshape(B, KV, G * T, D), K.transpose(-1, -2)).view(B, KV, G, T, -1)
-            probs = (scores.float() * D ** -0.5 + bias).softmax(-1).to(q.dtype)
-            o = torch.matmul(probs.view(B, KV, G * T, -1), V).view(B, H, T, D)
-            h = h + F.linear(o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
+            # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
+            qg = q.reshape(B * KV, G * T, D)
+            scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)
+            o = torch.bmm(scores.softmax(-1), V.reshape(B * KV, -1, D)).view(B, H, T, D)
+            h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
             gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
-            h = h + F.linear(self.act(gate) * up, w.get(i, "w_down"))
+            h = _linear_residual(h, self.act(gate) * up, w.get(i, "w_down"))
         return F.linear(_rms_norm(h, w.t["final_norm"], w.eps), self.w.lm_head).float()
 
     def _prefill(self, st: _State, ids: Tensor, mask: Tensor) -> Tensor:
