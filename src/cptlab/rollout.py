@@ -148,7 +148,8 @@ def _concat(chunks, tokenizer, eos_id: int, pad_id: int) -> Rollout:
     if pad_id != eos_id:
         comp_mask = comp_mask * (comp != pad_id).float()
     # no column of padding only: every training forward is as wide as the longest completion
-    width = max(1, int(comp_mask.sum(-1).max()))
+    used = (comp_mask.sum(0) > 0).nonzero()  # last column any row still counts (not the longest count:
+    width = int(used.max()) + 1 if used.numel() else 1  # a masked-out pad mid-completion keeps its column)
     comp, comp_mask = comp[:, :width], comp_mask[:, :width]
     comp = torch.where(comp_mask > 0, comp, torch.full_like(comp, pad_id))
     return Rollout(prompt_ids, prompt_mask, comp, comp_mask, _decode(tokenizer, comp, comp_mask, eos_id))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import NumericalFault
 from .losses import sft_loss
 from .optim import lr_factor, make_optimizer, set_lr
 from .prompts import student_prompt, teacher_prompt
@@ -72,6 +73,9 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
             logprobs = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
                                            ro.completion_mask, batch_size=len(batch))
             loss, _ = sft_loss(logprobs, ro.completion_mask)
+            if not torch.isfinite(loss):  # never cache (or train from) a broken base model
+                raise NumericalFault(f"warm-up step {step + 1} of {w.steps}: loss is {float(loss)} "
+                                     f"(lower warmup.lr, now {w.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
