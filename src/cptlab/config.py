@@ -49,8 +49,13 @@ class ModelConfig:
     intermediate_size: int = 288
     max_positions: int = 256
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights' storage dtype. 'auto': float32 weights, forwards under bfloat16 autocast on CUDA (mixed
-    precision); 'bfloat16' halves weight memory but AdamW then updates bfloat16 weights."""
+    """Weights' storage dtype. 'auto': float32 weights (AdamW's small updates survive), forwards computed
+    in `compute_dtype`; 'bfloat16' halves weight memory but AdamW then updates bfloat16 weights."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the forwards on CUDA (autocast) and of the fast engine's weight copy; CPU computes in the
+    weights' dtype. 'auto': bfloat16 for models of 10M parameters or more, float32 below: small models
+    are bound by kernel launches, not FLOPs, and the tiny model's warm-up (lr 4e-3) diverged under
+    bfloat16 autocast (nan loss at step 353 on an H100), while it trains in float32."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the directory's code."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -48,24 +48,32 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / total.clamp(min=torch.finfo(x.dtype).tiny)
 
 
+_GATHER_CHUNK_ELEMENTS = 1 << 26
+"""Upper bound on the elements of one log-softmax temporary in gather_logprobs (256 MB in float32)."""
+
+
 def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log softmax(logits)[token] for each position: logits [B, T, V], tokens [B, T] -> [B, T].
 
-    log p(y_t) = z_{y_t} - logsumexp_v z_v, one sequence at a time, so the largest temporary is
-    [T, V] instead of a full [B, T, V] log-softmax. Half-precision logits are upcast per sequence
-    and the result is float32. Divide logits by the sampling temperature before calling.
+    log p(y_t) = z_{y_t} - logsumexp_v z_v, over as many sequences at once as keep the temporary under
+    _GATHER_CHUNK_ELEMENTS (all of them for a small vocabulary: one kernel each instead of a Python loop
+    per sequence; one sequence at a time for a 150k vocabulary and long completions). Half-precision
+    logits are upcast per chunk and the result is float32. Divide logits by the sampling temperature
+    before calling.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} + (V,)")
     dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     if logits.shape[0] == 0:
         return logits.new_zeros(tokens.shape, dtype=dtype)
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        row_logits = row_logits.to(dtype)
-        picked = row_logits.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+    per_row = max(1, logits[0].numel())
+    step = max(1, _GATHER_CHUNK_ELEMENTS // per_row)
+    parts = []
+    for start in range(0, logits.shape[0], step):
+        chunk = logits[start:start + step].to(dtype)
+        picked = chunk.gather(-1, tokens[start:start + step].long().unsqueeze(-1)).squeeze(-1)
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def token_entropy(logits: Tensor) -> Tensor:

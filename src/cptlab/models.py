@@ -25,10 +25,31 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Dtype the weights are stored (and optimised) in. 'auto' is float32: on CUDA the forwards run
-    under bfloat16 autocast (rollout.autocast) and the fast engine samples from a bfloat16 copy, while
+    in `compute_dtype` (rollout.autocast) and the fast engine samples from a copy in that dtype, while
     AdamW updates float32 weights (lr 3e-5 steps vanish in bfloat16's 8-bit mantissa)."""
     if name == "auto":
         return torch.float32
+    return getattr(torch, name)
+
+
+AUTO_BF16_MIN_PARAMETERS = 10_000_000
+"""compute_dtype 'auto': models this large compute in bfloat16 on CUDA."""
+
+
+def set_compute_dtype(model, name: str) -> None:
+    """Record model.compute_dtype on the model (copies of it, teachers and references, inherit it)."""
+    model.cptlab_compute_dtype = name
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype `model`'s forwards and rollouts compute in (see ModelConfig.compute_dtype)."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return param.dtype
+    name = getattr(model, "cptlab_compute_dtype", "auto")
+    if name == "auto":
+        big = sum(p.numel() for p in model.parameters()) >= AUTO_BF16_MIN_PARAMETERS
+        return torch.bfloat16 if big else torch.float32
     return getattr(torch, name)
 
 
@@ -64,6 +85,7 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(hf_config)
+    set_compute_dtype(model, cfg.compute_dtype)
     return model
 
 
@@ -113,6 +135,7 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    set_compute_dtype(model, cfg.compute_dtype)
     return model.to(device), tokenizer
 
 

@@ -77,12 +77,17 @@ def use_fast_engine(model, engine: str) -> bool:
     return reason is None
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (weights stay float32 for the optimizer); nothing on CPU."""
+def autocast(model):
+    """Autocast to the model's compute dtype on CUDA (weights stay float32 for the optimizer); nothing
+    on CPU or where the compute dtype is the weights' own."""
     import contextlib
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    from .models import compute_dtype
+
+    param = next(model.parameters())
+    dtype = compute_dtype(model)
+    if param.device.type == "cuda" and dtype != param.dtype:
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -103,8 +108,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, greed
     if use_fast_engine(model, engine):
         from .engine import engine_for
 
-        dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-        fast = engine_for(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs)
+        from .models import compute_dtype
+
+        fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=cuda_graphs)
 
         def sample(ids, mask):
             return fast.generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
@@ -118,7 +124,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, greed
             pad_token_id=pad_id, bos_token_id=None)
 
         def sample(ids, mask):
-            with autocast(device):
+            with autocast(model):
                 return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
     chunks = []
     for start in range(0, len(prompts), batch_size):
@@ -163,7 +169,7 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     # positions count real tokens only, as generate() does with left padding
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     C = completion_ids.shape[1]
-    with autocast(ids.device):
+    with autocast(model):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=C + 1,
                     use_cache=False)
     return out.logits[:, :-1].float()
