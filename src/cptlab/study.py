@@ -116,7 +116,14 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
 
     first = load_config(study.preset, pending[0][1])
     if not first.model.path:  # build and cache the base model once, not once per process
+        import gc
+
+        import torch
+
         base_model(first, resolve_device(first.run.device))
+        gc.collect()  # the children need the GPU memory the warm-up held (17 GiB of 80 for gpu_model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     root.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("CPTLAB_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "CPTLAB_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
