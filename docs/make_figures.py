@@ -1,0 +1,90 @@
+"""Figures and numbers of docs/RESULTS.md from a study directory (what `cptlab study` wrote).
+
+    python docs/make_figures.py STUDY_DIR [--domain gcd] [--out docs/NAME.png]
+
+Reads every cell's metrics.jsonl (<variant>-s<seed>/), prints the trained domain's greedy accuracy at
+each evaluation (mean and population std over seeds), the change on the untrained domains and the
+response drift at the end, writes a compact JSON of the curves next to the PNG, and plots accuracy vs
+step per variant (mean line, min-max band over seeds) for the trained domain and the untrained ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics as st
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cptlab.store import read_jsonl  # noqa: E402
+
+
+def load(study: Path) -> dict[str, list[dict]]:
+    """variant -> one {'curve': {(step, domain): acc}, 'drift': last drift record} per seed."""
+    cells = defaultdict(list)
+    for metrics in sorted(study.glob("*-s*/metrics.jsonl")):
+        variant = metrics.parent.name.rsplit("-s", 1)[0]
+        rows = read_jsonl(metrics)
+        curve = {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"] for r in rows if r["event"] == "eval"}
+        drift = [r for r in rows if r["event"] == "drift"]
+        cells[variant].append({"curve": curve, "drift": drift[-1] if drift else {}})
+    return dict(cells)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("study", type=Path)
+    p.add_argument("--domain", default="gcd")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    cells = load(a.study)
+    out = a.out or Path("docs") / f"{a.study.name}.png"
+    steps = sorted({s for runs in cells.values() for r in runs for s, d in r["curve"] if d == a.domain})
+    others = sorted({d for runs in cells.values() for r in runs for _, d in r["curve"]} - {a.domain, f"{a.domain}_ood"})
+    summary = {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    for variant, runs in cells.items():
+        trained = [[r["curve"].get((s, a.domain)) for s in steps] for r in runs]
+        untrained = [[st.mean(r["curve"][(s, d)] for d in others if (s, d) in r["curve"]) for s in steps] for r in runs]
+        mean_t = [100 * st.mean(col) for col in zip(*trained)]
+        mean_u = [100 * st.mean(col) for col in zip(*untrained)]
+        line, = ax1.plot(steps, mean_t, marker="o", ms=3, label=variant)
+        ax1.fill_between(steps, [100 * min(c) for c in zip(*trained)], [100 * max(c) for c in zip(*trained)],
+                         color=line.get_color(), alpha=0.15)
+        ax2.plot(steps, mean_u, marker="o", ms=3, color=line.get_color())
+        last = steps[-1]
+        ood = [r["curve"][(last, f"{a.domain}_ood")] - r["curve"][(0, f"{a.domain}_ood")] for r in runs
+               if (last, f"{a.domain}_ood") in r["curve"]]
+        kl = [r["drift"].get("response/kl_to_base") for r in runs if r["drift"]]
+        summary[variant] = {
+            "seeds": len(runs),
+            f"{a.domain}_by_step": {s: [round(100 * st.mean(c), 1), round(100 * st.pstdev(c), 1)]
+                                    for s, c in zip(steps, zip(*trained))},
+            "untrained_mean_delta": [round(100 * st.mean(u[-1] - u[0] for u in untrained), 1),
+                                     round(100 * st.pstdev([u[-1] - u[0] for u in untrained]), 1)],
+            f"{a.domain}_ood_delta": [round(100 * st.mean(ood), 1), round(100 * st.pstdev(ood), 1)] if ood else None,
+            "response_kl_to_base": [round(st.mean(kl), 3), round(st.pstdev(kl), 3)] if kl else None,
+        }
+        s = summary[variant]
+        print(f"{variant:14s} " + " ".join(f"{k}:{m:5.1f}±{sd:4.1f}" for k, (m, sd) in s[f"{a.domain}_by_step"].items())
+              + f" | untrained Δ {s['untrained_mean_delta'][0]:+.1f}±{s['untrained_mean_delta'][1]:.1f}"
+              + (f" | ood Δ {s[f'{a.domain}_ood_delta'][0]:+.1f}±{s[f'{a.domain}_ood_delta'][1]:.1f}" if ood else "")
+              + (f" | KL {s['response_kl_to_base'][0]:.3f}" if kl else ""))
+    ax1.set(title=f"{a.domain} (trained), greedy accuracy %", xlabel="step")
+    ax2.set(title=f"untrained prior domains (mean of {len(others)})", xlabel="step")
+    ax1.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
