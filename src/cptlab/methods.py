@@ -175,7 +175,8 @@ class SDPO(OnPolicyMethod):
         return loss, stats
 
     def loss_units(self, batch: Batch) -> float:
-        # token mean over the distilled tokens (with blend_lambda > 0 the GRPO part is weighted alike)
+        # token mean over the distilled tokens; with blend_lambda > 0 the GRPO part (a sequence mean) is
+        # weighted by the same tokens, exact only when micro-batches hold equal shares of both
         return loss_units(batch.rollout.completion_mask * batch.distill[:, None], "bnpo")
 
     def after_step(self) -> None:

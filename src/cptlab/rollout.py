@@ -107,7 +107,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, greed
     model.eval()
     if use_fast_engine(model, engine):
         from .engine import engine_for
-
         from .models import compute_dtype
 
         fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=cuda_graphs)

@@ -63,7 +63,8 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
     losses are weighted by their share of the loss's units (sequences or tokens, `loss_units`), so the
     accumulated gradient is the whole batch's. Under torchrun the local batch's share of the global
     units scales it too (`global_token_scale`): after the gradient all-reduce it is the gradient of
-    the loss over all ranks' data. Returns the loss value and the stats, weighted alike. Raises
+    the loss over all ranks' data. Returns the local batch's loss value and stats (micro-batches
+    weighted by their share). Raises
     NumericalFault on a nan/inf loss (on any rank) before anything is stepped."""
     n = len(batch)
     size = n if micro_batch_size <= 0 else min(micro_batch_size, n)
@@ -76,11 +77,10 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
         if dist.any_rank(not bool(torch.isfinite(loss))):
             raise NumericalFault(f"loss is {float(loss)}" if not torch.isfinite(loss) else "loss is nan/inf on another rank")
         share = 1.0 if size == n else (method.loss_units(part) / local if local > 0 else size / n)
-        weight = share * scale
-        (loss * weight).backward()
-        loss_value += float(loss.detach()) * weight
-        for k, v in part_stats.items():
-            stats[k] = stats.get(k, 0.0) + v * weight
+        (loss * (share * scale)).backward()
+        loss_value += float(loss.detach()) * share  # the local batch's loss and stats (ranks are averaged
+        for k, v in part_stats.items():            # for logging by the caller)
+            stats[k] = stats.get(k, 0.0) + v * share
     return loss_value, stats
 
 
