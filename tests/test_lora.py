@@ -25,6 +25,7 @@ from cptlab.optim import make_optimizer  # noqa: E402
 from cptlab.store import RunStore  # noqa: E402
 from cptlab.teacher import Teacher, ema_update  # noqa: E402
 from cptlab.trainer import TrainSampler  # noqa: E402
+from test_e2e import records  # noqa: E402  (metrics.jsonl without wall-clock fields)
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj"]
@@ -194,20 +195,10 @@ def test_checkpoint_holds_adapters_only_and_restores_them(tmp_path):
 # -- whole runs -------------------------------------------------------------------------------------
 
 LORA_SMOKE = ["model.lora.rank=4", "run.report=false", "run.device=cpu"]
-TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds"}
 
 
 class Crash(BaseException):
     """Stands in for SIGKILL in-process."""
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields and without where the base model came from."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.append({k: v for k, v in r.items() if k not in TIMING and k != "base"})
-    return out
 
 
 @pytest.fixture(scope="module")
