@@ -31,7 +31,7 @@ def load(study: Path) -> dict[str, list[dict]]:
         variant = metrics.parent.name.rsplit("-s", 1)[0]
         rows = read_jsonl(metrics)
         curve = {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"] for r in rows if r["event"] == "eval"}
-        drift = [r for r in rows if r["event"] == "drift"]
+        drift = [r for r in rows if r["event"] == "drift" and r["stage"] > 0]  # stage 0 is the base itself
         cells[variant].append({"curve": curve, "drift": drift[-1] if drift else {}})
     return dict(cells)
 
