@@ -26,6 +26,7 @@ from cptlab.store import RunStore  # noqa: E402
 from cptlab.teacher import Teacher, ema_update  # noqa: E402
 from cptlab.trainer import TrainSampler  # noqa: E402
 from test_e2e import records  # noqa: E402  (metrics.jsonl without wall-clock fields)
+from test_reliability import Crash  # noqa: E402  (stands in for SIGKILL in-process)
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj"]
@@ -195,10 +196,6 @@ def test_checkpoint_holds_adapters_only_and_restores_them(tmp_path):
 # -- whole runs -------------------------------------------------------------------------------------
 
 LORA_SMOKE = ["model.lora.rank=4", "run.report=false", "run.device=cpu"]
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL in-process."""
 
 
 @pytest.fixture(scope="module")
