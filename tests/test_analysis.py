@@ -11,7 +11,8 @@ from cptlab.analysis.artifacts import (
     artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score, tokenize,
 )
 from cptlab.analysis.drift import (
-    effective_rank, module_kind, parameter_drift, relative_l2, subspace_overlap, update_sparsity,
+    effective_rank, module_kind, parameter_drift, relative_l2, subspace_overlap, top_left_singular,
+    update_spectrum, update_sparsity,
 )
 from cptlab.analysis.metrics import (
     average_accuracy, backward_transfer, forgetting, forward_transfer, in_domain_gain, matrix_from_records,
@@ -146,6 +147,28 @@ def test_parameter_drift_hand_numbers_and_tied_weights():
     assert out["subspace_overlap"] == pytest.approx(1.0, abs=1e-6)
     saved = {k: v.clone() for k, v in cur.items()}  # a safetensors round trip unties the storage
     assert parameter_drift(base, saved)["num_tensors"] == 3.0
+
+
+def test_update_spectrum_matches_the_separate_measures_and_the_base_cache_is_reused():
+    g = torch.Generator().manual_seed(0)
+    base_w = torch.randn(24, 16, generator=g)
+    delta = torch.randn(24, 3, generator=g) @ torch.randn(3, 16, generator=g)  # rank 3
+    rank, overlap = update_spectrum(delta, top_left_singular(base_w, 8), 8)
+    assert rank == pytest.approx(effective_rank(delta), rel=1e-5)
+    assert overlap == pytest.approx(subspace_overlap(delta, base_w, 8), rel=1e-5)
+    assert all(math.isnan(v) for v in update_spectrum(torch.zeros(24, 16), top_left_singular(base_w), 8))
+
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    base = {n: torch.randn(24, 16, generator=g) for n in names}
+    cur = {n: w + 0.1 * torch.randn(24, 16, generator=g) for n, w in base.items()}
+    cache: dict = {}
+    first = parameter_drift(base, cur, base_subspaces=cache)
+    assert sorted(cache) == sorted(names) and cache[names[0]].shape == (24, 8)
+    cache[names[0]] = cache[names[0]].clone()
+    marker = cache[names[0]]
+    again = parameter_drift(base, cur, base_subspaces=cache)
+    assert cache[names[0]] is marker  # not recomputed
+    assert again == pytest.approx(first)
 
 
 # ----------------------------------------------------------------------------- response drift

@@ -29,6 +29,7 @@ def assert_one_line_error(proc, *needles):
     (["run", "smoke", "method.sdpo.ema_rate=2"], ["method.sdpo.ema_rate", "[0, 1]"]),
     (["run", "smoke", "rollout.group_size=1"], ["rollout.group_size", ">= 2"]),
     (["eval", "/nonexistent/model"], ["/nonexistent/model", "not a directory"]),
+    (["study", "ood", "--variants", "grpo,nope"], ["--variants", "nope", "grpo, sdpo"]),
 ])
 def test_bad_input_exit_2(args, needles, tmp_path):
     assert_one_line_error(cptlab(*args, "--out", str(tmp_path / "r")) if args[0] == "run" else cptlab(*args),

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds"}
+TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds", "eval_seconds"}
 
 
 def run_cli(*args, **kw):

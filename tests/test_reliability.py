@@ -33,6 +33,7 @@ from cptlab.continual import Driver, open_run, run_continual
 from cptlab.errors import NumericalFault, UserError
 from cptlab.store import RunStore
 from cptlab.trainer import TrainSampler
+from test_e2e import TIMING  # wall-clock fields, which differ between identical runs
 
 TINY = ["warmup.enabled=false", "eval.domains=[arithmetic]", "eval.num_prompts=2", "eval.num_samples=0",
         "eval.max_new_tokens=8", "eval.every=0", "eval.drift=false", "rollout.max_new_tokens=8",
@@ -40,7 +41,6 @@ TINY = ["warmup.enabled=false", "eval.domains=[arithmetic]", "eval.num_prompts=2
 FOUR_STEPS = ["stages=[{domain: arithmetic, steps: 4}]", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
 SFT_THREE_STEPS = ["stages=[{domain: arithmetic, steps: 3, method: {name: sft}}]", "run.checkpoint_every=1",
                    "run.keep_checkpoints=10"]
-TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds"}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cptlab.config import ConfigError
-from cptlab.study import load_study, run_study, study_names
+from cptlab.study import load_study, run_study, select_variants, study_names
 
 SIX = {"teacher_stability", "cot", "ood", "continual", "drift", "collapse"}
 
@@ -25,6 +25,14 @@ def test_bad_study_variant_names_the_field(tmp_path):
         load_study(str(bad))
     with pytest.raises(ConfigError, match="study"):
         load_study("no_such_study")
+
+
+def test_variants_select_a_subset_in_study_order_and_unknown_names_are_refused():
+    study = load_study("ood_gpu")
+    assert list(select_variants(study, None)) == list(study.variants)
+    assert list(select_variants(study, ["sft", "grpo"])) == ["grpo", "sft"]
+    with pytest.raises(ConfigError, match="--variants.*sdpo_frozen"):
+        select_variants(study, ["grpo", "nope"])
 
 
 @pytest.mark.slow
@@ -53,12 +61,13 @@ def test_parallel_study_runs_cells_as_processes_with_their_logs(tmp_path):
     study.write_text(
         "question: parallel\npreset: smoke\nseeds: [0]\n"
         "overrides: [\"stages=[{domain: arithmetic, steps: 2}]\", eval.every=0, run.checkpoint_every=0]\n"
-        "variants:\n  grpo: [method.name=grpo]\n")
-    out = run_study(str(study), str(tmp_path / "runs"), seeds=[0, 1], jobs=2)
+        "variants:\n  grpo: [method.name=grpo]\n  sft: [method.name=sft]\n")
+    out = run_study(str(study), str(tmp_path / "runs"), seeds=[0, 1], jobs=2, variants=["grpo"])
     root = tmp_path / "runs" / "par"
     assert out.exists()
     for cell in ("grpo-s0", "grpo-s1"):
         assert json.loads((root / cell / "summary.json").read_text())["complete"]
         assert (root / f"{cell}.log").exists()
+    assert not (root / "sft-s0").exists()  # only the variant asked for
     seeds = [json.loads((root / c / "metrics.jsonl").read_text().splitlines()[0]) for c in ("grpo-s0", "grpo-s1")]
     assert seeds[0]["name"] == "grpo-s0" and seeds[1]["name"] == "grpo-s1"

@@ -145,6 +145,7 @@ def study(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides for every run"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the study's)."),
     jobs: int = typer.Option(1, "--jobs", help="Cells run in parallel (separate processes)."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants to run (default: all)."),
 ) -> None:
     """Run a grid of variants x seeds and write the comparison (resumes finished and stopped cells)."""
     from .config import ConfigError
@@ -157,7 +158,8 @@ def study(
         except ValueError:
             raise ConfigError("--seeds", seeds, "comma-separated integers, e.g. 0,1,2") from None
     _configure_threads()
-    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs)
+    variant_list = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs, variants=variant_list)
 
 
 @app.command("studies")

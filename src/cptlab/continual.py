@@ -83,14 +83,16 @@ class Driver:
     # -- evaluation and checkpoints -----------------------------------------------------------
     def evaluate(self, stage: int, stage_name: str, step: int, global_step: int, final: bool) -> dict:
         cfg = self.cfg
+        t0 = time.perf_counter()
         with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
             results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
                                    batch_size=cfg.rollout.batch_size, seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
                                    on_domain=lambda name: advance(info=name))
+        seconds = time.perf_counter() - t0
         for name, r in results.items():
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
-                           final=final, domain=name, **r.metrics())
+                           final=final, domain=name, eval_seconds=seconds, **r.metrics())
         self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
         if final:
             console.print(eval_table(f"after stage {stage} ({stage_name})", {n: r.metrics() for n, r in results.items()}))
@@ -111,8 +113,11 @@ class Driver:
         from .tasks import make_split
 
         cfg = self.cfg
+        t0 = time.perf_counter()
         current = snapshot(self.model)
-        fields = {f"param/{k}": v for k, v in parameter_drift(self.base_state, current, self.prev_state).items()}
+        drift = parameter_drift(self.base_state, current, self.prev_state, device=self.device,
+                                base_subspaces=self.base_subspaces)
+        fields = {f"param/{k}": v for k, v in drift.items()}
         probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
         resp = response_drift(self.model, self.base, self.tokenizer, probes, max_new_tokens=cfg.eval.max_new_tokens,
@@ -121,7 +126,7 @@ class Driver:
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
-        self.store.log("drift", stage=stage, global_step=global_step, **fields)
+        self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, teacher=None) -> None:
@@ -147,6 +152,7 @@ class Driver:
         self.base = base_reference(self.model)
         self.base_state = snapshot(self.base)
         self.prev_state = None
+        self.base_subspaces: dict[str, torch.Tensor] = {}  # the base weights' top singular vectors, for drift
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)

@@ -66,9 +66,20 @@ def _cell_done(cell: Path) -> bool:
     return summary.exists() and bool(json.loads(summary.read_text()).get("complete"))
 
 
+def select_variants(study: StudyConfig, names: list[str] | None) -> dict[str, list[str]]:
+    """The study's variants, or only `names` (in the study's order); an unknown name is a ConfigError."""
+    if not names:
+        return study.variants
+    unknown = [n for n in names if n not in study.variants]
+    if unknown:
+        raise ConfigError("--variants", ",".join(unknown), "variants of this study: " + ", ".join(study.variants))
+    return {k: v for k, v in study.variants.items() if k in names}
+
+
 def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[str] | None = None,
-              seeds: list[int] | None = None, jobs: int = 1) -> Path:
-    """Run (or resume) every cell of a study, `jobs` at a time, then write <out>/<study>/compare.html.
+              seeds: list[int] | None = None, jobs: int = 1, variants: list[str] | None = None) -> Path:
+    """Run (or resume) every cell of a study (or of the `variants` named), `jobs` at a time, then write
+    <out>/<study>/compare.html comparing those cells.
 
     jobs > 1 runs cells as parallel `cptlab run` processes (CPU threads split between them; on a GPU
     they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
@@ -82,7 +93,7 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
     study_name = Path(name).stem
     root = Path(out_dir) / study_name
     cells: list[tuple[Path, list[str]]] = []
-    for variant, extra in study.variants.items():
+    for variant, extra in select_variants(study, variants).items():
         for seed in (seeds if seeds else study.seeds):
             overrides = [*study.overrides, *extra, *(extra_overrides or []), f"run.seed={seed}",
                          f"run.name={variant}-s{seed}"]

@@ -60,19 +60,22 @@ def relative_l2(current: dict[str, Tensor], reference: dict[str, Tensor], names=
     return math.sqrt(diff_sq) / math.sqrt(ref_sq) if ref_sq > 0 else float("nan")
 
 
-def effective_rank(matrix: Tensor) -> float:
-    """exp(-sum_i p_i log p_i), p = singular values / their sum (Roy & Vetterli 2007): [m, n] -> float.
-
-    Equals r for a matrix with r equal non-zero singular values; between 1 and min(m, n) otherwise.
-    0.0 for the zero matrix.
-    """
-    s = torch.linalg.svdvals(_f(matrix))
+def _rank_from_singular_values(s: Tensor) -> float:
     total = s.sum()
     if total <= 0:
         return 0.0
     p = s / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank(matrix: Tensor) -> float:
+    """exp(-sum_i p_i log p_i), p = singular values / their sum (Roy & Vetterli 2007): [m, n] -> float.
+
+    Equals r for a matrix with r equal non-zero singular values; between 1 and min(m, n) otherwise.
+    0.0 for the zero matrix.
+    """
+    return _rank_from_singular_values(torch.linalg.svdvals(_f(matrix)))
 
 
 def update_sparsity(delta: Tensor, tol: float = 1e-3) -> float:
@@ -98,6 +101,19 @@ def _numerical_rank(s: Tensor, shape: tuple[int, ...]) -> int:
     return int((s > tol).sum())
 
 
+def top_left_singular(matrix: Tensor, k: int = 8) -> Tensor:
+    """The top-k left singular vectors of a matrix, [m, n] -> [m, min(k, m, n)] (float32 or better)."""
+    return torch.linalg.svd(_f(matrix), full_matrices=False)[0][:, :k]
+
+
+def _overlap(u: Tensor, s: Tensor, shape: tuple[int, ...], v: Tensor, k: int) -> float:
+    k_update = min(k, _numerical_rank(s, shape))
+    if k_update == 0:
+        return float("nan")
+    cosines = u[:, :k_update].T @ v.to(u.dtype)  # [k_u, k]; its singular values are the cos(theta_i)
+    return float(cosines.pow(2).sum() / k_update)
+
+
 def subspace_overlap(update: Tensor, base_weight: Tensor, k: int = 8) -> float:
     """Mean cos^2 of the principal angles between the top-k left singular subspaces: [m, n] x2 -> float.
 
@@ -111,12 +127,17 @@ def subspace_overlap(update: Tensor, base_weight: Tensor, k: int = 8) -> float:
                          f"and {tuple(base_weight.shape)}")
     k = max(1, min(k, min(update.shape)))
     u, s, _ = torch.linalg.svd(_f(update), full_matrices=False)
-    k_update = min(k, _numerical_rank(s, tuple(update.shape)))
-    if k_update == 0:
-        return float("nan")
-    v = torch.linalg.svd(_f(base_weight), full_matrices=False)[0][:, :k]
-    cosines = u[:, :k_update].T @ v.to(u.dtype)  # [k_u, k]; its singular values are the cos(theta_i)
-    return float(cosines.pow(2).sum() / k_update)
+    return _overlap(u, s, tuple(update.shape), top_left_singular(base_weight, k), k)
+
+
+def update_spectrum(delta: Tensor, base_top: Tensor, k: int = 8) -> tuple[float, float]:
+    """(effective_rank(delta), subspace_overlap(delta, base)) from one SVD of the update, where
+    `base_top` = top_left_singular(base_weight, k) (the same for every stage, so callers keep it)."""
+    k = max(1, min(k, min(delta.shape)))
+    if delta.abs().max() == 0:
+        return float("nan"), float("nan")
+    u, s, _ = torch.linalg.svd(_f(delta), full_matrices=False)
+    return _rank_from_singular_values(s), _overlap(u, s, tuple(delta.shape), base_top[:, :k], k)
 
 
 def _untied_names(base: dict[str, Tensor], current: dict[str, Tensor]) -> list[str]:
@@ -148,7 +169,8 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previous: dict[str, Tensor] | None = None,
-                    top_k: int = 8, tol: float = 1e-3) -> dict[str, float]:
+                    top_k: int = 8, tol: float = 1e-3, device: torch.device | str | None = None,
+                    base_subspaces: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Drift numbers of `current` weights against the base (and the previous stage's) weights.
 
     Keys:
@@ -162,6 +184,10 @@ def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previou
                                         matrices are left out (vocabulary-sized SVDs, row-sparse
                                         updates of the tokens seen)
       num_tensors                       tensors compared (tied duplicates skipped)
+
+    The SVDs run on `device` (default: where the tensors are; a GPU takes seconds where one CPU
+    thread takes about a minute for a 76M model). `base_subspaces`, when given, caches the base
+    weights' top-k singular vectors by name across calls (filled here where missing).
     """
     names = _untied_names(base, current)
     out: dict[str, float] = {"rel_l2_base": relative_l2(current, base, names)}
@@ -181,8 +207,12 @@ def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previou
         unchanged, total = kind_counts.get(module_kind(n), (0.0, 0))
         kind_counts[module_kind(n)] = (unchanged + update_sparsity(delta, tol) * delta.numel(), total + delta.numel())
         if delta.dim() == 2 and module_kind(n) != "embedding" and min(delta.shape) > 1:
-            ranks.append(effective_rank(delta) if delta.abs().max() > 0 else float("nan"))
-            overlaps.append(subspace_overlap(delta, base[n], top_k))
+            cache = base_subspaces if base_subspaces is not None else {}
+            if n not in cache:
+                cache[n] = top_left_singular(base[n].to(device) if device is not None else base[n], top_k)
+            rank, overlap = update_spectrum(delta.to(device) if device is not None else delta, cache[n], top_k)
+            ranks.append(rank)
+            overlaps.append(overlap)
     out["update_norm"] = math.sqrt(update_sq)
     unchanged_all = sum(u for u, _ in kind_counts.values())
     total_all = sum(t for _, t in kind_counts.values())
