@@ -94,20 +94,38 @@ def update_sparsity(delta: Tensor, tol: float = 1e-3) -> float:
     return float((a <= tol * peak).float().mean())
 
 
-def _numerical_rank(s: Tensor, shape: tuple[int, ...]) -> int:
+def _numerical_rank(s: Tensor, shape: tuple[int, ...], eps: float | None = None) -> int:
     if s.numel() == 0 or s[0] <= 0:
         return 0
-    tol = s[0] * max(shape) * torch.finfo(s.dtype).eps
+    tol = s[0] * max(shape) * (torch.finfo(s.dtype).eps if eps is None else eps)
     return int((s > tol).sum())
 
 
+def _gram_spectrum(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(all singular values, descending; top-k left singular vectors [m, k]) of a matrix, from the
+    eigendecomposition of its float64 Gram matrix (on an H100 about 4x faster than an SVD of a
+    768 x 2048 float32 matrix; singular values carry an absolute error near 1e-8 * the largest)."""
+    a = matrix.detach().to(torch.float64)
+    m, n = a.shape
+    if m <= n:
+        evals, evecs = torch.linalg.eigh(a @ a.T)  # left singular vectors directly
+        s = evals.flip(0).clamp_min(0).sqrt()
+        return s, evecs.flip(1)[:, :k]
+    evals, evecs = torch.linalg.eigh(a.T @ a)  # right singular vectors W: U = A W / s
+    s = evals.flip(0).clamp_min(0).sqrt()
+    w = evecs.flip(1)[:, :k]
+    top = s[:k]
+    u = (a @ w) / torch.where(top > 0, top, torch.ones_like(top))
+    return s, u
+
+
 def top_left_singular(matrix: Tensor, k: int = 8) -> Tensor:
-    """The top-k left singular vectors of a matrix, [m, n] -> [m, min(k, m, n)] (float32 or better)."""
-    return torch.linalg.svd(_f(matrix), full_matrices=False)[0][:, :k]
+    """The top-k left singular vectors of a matrix, [m, n] -> [m, min(k, m, n)] (float64)."""
+    return _gram_spectrum(matrix, min(k, *matrix.shape))[1]
 
 
-def _overlap(u: Tensor, s: Tensor, shape: tuple[int, ...], v: Tensor, k: int) -> float:
-    k_update = min(k, _numerical_rank(s, shape))
+def _overlap(u: Tensor, s: Tensor, shape: tuple[int, ...], v: Tensor, k: int, eps: float | None = None) -> float:
+    k_update = min(k, _numerical_rank(s, shape, eps))
     if k_update == 0:
         return float("nan")
     cosines = u[:, :k_update].T @ v.to(u.dtype)  # [k_u, k]; its singular values are the cos(theta_i)
@@ -127,17 +145,21 @@ def subspace_overlap(update: Tensor, base_weight: Tensor, k: int = 8) -> float:
                          f"and {tuple(base_weight.shape)}")
     k = max(1, min(k, min(update.shape)))
     u, s, _ = torch.linalg.svd(_f(update), full_matrices=False)
-    return _overlap(u, s, tuple(update.shape), top_left_singular(base_weight, k), k)
+    v = torch.linalg.svd(_f(base_weight), full_matrices=False)[0][:, :k]
+    return _overlap(u, s, tuple(update.shape), v, k)
 
 
 def update_spectrum(delta: Tensor, base_top: Tensor, k: int = 8) -> tuple[float, float]:
-    """(effective_rank(delta), subspace_overlap(delta, base)) from one SVD of the update, where
-    `base_top` = top_left_singular(base_weight, k) (the same for every stage, so callers keep it)."""
+    """(effective_rank(delta), subspace_overlap(delta, base)) from one spectral decomposition of the
+    update, where `base_top` = top_left_singular(base_weight, k) (the same for every stage, so
+    callers keep it). The numerical rank that caps k uses a float32 tolerance (the weights' precision;
+    the Gram route resolves singular values only to about 1e-8 of the largest)."""
     k = max(1, min(k, min(delta.shape)))
     if delta.abs().max() == 0:
         return float("nan"), float("nan")
-    u, s, _ = torch.linalg.svd(_f(delta), full_matrices=False)
-    return _rank_from_singular_values(s), _overlap(u, s, tuple(delta.shape), base_top[:, :k], k)
+    s, u = _gram_spectrum(delta, k)
+    return (_rank_from_singular_values(s), _overlap(u, s, tuple(delta.shape), base_top[:, :k].to(u), k,
+                                                    eps=torch.finfo(torch.float32).eps))
 
 
 def _untied_names(base: dict[str, Tensor], current: dict[str, Tensor]) -> list[str]:
