@@ -2,10 +2,16 @@
 
     python docs/make_figures.py STUDY_DIR [--domain gcd] [--out docs/NAME.png]
 
-Reads every cell's metrics.jsonl (<variant>-s<seed>/), prints the trained domain's greedy accuracy at
-each evaluation (mean and population std over seeds), the change on the untrained domains and the
-response drift at the end, writes a compact JSON of the curves next to the PNG, and plots accuracy vs
-step per variant (mean line, min-max band over seeds) for the trained domain and the untrained ones.
+Single-stage studies: reads every cell's metrics.jsonl (<variant>-s<seed>/), prints the trained
+domain's greedy accuracy at each evaluation (mean and population std over seeds), the change on the
+untrained domains and the response drift at the end, writes a compact JSON of the curves next to the
+PNG, and plots accuracy vs step per variant (mean line, min-max band over seeds) for the trained
+domain and the untrained ones.
+
+Continual studies (cells with several stages): reads every cell's summary.json and prints, per
+variant, the average accuracy after each stage, mean forgetting, BWT, FWT, the in-domain gain per
+stage, the end-of-run drift and artifact rates, collapse flags and faults; plots the average accuracy,
+the weights' distance to the base, the response KL to the base and the malformed-answer rate per stage.
 """
 
 from __future__ import annotations
@@ -36,14 +42,77 @@ def load(study: Path) -> dict[str, list[dict]]:
     return dict(cells)
 
 
+def _ms(values: list, scale: float = 100.0, digits: int = 1) -> list | None:
+    """[mean, population std] of the non-missing values, scaled and rounded; None if there are none."""
+    xs = [scale * v for v in values if v is not None]
+    return [round(st.mean(xs), digits), round(st.pstdev(xs), digits)] if xs else None
+
+
+DRIFT_KEYS = {"param/rel_l2_base": 1.0, "response/kl_to_base": 1.0, "response/answer_changed_frac": 1.0,
+              "artifacts/repetition_rate": 1.0, "artifacts/malformed_rate": 1.0}
+
+
+def continual(study: Path, out: Path) -> None:
+    """Per-variant numbers and figure of a multi-stage study from its cells' summary.json."""
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(study.glob("*-s*/summary.json")):
+        cells[path.parent.name.rsplit("-s", 1)[0]].append(json.loads(path.read_text()))
+    summary = {}
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=80)
+    for variant, runs in cells.items():
+        n_stages = max(len(r["average_accuracy"]) for r in runs)
+        avg = [_ms([r["average_accuracy"][i] if i < len(r["average_accuracy"]) else None for r in runs])
+               for i in range(n_stages)]
+        drift = {key: [_ms([(r["drift"][i] or {}).get(key) if i < len(r["drift"]) else None for r in runs],
+                           scale, 4) for i in range(len(runs[0]["drift"]))] for key, scale in DRIFT_KEYS.items()}
+        summary[variant] = {
+            "seeds": len(runs),
+            "completed_stages": [r.get("stages_completed") for r in runs],
+            "faults": [f.get("reason") for r in runs for f in r.get("faults") or []],
+            "average_accuracy_by_stage": avg,
+            "mean_forgetting": _ms([r.get("mean_forgetting") for r in runs]),
+            "bwt": _ms([r.get("bwt") for r in runs]),
+            "fwt": _ms([r.get("fwt") for r in runs]),
+            "in_domain_gain": [[round(100 * g, 1) for g in r["in_domain_gain"] if g is not None] for r in runs],
+            "drift_by_stage": drift,
+            "collapse_flags": [[(c["step"], c["signals"]) if c else None for c in r.get("collapse", [])] for r in runs],
+        }
+        s = summary[variant]
+        print(f"{variant:14s} avg acc by stage " + " ".join(f"{m:.1f}±{sd:.1f}" for m, sd in (x for x in avg if x))
+              + f" | forgetting {s['mean_forgetting']} BWT {s['bwt']} FWT {s['fwt']}")
+        print(f"{'':14s} end drift " + ", ".join(f"{k.split('/')[1]} {v[-1]}" for k, v in drift.items() if v and v[-1])
+              + (f" | faults {s['faults']}" if s["faults"] else ""))
+        x = [i for i, v in enumerate(avg) if v]
+        line, = axes[0].plot(x, [avg[i][0] for i in x], marker="o", ms=3, label=variant)
+        for ax, key in ((axes[1], "param/rel_l2_base"), (axes[2], "response/kl_to_base"),
+                        (axes[3], "artifacts/malformed_rate")):
+            xs = [i + 1 for i, v in enumerate(drift[key]) if v]
+            ax.plot(xs, [drift[key][i - 1][0] for i in xs], marker="o", ms=3, color=line.get_color())
+    axes[0].set(title="average greedy accuracy, 12 domains (%)", xlabel="stage (0 = base)")
+    axes[1].set(title="weights: relative L2 to base", xlabel="stage")
+    axes[2].set(title="responses: token KL to base", xlabel="stage", yscale="log")
+    axes[3].set(title="malformed answers (eval, greedy)", xlabel="stage", yscale="log")
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("study", type=Path)
     p.add_argument("--domain", default="gcd")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    cells = load(a.study)
     out = a.out or Path("docs") / f"{a.study.name}.png"
+    first = next(iter(sorted(a.study.glob("*-s*/summary.json"))), None)
+    if first is not None and len(json.loads(first.read_text()).get("stages", [])) > 1:
+        continual(a.study, out)
+        return
+    cells = load(a.study)
     steps = sorted({s for runs in cells.values() for r in runs for s, d in r["curve"] if d == a.domain})
     others = sorted({d for runs in cells.values() for r in runs for _, d in r["curve"]} - {a.domain, f"{a.domain}_ood"})
     summary = {}
