@@ -48,8 +48,9 @@ def _ms(values: list, scale: float = 100.0, digits: int = 1) -> list | None:
     return [round(st.mean(xs), digits), round(st.pstdev(xs), digits)] if xs else None
 
 
-DRIFT_KEYS = {"param/rel_l2_base": 1.0, "response/kl_to_base": 1.0, "response/answer_changed_frac": 1.0,
-              "artifacts/repetition_rate": 1.0, "artifacts/malformed_rate": 1.0}
+DRIFT_KEYS = ("param/rel_l2_base", "response/kl_to_base", "response/answer_changed_frac",
+              "artifacts/repetition_rate", "artifacts/malformed_rate")
+"""Drift-record fields reported per stage (summary.json's `drift` list: entry i is stage i + 1)."""
 
 
 def continual(study: Path, out: Path) -> None:
@@ -63,8 +64,8 @@ def continual(study: Path, out: Path) -> None:
         n_stages = max(len(r["average_accuracy"]) for r in runs)
         avg = [_ms([r["average_accuracy"][i] if i < len(r["average_accuracy"]) else None for r in runs])
                for i in range(n_stages)]
-        drift = {key: [_ms([(r["drift"][i] or {}).get(key) if i < len(r["drift"]) else None for r in runs],
-                           scale, 4) for i in range(len(runs[0]["drift"]))] for key, scale in DRIFT_KEYS.items()}
+        drift = {key: [_ms([(r["drift"][i] or {}).get(key) if i < len(r["drift"]) else None for r in runs], 1.0, 4)
+                       for i in range(len(runs[0]["drift"]))] for key in DRIFT_KEYS}
         summary[variant] = {
             "seeds": len(runs),
             "completed_stages": [r.get("stages_completed") for r in runs],
