@@ -24,9 +24,8 @@ from cptlab.models import build_tiny_model, build_tokenizer  # noqa: E402
 from cptlab.optim import make_optimizer  # noqa: E402
 from cptlab.store import RunStore  # noqa: E402
 from cptlab.teacher import Teacher, ema_update  # noqa: E402
-from cptlab.trainer import TrainSampler  # noqa: E402
 from test_e2e import records  # noqa: E402  (metrics.jsonl without wall-clock fields)
-from test_reliability import Crash  # noqa: E402  (stands in for SIGKILL in-process)
+from test_reliability import run_until_crash  # noqa: E402  (stands in for SIGKILL in-process)
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj"]
@@ -223,18 +222,8 @@ def crashed_lora_run(tmp_path_factory, warmup_cache, lora_run) -> Path:
     """The same run (its base from the warm-up cache), stopped dead in the SDPO stage (EMA teacher)
     after its step-2 checkpoint."""
     out = tmp_path_factory.mktemp("lora-crashed") / "run"
-    original = TrainSampler.batch
-
-    def batch(self, step, n):
-        if self.stage_index == 2 and step == 2:
-            raise Crash
-        return original(self, step, n)
-
     cfg = load_config("smoke", [*LORA_SMOKE, f"warmup.cache_dir={warmup_cache}"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TrainSampler, "batch", batch)
-        with pytest.raises(Crash):
-            run_continual(cfg, out_dir=str(out))
+    run_until_crash(cfg, out, stage=2, step=2)
     return out
 
 

@@ -87,6 +87,21 @@ class Crash(BaseException):
     """Stands in for SIGKILL in-process (nothing in cptlab catches a BaseException)."""
 
 
+def run_until_crash(cfg, out, stage: int, step: int) -> None:
+    """run_continual(cfg) into `out`, killed (Crash) when stage `stage` draws the prompts of step `step`."""
+    original = TrainSampler.batch
+
+    def batch(self, s, n):
+        if self.stage_index == stage and s == step:
+            raise Crash
+        return original(self, s, n)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainSampler, "batch", batch)
+        with pytest.raises(Crash):
+            run_continual(cfg, out_dir=str(out))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     return run_continual(tiny(*FOUR_STEPS), out_dir=tmp_path_factory.mktemp("full") / "run")
@@ -97,17 +112,7 @@ def crashed(tmp_path_factory) -> Path:
     """The same run, stopped dead at the 4th step of stage 1: after the step-2 checkpoint and after the
     step-3 train record, which that checkpoint has not seen."""
     out = tmp_path_factory.mktemp("crashed") / "run"
-    original = TrainSampler.batch
-
-    def batch(self, step, n):
-        if self.stage_index == 1 and step == 3:
-            raise Crash
-        return original(self, step, n)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TrainSampler, "batch", batch)
-        with pytest.raises(Crash):
-            run_continual(tiny(*FOUR_STEPS), out_dir=out)
+    run_until_crash(tiny(*FOUR_STEPS), out, stage=1, step=3)
     return out
 
 
