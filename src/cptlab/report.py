@@ -123,7 +123,11 @@ def _read_summary(root: Path, records: list[dict]) -> dict:
         on_disk = json.loads((root / "summary.json").read_text())
     except (OSError, ValueError):
         on_disk = {}
-    return {**fresh, **{k: v for k, v in on_disk.items() if v is not None}} if isinstance(on_disk, dict) else fresh
+    if not isinstance(on_disk, dict):
+        return fresh
+    if fresh and on_disk.get("metrics_version") != fresh.get("metrics_version"):
+        return {**on_disk, **fresh}  # written by another version, whose keys may mean something else
+    return {**fresh, **{k: v for k, v in on_disk.items() if v is not None}}
 
 
 def _matrix(records: list[dict]) -> tuple[np.ndarray, list[str], list[int]]:
@@ -152,9 +156,11 @@ def _per(value, n: int, names: list[str]) -> list[float] | None:
 def numbers(run: Run) -> dict:
     """Forgetting/transfer numbers from the summary (built afresh from the records); NaN where absent."""
     S, D = len(run.stage_domains), len(run.domains)
-    sizes = {"average_accuracy": S + 1, "forgetting": D, "in_domain_gain": S, "ood_change": S}
+    sizes = {"average_accuracy": S + 1, "average_accuracy_trained": S + 1, "forgetting": D, "in_domain_gain": S,
+             "ood_change": S}
     out = {k: _per(run.summary.get(k), n, run.domains) or [math.nan] * n for k, n in sizes.items()}
-    return {**out, **{k: _num(run.summary.get(k)) for k in ("mean_forgetting", "bwt", "fwt")}}
+    return {**out, **{k: _num(run.summary.get(k)) for k in ("mean_forgetting", "mean_forgetting_incl_base", "bwt",
+                                                             "fwt")}}
 
 
 def headlines(run: Run) -> list[str]:
@@ -250,8 +256,10 @@ def _banners(run: Run) -> list[str]:
 def _metrics_section(run: Run, nums: dict) -> list[str]:
     avg = nums["average_accuracy"]
     scalar = table(["", "value"], [
-        ["average accuracy after the last finished stage", pct(avg[-1])],
+        ["average accuracy after the last finished stage, all domains", pct(avg[-1])],
+        ["average accuracy after the last finished stage, trained domains", pct(nums["average_accuracy_trained"][-1])],
         ["mean forgetting (points; lower is better)", pts(nums["mean_forgetting"], lower_is_better=True)],
+        ["mean forgetting, base row included (points)", pts(nums["mean_forgetting_incl_base"], lower_is_better=True)],
         ["backward transfer BWT (points; negative = forgetting)", pts(nums["bwt"])],
         ["forward transfer FWT (points; positive = earlier stages helped)", pts(nums["fwt"])]])
     stage_rows = [["0", "base", "", "", pct(avg[0]), "", ""]] + [
@@ -266,10 +274,13 @@ def _metrics_section(run: Run, nums: dict) -> list[str]:
         dom_rows.append([esc(d), esc(trained), pct(col[0]), pct(best), pct(col[-1]),
                          pts(nums["forgetting"][j], lower_is_better=True)])
     return ["<h2>Forgetting and transfer</h2>", '<div class="card">', scalar,
-            '<p class="note">Points are percentage points of greedy accuracy. Forgetting of a domain: its best '
-            'accuracy before the last stage minus its final one. BWT: mean change of each trained domain from '
-            'right after its own stage to the end. FWT: mean change of each domain, just before its own stage, '
-            'against the base model.</p><h3>Per stage</h3>',
+            '<p class="note">Points are percentage points of greedy accuracy. Forgetting of a domain (Chaudhry et '
+            'al. 2018): its best accuracy after any stage before the last minus its final one; mean forgetting '
+            'averages it over the domains trained before the last stage ("base row included" also counts the base '
+            "model's accuracy as a best). Average accuracy over trained domains: the domains trained up to that "
+            'stage. BWT: mean change of each trained domain from right after its own stage to the end. FWT: mean '
+            'change of each domain, just before its own stage, against the base model\'s accuracy on it.</p>'
+            '<h3>Per stage</h3>',
             table(["stage", "method", "domain", "steps", "avg acc", "in-domain gain", "OOD change"], stage_rows, 3),
             "<h3>Per domain</h3>",
             table(["domain", "trained at stage", "base", "best", "final", "forgetting"], dom_rows, 2), "</div>"]
