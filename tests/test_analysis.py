@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cptlab.analysis.artifacts import (
-    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score, tokenize,
+    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score,
+    rollout_repetition, tokenize,
 )
 from cptlab.analysis.drift import (
     effective_rank, module_kind, parameter_drift, relative_l2, subspace_overlap, top_left_singular,
@@ -353,3 +354,13 @@ def test_matrix_from_records_gap():
     recs = [r for r in _records(2, with_end=True) if not (r["event"] == "eval" and r["stage"] == 1)]
     R_, domains, stage_domains = matrix_from_records(recs)
     assert R_.shape == (3, 3) and np.isnan(R_[1]).all() and stage_domains == [0, 2]
+
+
+def test_rollout_repetition_per_step():
+    # "abababab" in characters: 4-grams abab, baba, abab, baba, abab -> rep-4 = 1 - 2/5; bigrams: 7, 2 distinct
+    # "abcde": 2 distinct 4-grams of 2, rep 0; bigrams ab bc cd de. Corpus distinct-2: {ab, ba, bc, cd, de}
+    # (ab is in both) over 7 + 4 bigrams
+    out = rollout_repetition(["abababab", "abcde"])
+    assert out["rollout/repetition_rate"] == pytest.approx((0.6 + 0.0) / 2)
+    assert out["rollout/distinct_2"] == pytest.approx(5 / 11)
+    assert all(math.isnan(v) for v in rollout_repetition([]).values())
