@@ -21,6 +21,9 @@ from .metrics import (
 METRICS_VERSION = 2
 """Bumped when a summary key changes meaning. 2: `forgetting` and `mean_forgetting` follow Chaudhry et
 al. 2018 (rows after training only); the earlier definition, base row included, is `*_incl_base`."""
+REDEFINED = ("forgetting", "mean_forgetting")
+"""Keys whose meaning changed at METRICS_VERSION: a summary.json without that version must not be read
+for them (readers rebuild them from metrics.jsonl)."""
 
 
 def clean_json(obj):
