@@ -9,7 +9,8 @@ import pytest
 
 from cptlab.analysis.stats import (
     bootstrap_ci, describe, difference, direction_word, hierarchical_bootstrap_ci, hierarchical_diff_ci,
-    mcnemar_exact, mcnemar_p, paired_bootstrap_ci, permutation_p, t_ppf, t_sf2, verdict, welch,
+    mcnemar_exact, mcnemar_p, one_sample, paired_bootstrap_ci, permutation_p, sign_flip_p, t_ppf, t_sf2, verdict,
+    welch,
 )
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -75,6 +76,21 @@ def test_permutation_p_matches_scipy_and_monte_carlo():
     approx = permutation_p(a, b, max_exact=0, n_resamples=20000, seed=1)
     assert approx == pytest.approx(exact, abs=0.01)
     assert permutation_p(a, b, max_exact=0, seed=1) == approx  # seeded: the same every time
+
+
+def test_one_sample_change_matches_scipy_and_the_sign_flip_count():
+    changes = [0.057, 0.061, 0.059, 0.020]
+    d = one_sample(changes)
+    ref = scipy_stats.ttest_1samp(changes, 0.0)
+    assert d.p_welch == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    # all four positive: only the all-plus and all-minus of the 16 sign patterns reach |mean| -> 2/16
+    assert d.p_perm == pytest.approx(2 / 16)
+    assert sign_flip_p([0.01, 0.02, 0.03]) == pytest.approx(0.25)  # 3 seeds: never below 2/8
+    # [1, -2, 4]: sum 3; the 8 sign patterns give sums +-3, +-5, +-7, +-1, so 6 of 8 reach |3|
+    assert sign_flip_p([1.0, -2.0, 4.0]) == pytest.approx(6 / 8)
+    assert sign_flip_p([1.0, -2.0, 4.0], max_exact=0, seed=2) == pytest.approx(0.75, abs=0.01)
 
 
 def test_mcnemar_on_a_hand_table():

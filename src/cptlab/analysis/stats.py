@@ -293,6 +293,33 @@ def difference(a, b, cells_a=None, cells_b=None, level: float = LEVEL, n_boot: i
     return Difference(diff, lo, hi, int(_clean(a).size), int(_clean(b).size), p_welch, p_perm, wlo, whi, blo, bhi)
 
 
+def sign_flip_p(values, n_resamples: int = 20000, max_exact: int = 2 ** 16, seed: int = 0) -> float:
+    """Two-sided sign-flip (one-sample permutation) p of mean(values) = 0: the share of the 2^n sign
+    patterns whose |mean| is at least the observed one. With 3 values the smallest p is 2/8 = 0.25."""
+    x = _clean(values)
+    if x.size == 0:
+        return math.nan
+    observed = abs(x.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(x).max()))
+    if 2 ** x.size <= max_exact:
+        signs = 1 - 2 * ((np.arange(2 ** x.size)[:, None] >> np.arange(x.size)) & 1)
+        return float(np.mean(np.abs((signs * x).mean(axis=1)) >= observed - tol))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(n_resamples, x.size))
+    return (1 + int(np.sum(np.abs((signs * x).mean(axis=1)) >= observed - tol))) / (1 + n_resamples)
+
+
+def one_sample(values, level: float = LEVEL) -> Difference:
+    """mean(values) - 0, e.g. each seed's change from a shared base model: the t interval, the one-sample
+    t test's p (p_welch) and the exact sign-flip p (p_perm). n_b is 0."""
+    s = describe(values, level)
+    p = math.nan
+    if s.n >= 2:
+        p = (0.0 if s.mean else 1.0) if s.std == 0 else t_sf2(s.mean / (s.std / math.sqrt(s.n)), s.n - 1)
+    low, high = (s.mean, s.mean) if s.n >= 2 and s.std == 0 else (s.low, s.high)
+    return Difference(s.mean, low, high, s.n, 0, p, sign_flip_p(values), low, high)
+
+
 # -- two runs on the same prompts (paired) ----------------------------------------------------------------
 def mcnemar_exact(a, b) -> McNemar:
     """Exact McNemar test on two 0/1 arrays over the same prompts: p = P(Binomial(b+c, 1/2) as extreme)."""
