@@ -109,6 +109,12 @@ def teacher_stability(root: Path) -> None:
               "-", [mean_of(e[(200, d)] for d in UNTRAINED) - mean_of(e[(0, d)] for d in UNTRAINED) for e in ev[stable]],
               arms=f"{stable}: untrained mean, step 200 - base", base=base,
               note="'agrees' here means a loss is shown; the text claimed none")
+    claim("F1.order.step50", "the current teacher collapses sooner than EMA 0.2", study, "+",
+          [e[(50, "gcd")] for e in ev["ema_fast"]], [e[(50, "gcd")] for e in ev["current"]],
+          arms="ema_fast - current, gcd at step 50", base=base)
+    claim("F1.order.step100", "EMA 0.2 collapses sooner than EMA 0.05", study, "+",
+          [e[(100, "gcd")] for e in ev["ema"]], [e[(100, "gcd")] for e in ev["ema_fast"]],
+          arms="ema - ema_fast, gcd at step 100", base=base)
     claim("F1.final.ema-ema_slow", "the reference EMA 0.05 degrades against EMA 0.01", study, "-",
           gcd["ema"], gcd["ema_slow"], arms="ema - ema_slow, gcd at step 200", base=base)
     kl = {v: [c.drift(1).get("response/kl_to_base") for c in cs] for v, cs in cells.items()}
