@@ -121,3 +121,21 @@ def test_compare_html_shows_the_table_and_the_baseline(study, tmp_path):
     assert "final accuracy: gcd" in text
     # one line against the baseline per number: averages (all, trained), gcd, sorting, response KL
     assert format_text(build_table(data(study))).count("vs grpo:") == 5
+
+
+def test_unknown_baseline_is_one_line_and_exit_2(study, tmp_path):
+    from typer.testing import CliRunner
+
+    import cptlab.cli
+    from cptlab.study import run_study
+
+    cells = [str(p) for c in study.values() for p in c]
+    result = CliRunner().invoke(cptlab.cli.app, ["compare", *cells, "--out", str(tmp_path / "c.html"),
+                                                 "--baseline", "nope"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--baseline" in result.output and "grpo, sdpo" in result.output
+    mini = tmp_path / "mini.yaml"
+    mini.write_text("question: q\npreset: smoke\nseeds: [0]\nvariants:\n  grpo: [method.name=grpo]\n")
+    with pytest.raises(ConfigError, match="--baseline"):  # refused before any cell runs
+        run_study(str(mini), str(tmp_path / "runs"), baseline="sft")
+    assert not (tmp_path / "runs").exists()
