@@ -139,3 +139,18 @@ def test_unknown_baseline_is_one_line_and_exit_2(study, tmp_path):
     with pytest.raises(ConfigError, match="--baseline"):  # refused before any cell runs
         run_study(str(mini), str(tmp_path / "runs"), baseline="sft")
     assert not (tmp_path / "runs").exists()
+
+
+def test_old_summary_forgetting_is_rebuilt_from_records(tmp_path):
+    """A summary.json from before metrics_version 2 meant the base-row forgetting by `mean_forgetting`:
+    reports take that key from the records, and everything else from the file as before."""
+    from cptlab.analysis.summary import build_summary
+    from cptlab.report import load_run
+    from test_report import make_run
+
+    run = make_run(tmp_path / "old", summary={"mean_forgetting": 0.99, "headline": ["kept"]})
+    fresh = build_summary(read_jsonl(run / "metrics.jsonl"))
+    loaded = load_run(run).summary
+    assert loaded["mean_forgetting"] == fresh["mean_forgetting"] != 0.99 and loaded["headline"] == ["kept"]
+    (run / "summary.json").write_text(json.dumps({"metrics_version": 2, "mean_forgetting": 0.99}))
+    assert load_run(run).summary["mean_forgetting"] == 0.99  # written by this version: read as written
