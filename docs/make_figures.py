@@ -80,7 +80,8 @@ def load(studies: list[Path]) -> dict[str, list[dict]]:
             if len(names[variant]) > 1:
                 variant = f"{variant} ({study.name})"
             rows = read_jsonl(metrics)
-            curve = {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"] for r in rows if r["event"] == "eval"}
+            curve = {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"]
+                     for r in rows if r["event"] == "eval"}
             drift = [r for r in rows if r["event"] == "drift" and r["stage"] > 0]  # stage 0 is the base itself
             cells[variant].append({"curve": curve, "drift": drift[-1] if drift else {}, "base": base_tag(rows)})
     return dict(cells)
@@ -141,7 +142,8 @@ def continual(studies: list[Path], out: Path) -> None:
         s = summary[variant]
         print(f"{variant:14s} avg acc by stage " + " | ".join(text(x) for x in avg))
         print(f"{'':14s} forgetting {text(s['mean_forgetting'])} (incl. base {text(s['mean_forgetting_incl_base'])}) "
-              f"BWT {text(s['bwt'], True)} FWT {text(s['fwt'], True)} trained avg {text(s['average_accuracy_trained_final'])}")
+              f"BWT {text(s['bwt'], True)} FWT {text(s['fwt'], True)} "
+              f"trained avg {text(s['average_accuracy_trained_final'])}")
         print(f"{'':14s} end drift " + ", ".join(f"{k.split('/')[1]} {text(v[-1], digits=4)}"
                                                  for k, v in drift.items() if v and v[-1])
               + (f" | faults {s['faults']}" if s["faults"] else ""))

@@ -44,7 +44,8 @@ class Cell:
 
     def evals(self) -> dict[tuple[int, str], float]:
         """(step, domain) -> greedy accuracy; step 0 is the base model."""
-        return {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"] for r in self.rows if r["event"] == "eval"}
+        return {(r["step"] if r["stage"] else 0, r["domain"]): r["greedy_acc"]
+                for r in self.rows if r["event"] == "eval"}
 
     def matrix(self):
         return matrix_from_records(self.rows)
@@ -54,7 +55,8 @@ class Cell:
         return found[-1] if found else {}
 
     def base_fingerprint(self) -> str:
-        base = sorted((r["domain"], round(r["greedy_acc"], 6)) for r in self.rows if r["event"] == "eval" and r["stage"] == 0)
+        base = sorted((r["domain"], round(r["greedy_acc"], 6))
+                      for r in self.rows if r["event"] == "eval" and r["stage"] == 0)
         return hashlib.sha256(json.dumps(base).encode()).hexdigest()[:8]
 
 
@@ -106,7 +108,8 @@ def teacher_stability(root: Path) -> None:
         claim(f"F1.step50.{stable}", "stable teachers specialise fast (+6 by step 50)", study, "+",
               [e[(50, "gcd")] - e[(0, "gcd")] for e in ev[stable]], arms=f"{stable}: gcd step 50 - base", base=base)
         claim(f"F1.untrained.{stable}", "stable teachers keep the untrained domains (a loss would disagree)", study,
-              "-", [mean_of(e[(200, d)] for d in UNTRAINED) - mean_of(e[(0, d)] for d in UNTRAINED) for e in ev[stable]],
+              "-", [mean_of(e[(200, d)] for d in UNTRAINED) - mean_of(e[(0, d)] for d in UNTRAINED)
+                    for e in ev[stable]],
               arms=f"{stable}: untrained mean, step 200 - base", base=base,
               note="'agrees' here means a loss is shown; the text claimed none")
     claim("F1.order.step50", "the current teacher collapses sooner than EMA 0.2", study, "+",
@@ -278,8 +281,9 @@ def collapse(root: Path) -> None:
     claim("F6.stage1_avg", "the current-weights teacher collapses in stage 1 (average accuracy vs GRPO)", study, "-",
           [row(c, 1) for c in cells["sdpo_current"]], [row(c, 1) for c in cells["grpo"]],
           arms="sdpo_current - grpo, average after stage 1", base=base)
-    claim("F6.stage1_malformed", "... with malformed answers", study, "+", [malformed(c, 1) for c in cells["sdpo_current"]],
-          [malformed(c, 1) for c in cells["grpo"]], arms="sdpo_current - grpo, malformed rate after stage 1", base=base,
+    claim("F6.stage1_malformed", "... with malformed answers", study, "+",
+          [malformed(c, 1) for c in cells["sdpo_current"]], [malformed(c, 1) for c in cells["grpo"]],
+          arms="sdpo_current - grpo, malformed rate after stage 1", base=base,
           scale=1.0)
     claim("F6.slow_ema_malformed", "even the slow-EMA teacher amplifies malformed answers (vs GRPO, stage 5)", study,
           "+", [malformed(c, 5) for c in cells["sdpo_ema_slow"]], [malformed(c, 5) for c in cells["grpo"]],

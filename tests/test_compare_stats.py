@@ -100,7 +100,8 @@ def test_without_per_prompt_records_the_interval_is_welch(tmp_path):
     ref = difference(np.array(GCD["sdpo"]) / PROMPTS, np.array(GCD["grpo"]) / PROMPTS)
     assert (d.low, d.high, d.p_welch) == pytest.approx((ref.low, ref.high, ref.p_welch))
     assert math.isnan(d.boot_low) and table.paired_rows == 0
-    assert "No per-prompt records" in write_compare([p for c in arms.values() for p in c], tmp_path / "c.html").read_text()
+    html = write_compare([p for c in arms.values() for p in c], tmp_path / "c.html").read_text()
+    assert "No per-prompt records" in html
 
 
 def test_records_of_other_prompts_are_not_paired(study):

@@ -425,10 +425,10 @@ def _stats_section(stats) -> list[str]:
             word = direction_word((d.low, d.high)) if d else ""
             cls = {"higher": "neg" if row.lower_is_better else "pos",
                    "lower": "pos" if row.lower_is_better else "neg"}.get(word, "zero")
+            against = "baseline" if arm == stats.baseline else esc(
+                f"{fmt(d.diff, dk, True)} [{fmt(d.low, dk, True)}, {fmt(d.high, dk, True)}]")
             rows.append([esc(row.label + (" (lower is better)" if row.lower_is_better else "")) if k == 0 else "",
-                         esc(arm), esc(s.n), esc(cell_text(s, row.kind)),
-                         "baseline" if arm == stats.baseline else esc(f"{fmt(d.diff, dk, True)} [{fmt(d.low, dk, True)}, "
-                                                                     f"{fmt(d.high, dk, True)}]"),
+                         esc(arm), esc(s.n), esc(cell_text(s, row.kind)), against,
                          esc(fmt_p(d.p_welch)) if d else "", esc(fmt_p(d.p_perm)) if d else "",
                          f'<span class="{cls}">{esc(word)}</span>' if d else ""])
     note = ('<p class="note">Per variant (runs that differ only in seed): mean ± sample std [95% t interval] over '
@@ -442,7 +442,7 @@ def _stats_section(stats) -> list[str]:
                " No per-prompt records (evals/): prompt noise is not in these intervals.") + "</p>")
     return ["<h2>Statistics over seeds</h2>", note,
             table(["number", "variant", "seeds", "mean ± std [95% interval]", "vs baseline [95% interval]",
-                        "Welch p", "perm. p", "verdict"], rows, 2)]
+                   "Welch p", "perm. p", "verdict"], rows, 2)]
 
 
 _COMPARE_DRIFT = [

@@ -200,9 +200,10 @@ def diff_text(d: Difference, kind: str) -> str:
 
 def format_text(table: StatsTable) -> str:
     """The table as plain text (what `cptlab study` prints at the end)."""
-    out = [f"Per variant: mean ± sample std [95% t interval] over seeds ({', '.join(f'{a}: {n}' for a, n in table.seeds.items())}). "
-           f"Against {table.baseline}: difference [95% interval] Welch p, exact permutation p -> verdict "
-           "(higher / lower only where the interval excludes 0). Accuracy in %, differences in points."]
+    seeds = ", ".join(f"{a}: {n}" for a, n in table.seeds.items())
+    out = [f"Per variant: mean ± sample std [95% t interval] over seeds ({seeds}). Against {table.baseline}: "
+           "difference [95% interval] Welch p, exact permutation p -> verdict (higher / lower only where the "
+           "interval excludes 0). Accuracy in %, differences in points."]
     for row in table.rows:
         out.append(f"{row.label}{' (lower is better)' if row.lower_is_better else ''}")
         for a in table.arms:
@@ -211,5 +212,6 @@ def format_text(table: StatsTable) -> str:
                 line += f"   vs {table.baseline}: {diff_text(row.vs_baseline[a], row.kind)}"
             out.append(line)
     if table.paired_rows:
-        out.append(f"{table.paired_rows} accuracy rows had per-prompt records: their intervals also resample prompts.")
+        out.append(f"{table.paired_rows} accuracy rows had per-prompt records: their intervals also resample "
+                   "prompts.")
     return "\n".join(out)
