@@ -403,6 +403,12 @@ def main() -> None:
     for fn in (teacher_stability, cot, ood, continual, collapse):
         fn(a.data)
     order = mechanism(a.data)
+    leads = [o["format -25%"] - o["accuracy -25%"] for o in order
+             if o["format -25%"] is not None and o["accuracy -25%"] is not None]
+    claim("F6.order", "the answer format breaks before the accuracy falls (format onset - accuracy onset < 0)",
+          "collapse_gpu + teacher_stability_gpu", "-", leads, arms="format -25% step - accuracy -25% step, per cell",
+          base="1c0ea617, 8eb1baff", scale=1.0,
+          note="cells as units; cells of one study share a base, so they are not fully independent")
     plot_mechanism(a.data, order, a.out.with_name("collapse_mechanism_gpu.png"))
     for r in ROWS:
         fmt = (lambda x: "–" if x is None else f"{x:+.2f}" if r["unit"] == "points" else f"{x:+.4f}")
