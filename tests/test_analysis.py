@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from cptlab.analysis.artifacts import (
-    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score, tokenize,
+    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score,
+    rollout_repetition, tokenize,
 )
 from cptlab.analysis.drift import (
     effective_rank, module_kind, parameter_drift, relative_l2, subspace_overlap, top_left_singular,
     update_spectrum, update_sparsity,
 )
 from cptlab.analysis.metrics import (
-    average_accuracy, backward_transfer, forgetting, forward_transfer, in_domain_gain, matrix_from_records,
-    mean_forgetting, ood_change, ood_columns,
+    average_accuracy, average_accuracy_trained, backward_transfer, forgetting, forward_transfer, in_domain_gain,
+    matrix_from_records, mean_forgetting, ood_change, ood_columns,
 )
 from cptlab.analysis.response import answer_change_rate, response_drift, token_kl
 from cptlab.analysis.summary import build_summary
@@ -45,6 +46,26 @@ def test_forgetting_and_gains():
     np.testing.assert_allclose(in_domain_gain(R, STAGES), [0.6, 0.5, 0.5])
     np.testing.assert_allclose(average_accuracy(R), [0.2, 1.3 / 3, 1.7 / 3, 0.6])
     np.testing.assert_allclose(average_accuracy(R, columns=[0, 2]), [0.25, 0.55, 0.5, 0.7])
+    # over the domains trained so far: after 1 a; after 2 a, b; after 3 a, b, c
+    np.testing.assert_allclose(average_accuracy_trained(R, STAGES), [np.nan, 0.8, 0.65, 1.8 / 3])
+
+
+def test_forgetting_takes_rows_after_training_unless_the_base_row_is_asked_for():
+    # domain b is best at the base (0.9), then 0.2 and 0.7 after stages 1 and 2, 0.4 at the end
+    Rb = np.array([[0.2, 0.9, 0.3],
+                   [0.8, 0.2, 0.3],
+                   [0.6, 0.7, 0.4],
+                   [0.5, 0.4, 0.9]])
+    # Chaudhry et al.: max over rows 1..S-1 -> a 0.8-0.5, b 0.7-0.4, c 0.4-0.9
+    np.testing.assert_allclose(forgetting(Rb), [0.3, 0.3, -0.5])
+    # base row included: b 0.9-0.4 = 0.5, c max(0.3, 0.3, 0.4) - 0.9
+    np.testing.assert_allclose(forgetting(Rb, include_base=True), [0.3, 0.5, -0.5])
+    assert mean_forgetting(Rb, STAGES) == pytest.approx(0.3)
+    assert mean_forgetting(Rb, STAGES, include_base=True) == pytest.approx(0.4)
+    # one stage: no row after training before the last, so no Chaudhry forgetting; with the base row,
+    # a domain that fell from 0.9 to 0.2 counts 0.7
+    assert np.isnan(forgetting(Rb[:2])).all()
+    np.testing.assert_allclose(forgetting(Rb[:2], include_base=True), [-0.6, 0.7, 0.0])
 
 
 def test_single_stage_and_missing_values():
@@ -294,8 +315,13 @@ def test_build_summary_full_run():
     assert out["accuracy_matrix_sampled"][1][0] == pytest.approx(0.255)
     assert out["bwt"] == pytest.approx(0.40 - 0.51)     # sorting after stage 2 vs after stage 1
     assert out["fwt"] == pytest.approx(0.32 - 0.50)     # arithmetic before its stage vs base
-    assert out["forgetting"] == pytest.approx({"sorting": 0.11, "sorting_ood": 0.05, "arithmetic": -0.10})
-    assert out["mean_forgetting"] == pytest.approx(0.11)
+    # Chaudhry: the row after stage 1 minus the final row; with the base row too, arithmetic's 0.50
+    assert out["forgetting"] == pytest.approx({"sorting": 0.11, "sorting_ood": 0.05, "arithmetic": -0.28})
+    assert out["forgetting_incl_base"] == pytest.approx({"sorting": 0.11, "sorting_ood": 0.05, "arithmetic": -0.10})
+    assert out["mean_forgetting"] == pytest.approx(0.11) and out["mean_forgetting_incl_base"] == pytest.approx(0.11)
+    assert out["average_accuracy_trained"][0] is None
+    assert out["average_accuracy_trained"][1:] == pytest.approx([0.51, 0.50])  # sorting; sorting and arithmetic
+    assert out["metrics_version"] == 2
     assert out["in_domain_gain"] == pytest.approx([0.31, 0.28])
     assert out["ood_change"][0] == pytest.approx(0.10) and out["ood_change"][1] is None
     assert out["worst_drop"][0]["domain"] == "arithmetic"
@@ -328,3 +354,13 @@ def test_matrix_from_records_gap():
     recs = [r for r in _records(2, with_end=True) if not (r["event"] == "eval" and r["stage"] == 1)]
     R_, domains, stage_domains = matrix_from_records(recs)
     assert R_.shape == (3, 3) and np.isnan(R_[1]).all() and stage_domains == [0, 2]
+
+
+def test_rollout_repetition_per_step():
+    # "abababab" in characters: 4-grams abab, baba, abab, baba, abab -> rep-4 = 1 - 2/5; bigrams: 7, 2 distinct
+    # "abcde": 2 distinct 4-grams of 2, rep 0; bigrams ab bc cd de. Corpus distinct-2: {ab, ba, bc, cd, de}
+    # (ab is in both) over 7 + 4 bigrams
+    out = rollout_repetition(["abababab", "abcde"])
+    assert out["rollout/repetition_rate"] == pytest.approx((0.6 + 0.0) / 2)
+    assert out["rollout/distinct_2"] == pytest.approx(5 / 11)
+    assert all(math.isnan(v) for v in rollout_repetition([]).values())

@@ -150,8 +150,9 @@ def test_compare_names_both_runs_and_groups_seeds(tmp_path):
     assert "grpo (GRPO→SDPO), 2 seeds" in text  # a and b differ only in seed and name
     assert "other (SFT), " not in text
     assert "<script" not in text.lower()
-    pngs = images(text)  # matrices, final bars, bars over seeds, average accuracy per stage, drift
-    assert len(pngs) == 5 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    # matrices, final bars, bars over seeds, bands over seeds, average accuracy per stage, drift
+    pngs = images(text)
+    assert len(pngs) == 6 and all(p.startswith(PNG_MAGIC) for p in pngs)
     assert "Drift and artifacts after each stage" in text
     no_drift = [make_run(tmp_path / d, name=d, drift=False) for d in ("x", "y")]
     assert "Drift and artifacts" not in write_compare(no_drift, tmp_path / "nd.html").read_text()

@@ -127,14 +127,16 @@ def report(run_dir: str = typer.Argument(..., help="A run directory.")) -> None:
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories to put side by side."),
     out: str = typer.Option("compare.html", "-o", "--out", help="Output HTML file."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are tested against "
+                                           "(a run name without its -s<seed> suffix; default: the first)."),
 ) -> None:
-    """Compare runs side by side (one colour per run; mean and spread over seeds)."""
+    """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds)."""
     from .report import write_compare
 
     for d in run_dirs:
         if not (Path(d) / "metrics.jsonl").exists():
             raise UserError(f"'{d}' is not a run directory (no metrics.jsonl)")
-    print(f"comparison written to {write_compare(run_dirs, out)}")
+    print(f"comparison written to {write_compare(run_dirs, out, baseline)}")
 
 
 @app.command()
@@ -146,6 +148,8 @@ def study(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the study's)."),
     jobs: int = typer.Option(1, "--jobs", help="Cells run in parallel (separate processes)."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants to run (default: all)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are tested against "
+                                           "(default: the study's first)."),
 ) -> None:
     """Run a grid of variants x seeds and write the comparison (resumes finished and stopped cells)."""
     from .config import ConfigError
@@ -159,7 +163,7 @@ def study(
             raise ConfigError("--seeds", seeds, "comma-separated integers, e.g. 0,1,2") from None
     _configure_threads()
     variant_list = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs, variants=variant_list)
+    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs, variants=variant_list, baseline=baseline)
 
 
 @app.command("studies")

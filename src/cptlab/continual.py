@@ -13,15 +13,19 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
+from .analysis import per_prompt
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
 from .errors import NumericalFault, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext
-from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
+from .models import (
+    build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model, weights_sha256,
+)
 from .optim import make_optimizer
 from .store import FollowerStore, RunStore
+from .tasks import eval_set_identity
 from .teacher import Teacher
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
@@ -94,6 +98,9 @@ class Driver:
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
                            final=final, domain=name, eval_seconds=seconds, **r.metrics())
         self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
+        identities = {n: eval_set_identity(n, cfg.eval.num_prompts, cfg.prompt.style) for n in results}
+        self.store.write_once(per_prompt.file_name(stage, step), per_prompt.encode(
+            stage, stage_name, step, global_step, final, results, identities, cfg.eval.num_samples))
         if final:
             console.print(eval_table(f"after stage {stage} ({stage_name})", {n: r.metrics() for n, r in results.items()}))
         return results
@@ -170,7 +177,9 @@ class Driver:
         t_start = time.perf_counter()
         state = self.setup()
         if state["path"] is None:
-            store.log("run_start", name=cfg.run.name, base=state["base_info"], domains=self.domains,
+            digest = weights_sha256(self.base_state) if self.info.is_main else None  # groups runs by base
+            base = {**state["base_info"], "weights_sha256": digest}
+            store.log("run_start", name=cfg.run.name, base=base, domains=self.domains,
                       stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
                               for i, s in enumerate(cfg.stages)])
             self.main_only(self.evaluate_and_drift, 0, "base", 0, 0)

@@ -3,7 +3,7 @@ format compliance and mean response length, per domain."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import EvalConfig, PromptConfig
 from .prompts import student_prompt
@@ -21,6 +21,10 @@ class DomainResult:
     samples: list[dict]
     texts: list[str]
     """Every greedy completion (for artifact analysis)."""
+    per_prompt: list[int] = field(default_factory=list)
+    """Greedy correctness of each held-out prompt (1/0), in eval-set order (for paired tests)."""
+    sampled_hits: list[int] | None = None
+    """Correct samples out of eval.num_samples for each prompt; None when no samples were drawn."""
 
     def metrics(self) -> dict:
         return dict(greedy_acc=self.greedy_acc, sampled_acc=self.sampled_acc, format_rate=self.format_rate,
@@ -39,16 +43,18 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     greedy_acc = sum(v.correct for v in verdicts) / n
     format_rate = sum(v.well_formed for v in verdicts) / n
     mean_length = float(greedy.lengths.mean())
-    sampled_acc = None
+    sampled_acc, sampled_hits = None, None
     if ecfg.num_samples > 0:
         k = ecfg.num_samples
         sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)],
                            max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, seed=seed, **gen)
         hits = [verify(examples[i // k], t, pcfg.style).correct for i, t in enumerate(sampled.texts)]
         sampled_acc = sum(hits) / len(hits)
+        sampled_hits = [sum(hits[i * k:(i + 1) * k]) for i in range(n)]
     samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
                for ex, text, v in list(zip(examples, greedy.texts, verdicts))[: ecfg.save_samples]]
-    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples, greedy.texts)
+    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples, greedy.texts,
+                        per_prompt=[int(v.correct) for v in verdicts], sampled_hits=sampled_hits)
 
 
 def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, *,

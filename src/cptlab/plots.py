@@ -328,3 +328,24 @@ def lines_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel:
     ax.set_ylim(-3, 103)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return data_uri(fig)
+
+
+def band_lines(series: list[tuple[str, str, list, list, list, list]], xlabel: str, ylabel: str,
+               ylim: tuple[float, float] | None = (-3, 103)) -> str:
+    """series: (label, colour, x, mean, low, high) per group: the mean as a line, [low, high] (e.g. a 95%
+    interval over seeds) as a shaded band; NaN bounds leave gaps."""
+    fig = _figure(7.0, 3.0)
+    ax = fig.add_subplot()
+    def arr(values: list) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+    for label, col, x, mean, low, high in series:
+        ax.fill_between(x, arr(low), arr(high), color=col, alpha=0.18, linewidth=0)
+        ax.plot(x, arr(mean), marker="o", markersize=3, linewidth=1.5, color=col, label=_short(label, 40))
+    _style(ax)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return data_uri(fig)

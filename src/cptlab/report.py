@@ -12,7 +12,6 @@ import html
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def load_run(run_dir: Path | str) -> Run:
 
 def _read_summary(root: Path, records: list[dict]) -> dict:
     """summary.json as written, its gaps filled by a fresh build_summary (older runs lack newer keys)."""
-    from .analysis.summary import build_summary
+    from .analysis.summary import REDEFINED, build_summary
 
     try:
         fresh = build_summary(records)
@@ -123,7 +122,11 @@ def _read_summary(root: Path, records: list[dict]) -> dict:
         on_disk = json.loads((root / "summary.json").read_text())
     except (OSError, ValueError):
         on_disk = {}
-    return {**fresh, **{k: v for k, v in on_disk.items() if v is not None}} if isinstance(on_disk, dict) else fresh
+    if not isinstance(on_disk, dict):
+        return fresh
+    if fresh and on_disk.get("metrics_version") != fresh.get("metrics_version"):
+        on_disk = {k: v for k, v in on_disk.items() if k not in REDEFINED}  # they meant something else then
+    return {**fresh, **{k: v for k, v in on_disk.items() if v is not None}}
 
 
 def _matrix(records: list[dict]) -> tuple[np.ndarray, list[str], list[int]]:
@@ -152,9 +155,11 @@ def _per(value, n: int, names: list[str]) -> list[float] | None:
 def numbers(run: Run) -> dict:
     """Forgetting/transfer numbers from the summary (built afresh from the records); NaN where absent."""
     S, D = len(run.stage_domains), len(run.domains)
-    sizes = {"average_accuracy": S + 1, "forgetting": D, "in_domain_gain": S, "ood_change": S}
+    sizes = {"average_accuracy": S + 1, "average_accuracy_trained": S + 1, "forgetting": D, "in_domain_gain": S,
+             "ood_change": S}
     out = {k: _per(run.summary.get(k), n, run.domains) or [math.nan] * n for k, n in sizes.items()}
-    return {**out, **{k: _num(run.summary.get(k)) for k in ("mean_forgetting", "bwt", "fwt")}}
+    return {**out, **{k: _num(run.summary.get(k)) for k in ("mean_forgetting", "mean_forgetting_incl_base", "bwt",
+                                                             "fwt")}}
 
 
 def headlines(run: Run) -> list[str]:
@@ -250,8 +255,10 @@ def _banners(run: Run) -> list[str]:
 def _metrics_section(run: Run, nums: dict) -> list[str]:
     avg = nums["average_accuracy"]
     scalar = table(["", "value"], [
-        ["average accuracy after the last finished stage", pct(avg[-1])],
+        ["average accuracy after the last finished stage, all domains", pct(avg[-1])],
+        ["average accuracy after the last finished stage, trained domains", pct(nums["average_accuracy_trained"][-1])],
         ["mean forgetting (points; lower is better)", pts(nums["mean_forgetting"], lower_is_better=True)],
+        ["mean forgetting, base row included (points)", pts(nums["mean_forgetting_incl_base"], lower_is_better=True)],
         ["backward transfer BWT (points; negative = forgetting)", pts(nums["bwt"])],
         ["forward transfer FWT (points; positive = earlier stages helped)", pts(nums["fwt"])]])
     stage_rows = [["0", "base", "", "", pct(avg[0]), "", ""]] + [
@@ -266,10 +273,13 @@ def _metrics_section(run: Run, nums: dict) -> list[str]:
         dom_rows.append([esc(d), esc(trained), pct(col[0]), pct(best), pct(col[-1]),
                          pts(nums["forgetting"][j], lower_is_better=True)])
     return ["<h2>Forgetting and transfer</h2>", '<div class="card">', scalar,
-            '<p class="note">Points are percentage points of greedy accuracy. Forgetting of a domain: its best '
-            'accuracy before the last stage minus its final one. BWT: mean change of each trained domain from '
-            'right after its own stage to the end. FWT: mean change of each domain, just before its own stage, '
-            'against the base model.</p><h3>Per stage</h3>',
+            '<p class="note">Points are percentage points of greedy accuracy. Forgetting of a domain (Chaudhry et '
+            'al. 2018): its best accuracy after any stage before the last minus its final one; mean forgetting '
+            'averages it over the domains trained before the last stage ("base row included" also counts the base '
+            "model's accuracy as a best). Average accuracy over trained domains: the domains trained up to that "
+            'stage. BWT: mean change of each trained domain from right after its own stage to the end. FWT: mean '
+            'change of each domain, just before its own stage, against the base model\'s accuracy on it.</p>'
+            '<h3>Per stage</h3>',
             table(["stage", "method", "domain", "steps", "avg acc", "in-domain gain", "OOD change"], stage_rows, 3),
             "<h3>Per domain</h3>",
             table(["domain", "trained at stage", "base", "best", "final", "forgetting"], dom_rows, 2), "</div>"]
@@ -379,13 +389,60 @@ def _final(run: Run, domain: str) -> float:
 
 
 def _spread(values: list[float], signed: bool) -> str:
-    """mean ± std, then min to max, of a seed group, in percent or in signed points."""
-    v = 100 * np.array([x for x in values if not math.isnan(x)], dtype=float)
-    if not v.size:
+    """mean ± sample std, then the 95% t interval, of a seed group, in percent or in signed points."""
+    from .analysis.stats import describe
+
+    s = describe([100 * x for x in values if not math.isnan(x)])
+    if not s.n:
         return '<span class="muted">–</span>'
     f = "{:+.1f}" if signed else "{:.1f}"
-    return (f"{f.format(v.mean())} ± {v.std():.1f}<br>"
-            f"<span class='muted'>{f.format(v.min())} to {f.format(v.max())}</span>")
+    if s.n == 1:
+        return f.format(s.mean)
+    return (f"{f.format(s.mean)} ± {s.std:.1f}<br>"
+            f"<span class='muted'>95%: {f.format(s.low)} to {f.format(s.high)}</span>")
+
+
+def _arms(runs: list[Run], groups: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Seed groups named by their runs' name without the seed suffix (a study's variant names)."""
+    arms: dict[str, list[int]] = {}
+    for members in groups.values():
+        first = runs[members[0]]
+        name = _SEED_SUFFIX.sub("", first.name) or first.name
+        arms[name if name not in arms else f"{name} [{first.root.name}]"] = members
+    return arms
+
+
+def _stats_section(stats) -> list[str]:
+    """compare.html's statistics table (analysis/compare.py): one row per number and variant."""
+    from .analysis.compare import cell_text, fmt, fmt_p
+    from .analysis.stats import direction_word
+
+    rows = []
+    for row in stats.rows:
+        for k, arm in enumerate(stats.arms):
+            s, d = row.per_arm[arm], row.vs_baseline.get(arm)
+            dk = "raw" if row.kind == "raw" else "pts"
+            word = direction_word((d.low, d.high)) if d else ""
+            cls = {"higher": "neg" if row.lower_is_better else "pos",
+                   "lower": "pos" if row.lower_is_better else "neg"}.get(word, "zero")
+            against = "baseline" if arm == stats.baseline else esc(
+                f"{fmt(d.diff, dk, True)} [{fmt(d.low, dk, True)}, {fmt(d.high, dk, True)}]")
+            rows.append([esc(row.label + (" (lower is better)" if row.lower_is_better else "")) if k == 0 else "",
+                         esc(arm), esc(s.n), esc(cell_text(s, row.kind)), against,
+                         esc(fmt_p(d.p_welch)) if d else "", esc(fmt_p(d.p_perm)) if d else "",
+                         f'<span class="{cls}">{esc(word)}</span>' if d else ""])
+    note = ('<p class="note">Per variant (runs that differ only in seed): mean ± sample std [95% t interval] over '
+            f'seeds. Against the baseline <b>{esc(stats.baseline)}</b> (<code>--baseline</code>): the difference of '
+            "means with its 95% interval (Welch's t over seeds; where every run has per-prompt records of the same "
+            "eval set, widened to also cover the hierarchical bootstrap over seeds and prompts), Welch's p and the "
+            "exact permutation p over seeds (with 3 vs 3 seeds it cannot go below 0.10). Verdict rule: higher or "
+            "lower only where the interval excludes zero, else inconclusive. Accuracy in %, differences and "
+            "forgetting/BWT/FWT in points."
+            + (f" {stats.paired_rows} accuracy rows use per-prompt records." if stats.paired_rows else
+               " No per-prompt records (evals/): prompt noise is not in these intervals.") + "</p>")
+    return ["<h2>Statistics over seeds</h2>", note,
+            table(["number", "variant", "seeds", "mean ± std [95% interval]", "vs baseline [95% interval]",
+                   "Welch p", "perm. p", "verdict"], rows, 2)]
 
 
 _COMPARE_DRIFT = [
@@ -401,7 +458,12 @@ _COMPARE_DRIFT = [
 ]
 
 
-def build_compare(runs: list[Run]) -> str:
+def build_compare(runs: list[Run], baseline: str | None = None) -> str:
+    """compare.html; `baseline` names the variant (seed group) the others are tested against (default:
+    the first)."""
+    from .analysis.compare import RunData, build_table
+    from .analysis.stats import describe
+
     labels = [run_label(r) for r in runs]
     labels = [f"{lab} [{r.root.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
     groups: dict[str, list[int]] = {}
@@ -412,6 +474,9 @@ def build_compare(runs: list[Run]) -> str:
         for k, i in enumerate(members):
             colours[i] = plots.shade(plots.color(g), 0.45 * k / max(1, len(members) - 1))
     seeded = [g for g in groups.values() if len(g) > 1]
+    arms = _arms(runs, groups)
+    stats = build_table({a: [RunData(runs[i].name, runs[i].root, runs[i].records) for i in m] for a, m in arms.items()},
+                        baseline)
     nums = [numbers(r) for r in runs]
     domains = list(dict.fromkeys(d for r in runs for d in r.domains))
 
@@ -446,17 +511,27 @@ def build_compare(runs: list[Run]) -> str:
                                                   for k, signed, _ in cols] for g in seeded]
     body += ["<h2>Forgetting and transfer</h2>", table(["run"] + [h for _, _, h in cols], rows),
              '<p class="note">Accuracy in %, the rest in percentage points. Seed groups (runs whose config differs '
-             "only in seed and name): mean ± std, then min to max.</p>"]
+             "only in seed and name): mean ± sample std, then the 95% t interval of the mean.</p>"]
+    body += _stats_section(stats)
     bars = [(labels[i], colours[i], [100 * _final(r, d) for d in domains], None, None) for i, r in enumerate(runs)]
     body += ["<h2>Final accuracy per domain</h2>", img(plots.grouped_bars(domains, bars), "final accuracy")]
     if seeded:
         agg = []
         for g in seeded:
             per = np.array([[100 * _final(runs[i], d) for d in domains] for i in g], dtype=float)
-            with warnings.catch_warnings(action="ignore"):  # a domain no seed evaluated: NaN, no warning
-                stats = (list(f(per, 0)) for f in (np.nanmean, np.nanmin, np.nanmax))
-                agg.append((group_label(g), colours[g[0]], *stats))
-        body += ["<h3>Mean over seeds (whiskers: min to max)</h3>", img(plots.grouped_bars(domains, agg), "seeds")]
+            cis = [describe(per[:, j]) for j in range(len(domains))]
+            agg.append((group_label(g), colours[g[0]], [c.mean for c in cis], [c.low for c in cis],
+                        [c.high for c in cis]))
+        body += ["<h3>Mean over seeds (whiskers: 95% t interval)</h3>", img(plots.grouped_bars(domains, agg), "seeds")]
+        bands = []
+        for g in seeded:
+            n_rows = max(len(nums[i]["average_accuracy"]) for i in g)
+            by_stage = [describe([100 * nums[i]["average_accuracy"][s] for i in g
+                                  if s < len(nums[i]["average_accuracy"])]) for s in range(n_rows)]
+            bands.append((group_label(g), colours[g[0]], list(range(n_rows)), [c.mean for c in by_stage],
+                          [c.low for c in by_stage], [c.high for c in by_stage]))
+        body += ["<h3>Average accuracy over seeds (band: 95% t interval)</h3>",
+                 img(plots.band_lines(bands, "stage (0 = base)", "mean greedy accuracy, all domains (%)"), "bands")]
     lines = [(labels[i], colours[i], list(range(len(n["average_accuracy"]))), [100 * v for v in n["average_accuracy"]])
              for i, n in enumerate(nums)]
     body += ["<h2>Average accuracy after each stage</h2>",
@@ -480,11 +555,12 @@ def build_compare(runs: list[Run]) -> str:
     return page(f"cptlab comparison of {len(runs)} runs", body)
 
 
-def write_compare(run_dirs: list[Path | str], out: Path | str) -> Path:
-    """Write a side-by-side comparison of the runs to `out` (an .html file, or a directory: compare.html)."""
+def write_compare(run_dirs: list[Path | str], out: Path | str, baseline: str | None = None) -> Path:
+    """Write a side-by-side comparison of the runs to `out` (an .html file, or a directory: compare.html),
+    testing every variant against `baseline` (a variant's name; default the first)."""
     if not run_dirs:
         raise UserError("compare needs at least one run directory")
     out = Path(out)
     out = out / "compare.html" if out.is_dir() or not out.suffix else out
-    atomic_write_text(out, build_compare([load_run(d) for d in run_dirs]))
+    atomic_write_text(out, build_compare([load_run(d) for d in run_dirs], baseline))
     return out

@@ -244,6 +244,18 @@ class RunStore:
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.root / name, obj)
 
+    def write_once(self, name: str, text: str) -> bool:
+        """Write root/name atomically unless it already holds exactly `text` (a resumed run that redoes an
+        evaluation leaves the file it wrote before the crash untouched). Returns whether it wrote."""
+        path, data = self.root / name, text.encode()
+        try:
+            if path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+        atomic_write_bytes(path, data)
+        return True
+
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints (renamed into place, with state.json), oldest first. Temp dirs that a
@@ -303,3 +315,6 @@ class FollowerStore(RunStore):
 
     def write_json(self, name: str, obj: Any) -> None:
         pass
+
+    def write_once(self, name: str, text: str) -> bool:
+        return False

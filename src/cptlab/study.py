@@ -77,9 +77,11 @@ def select_variants(study: StudyConfig, names: list[str] | None) -> dict[str, li
 
 
 def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[str] | None = None,
-              seeds: list[int] | None = None, jobs: int = 1, variants: list[str] | None = None) -> Path:
+              seeds: list[int] | None = None, jobs: int = 1, variants: list[str] | None = None,
+              baseline: str | None = None) -> Path:
     """Run (or resume) every cell of a study (or of the `variants` named), `jobs` at a time, then write
-    <out>/<study>/compare.html comparing those cells.
+    <out>/<study>/compare.html comparing those cells and print its statistics table (every variant
+    against `baseline`, default the first variant run).
 
     jobs > 1 runs cells as parallel `cptlab run` processes (CPU threads split between them; on a GPU
     they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
@@ -90,15 +92,20 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
     study = load_study(name)
     if jobs < 1:
         raise ConfigError("--jobs", jobs, "an integer >= 1")
+    chosen = select_variants(study, variants)
+    if baseline is not None and baseline not in chosen:
+        raise ConfigError("--baseline", baseline, "one of the variants run: " + ", ".join(chosen))
     study_name = Path(name).stem
     root = Path(out_dir) / study_name
     cells: list[tuple[Path, list[str]]] = []
-    for variant, extra in select_variants(study, variants).items():
+    arms: dict[str, list[Path]] = {}
+    for variant, extra in chosen.items():
         for seed in (seeds if seeds else study.seeds):
             overrides = [*study.overrides, *extra, *(extra_overrides or []), f"run.seed={seed}",
                          f"run.name={variant}-s{seed}"]
             load_config(study.preset, overrides)  # CLI overrides validated before any work
             cells.append((root / f"{variant}-s{seed}", overrides))
+            arms.setdefault(variant, []).append(root / f"{variant}-s{seed}")
     pending = []
     for cell, overrides in cells:
         if _cell_done(cell):
@@ -114,9 +121,19 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
                 run_continual(load_config(study.preset, overrides), out_dir=str(cell), overwrite=True)
     elif pending:
         _run_parallel(study, study_name, root, pending, jobs)
-    out = write_compare([cell for cell, _ in cells], root / "compare.html")
+    out = write_compare([cell for cell, _ in cells], root / "compare.html", baseline)
     _say(f"[study {study_name}] comparison written to {out}")
+    _say(study_statistics(arms, baseline))
     return out
+
+
+def study_statistics(arms: dict[str, list[Path]], baseline: str | None = None) -> str:
+    """The statistics table of compare.html as text (analysis/compare.py), for the study's end."""
+    from .analysis.compare import RunData, build_table, format_text
+    from .store import read_jsonl
+
+    data = {v: [RunData(c.name, c, read_jsonl(c / "metrics.jsonl")) for c in cells] for v, cells in arms.items()}
+    return format_text(build_table(data, baseline))
 
 
 def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list, jobs: int) -> None:

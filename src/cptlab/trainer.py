@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import distributed as dist
+from .analysis.artifacts import rollout_repetition
 from .config import MethodConfig, StageConfig
 from .errors import NumericalFault
 from .methods import METHODS, MethodContext, examples_per_step
@@ -137,7 +138,8 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
             global_step += 1
             dt = time.perf_counter() - t0
             tokens = float(batch.rollout.completion_mask.sum()) * dist.world_size()
-            stats = dist.all_reduce_mean({**batch.stats, **stats})  # ranks' means (a collective: all call it)
+            stats = {**batch.stats, **rollout_repetition(batch.rollout.texts), **stats}
+            stats = dist.all_reduce_mean(stats)  # ranks' means (a collective: all call it)
             run.log("train", stage=run.index, domain=stage.domain, method=m.name, step=step + 1,
                     global_step=global_step, lr=run.optimizer.param_groups[0]["lr"], **stats,
                     skipped_batches=skipped, step_seconds=dt, rollout_seconds=t_rollout, tokens_per_second=tokens / dt)

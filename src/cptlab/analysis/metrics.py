@@ -75,33 +75,52 @@ def _column(R: np.ndarray, row: int, col: int) -> float:
 
 
 def average_accuracy(R: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
-    """Mean accuracy of each row over `columns` (all domains if None): [S+1, D] -> [S+1]."""
+    """Mean accuracy of each row over `columns` (all domains if None): [S+1, D] -> [S+1].
+
+    Over all D evaluated domains: A_all(k) = (1/D) sum_j R[k, j] (trained, untrained and OOD alike)."""
     R = np.asarray(R, dtype=float)
     sub = R if columns is None else R[:, list(columns)]
     return np.array([_nanmean(row) for row in sub])
 
 
-def forgetting(R: np.ndarray) -> np.ndarray:
-    """Forgetting of each domain after the last stage (Chaudhry et al. 2018): [S+1, D] -> [D].
+def average_accuracy_trained(R: np.ndarray, stage_domains: Sequence[int]) -> np.ndarray:
+    """Average accuracy over the domains trained so far (Chaudhry et al. 2018's A_k): [S+1, D] -> [S+1].
 
-    f_d = max_{l < S} R[l, d] - R[S, d], with the base model (row 0) among the earlier rows. It is
-    signed: negative when the final accuracy is the best so far. NaN with a single row (S = 0).
+    A_k = mean over the distinct domains d_1..d_k trained at stages 1..k of R[k, d]; row 0 (nothing
+    trained yet) is NaN."""
+    R = _check(R, stage_domains, "average_accuracy_trained")
+    out = [float("nan")]
+    for k in range(1, R.shape[0]):
+        seen = sorted({d for d in stage_domains[:k] if 0 <= d < R.shape[1]})
+        out.append(_nanmean(R[k, seen]) if seen else float("nan"))
+    return np.array(out)
+
+
+def forgetting(R: np.ndarray, include_base: bool = False) -> np.ndarray:
+    """Forgetting of each domain after the last stage S: [S+1, D] -> [D].
+
+    Chaudhry et al. 2018 (the default): f_j = max_{l in 1..S-1} R[l, j] - R[S, j], the best accuracy
+    of any earlier row *after training* minus the final one; NaN when S < 2 (no such row).
+    include_base=True takes the maximum over rows 0..S-1, the base model (row 0) included: a domain
+    that training never brought back to its base accuracy then counts as forgotten (NaN when S < 1).
+    Signed: negative when the final accuracy is the best so far.
     """
     R = np.asarray(R, dtype=float)
-    if R.shape[0] < 2:
+    first = 0 if include_base else 1
+    earlier = R[first:-1]
+    if earlier.shape[0] == 0:
         return np.full(R.shape[1], np.nan)
-    earlier = R[:-1]
     best = np.array([np.nanmax(c) if not np.isnan(c).all() else np.nan for c in earlier.T])
     return best - R[-1]
 
 
-def mean_forgetting(R: np.ndarray, stage_domains: Sequence[int]) -> float:
-    """Mean forgetting over the domains trained at stages 1..S-1 (each counted once). NaN if S < 2."""
+def mean_forgetting(R: np.ndarray, stage_domains: Sequence[int], include_base: bool = False) -> float:
+    """Mean of `forgetting` over the domains trained at stages 1..S-1 (each counted once). NaN if S < 2."""
     R = _check(R, stage_domains, "mean_forgetting")
     trained = sorted({d for d in stage_domains[: len(stage_domains) - 1] if d >= 0})
     if not trained:
         return float("nan")
-    return _nanmean(forgetting(R)[trained])
+    return _nanmean(forgetting(R, include_base)[trained])
 
 
 def backward_transfer(R: np.ndarray, stage_domains: Sequence[int]) -> float:
@@ -116,7 +135,9 @@ def backward_transfer(R: np.ndarray, stage_domains: Sequence[int]) -> float:
 
 
 def forward_transfer(R: np.ndarray, stage_domains: Sequence[int]) -> float:
-    """FWT = mean_{s=2..S} R[s-1, d_s] - R[0, d_s], the base model as the reference b_d. NaN if S < 2.
+    """FWT = mean_{s=2..S} R[s-1, d_s] - b_{d_s}, with the baseline b_d = R[0, d], the base model's
+    accuracy on d (Lopez-Paz & Ranzato use a randomly initialised model; here the base model is the
+    natural reference). NaN if S < 2.
 
     Positive FWT: earlier stages already helped a domain before it was trained.
     """

@@ -14,9 +14,16 @@ import numpy as np
 
 from .artifacts import detect_collapse
 from .metrics import (
-    accuracy_matrix, average_accuracy, backward_transfer, forgetting, forward_transfer, in_domain_gain,
-    matrix_from_records, mean_forgetting, ood_change, ood_columns, worst_drop,
+    accuracy_matrix, average_accuracy, average_accuracy_trained, backward_transfer, forgetting, forward_transfer,
+    in_domain_gain, matrix_from_records, mean_forgetting, ood_change, ood_columns, worst_drop,
 )
+
+METRICS_VERSION = 2
+"""Bumped when a summary key changes meaning. 2: `forgetting` and `mean_forgetting` follow Chaudhry et
+al. 2018 (rows after training only); the earlier definition, base row included, is `*_incl_base`."""
+REDEFINED = ("forgetting", "mean_forgetting")
+"""Keys whose meaning changed at METRICS_VERSION: a summary.json without that version must not be read
+for them (readers rebuild them from metrics.jsonl)."""
 
 
 def clean_json(obj):
@@ -103,13 +110,16 @@ def build_summary(records: list[dict]) -> dict:
 
     nan_stages = [float("nan")] * n_stages
     gains, oods, drops = list(nan_stages), list(nan_stages), [None] * n_stages
-    avg = avg_sampled = []
-    forget, mean_forget, bwt, fwt = {}, float("nan"), float("nan"), float("nan")
+    avg = avg_sampled = avg_trained = []
+    forget, forget_base = {}, {}
+    mean_forget = mean_forget_base = bwt = fwt = float("nan")
     if done >= 0:
         avg, avg_sampled = average_accuracy(R), average_accuracy(R_sampled)
-        forget = dict(zip(domains, forgetting(R)))
+        forget, forget_base = dict(zip(domains, forgetting(R))), dict(zip(domains, forgetting(R, include_base=True)))
         if done >= 1:
+            avg_trained = average_accuracy_trained(R, stage_domains)
             mean_forget = mean_forgetting(R, stage_domains)
+            mean_forget_base = mean_forgetting(R, stage_domains, include_base=True)
             bwt, fwt = backward_transfer(R, stage_domains), forward_transfer(R, stage_domains)
             gains[:done] = in_domain_gain(R, stage_domains)
             oods[:done] = ood_change(R, stage_domains, ood_columns(domains))
@@ -153,6 +163,7 @@ def build_summary(records: list[dict]) -> dict:
     stage_names = [named.get(s, n) for s, n in enumerate(stage_names)]
     to_rows = (lambda M: [list(row) for row in M])
     return clean_json({
+        "metrics_version": METRICS_VERSION,
         "name": start.get("name"),
         "base": start.get("base"),
         "stages": plan,
@@ -166,8 +177,11 @@ def build_summary(records: list[dict]) -> dict:
         "accuracy_matrix_sampled": to_rows(R_sampled),
         "average_accuracy": avg,
         "average_accuracy_sampled": avg_sampled,
+        "average_accuracy_trained": avg_trained,
         "forgetting": forget,
         "mean_forgetting": mean_forget,
+        "forgetting_incl_base": forget_base,
+        "mean_forgetting_incl_base": mean_forget_base,
         "bwt": bwt,
         "fwt": fwt,
         "in_domain_gain": gains,

@@ -7,6 +7,8 @@ another seed and drops any question that is in the domain's eval pool, so the tw
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +94,21 @@ def make_split(name: str, split: str, n: int, seed: int = 0, style: str = "compa
         if chunk > 50 and not out:
             raise RuntimeError(f"domain {name}: every generated training question is in the eval pool")
     return out[:n]
+
+
+@functools.lru_cache(maxsize=256)
+def eval_set_identity(name: str, n: int, style: str = "compact") -> dict[str, Any]:
+    """What makes two evaluations of `name` comparable prompt by prompt: the prompt count, a sha256 of the
+    generator config (reasoning-gym task, its config, the held-out pool's seed and size, the prompt
+    style) and a sha256 of the prompts and reference answers themselves."""
+    domain = get_domain(name)
+    config = dict(task=domain.task, task_config=domain.task_config, pool_seed=_seed(name, "eval"),
+                  pool_size=EVAL_POOL, style=style)
+    examples = make_split(name, "eval", n, style=style)
+    content = json.dumps([[ex.question, ex.answer] for ex in examples], separators=(",", ":"))
+    return {"prompts": n,  # cached: callers must not mutate it
+            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "prompts_sha256": hashlib.sha256(content.encode()).hexdigest()}
 
 
 @dataclass(frozen=True)
