@@ -41,35 +41,46 @@ def strict_loads(line: str):
     return json.loads(line, parse_constant=refuse)
 
 
-def cptlab_proc(*args: str, **kw) -> subprocess.Popen:
+def cptlab_proc(*args: str) -> subprocess.Popen:
     env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "cptlab.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 # -- 1. one run per directory ---------------------------------------------------------------------------
 
+# The `cptlab` command with its imports done first, then held until the test says go: both processes
+# reach the run directory within a millisecond or so, not seconds apart as their imports would put them.
+STARTER = ("import sys, cptlab.cli, cptlab.config, cptlab.continual; print('ready', file=sys.stderr, flush=True); "
+           "sys.stdin.readline(); sys.argv[0] = 'cptlab'; cptlab.cli.main()")
+
+
 @pytest.mark.slow
 def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
-    """Two real `cptlab run` processes into one --out, several times: one finishes, the other exits 2
-    with one line, and the directory holds exactly the winner's run."""
+    """Two real `cptlab run` processes into one --out, started together, several times: one finishes,
+    the other exits 2 with one line, and the directory holds exactly the first one's run."""
     stages = "stages=[{domain: arithmetic, steps: 3}]"  # with the smoke preset's checkpoint every 2 steps
     reference = run_continual(tiny(stages, "run.name=ref"), out_dir=tmp_path / "ref")
+    env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}
     for trial in range(3):
         out = tmp_path / f"t{trial}"
-        procs = {name: cptlab_proc("run", "smoke", *TINY, stages, f"run.name={name}", "--out", out)
+        procs = {name: subprocess.Popen([sys.executable, "-c", STARTER, "run", "smoke", *TINY, stages,
+                                         f"run.name={name}", "--out", str(out)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
                  for name in ("first", "second")}
-        results = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
         for p in procs.values():
-            p.stdout.close()
-            p.stderr.close()
+            assert p.stderr.readline().strip() == "ready"
+        for p in procs.values():
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = {name: (p.wait(timeout=300), p.communicate()[1]) for name, p in procs.items()}
         codes = sorted(code for code, _ in results.values())
         assert codes == [0, 2], results
         winner = next(name for name, (code, _) in results.items() if code == 0)
         err = next(e for code, e in results.values() if code == 2)
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in err, err
-        assert str(out) in lines[0] and ("in use by process" in lines[0] or "already exists" in lines[0]), lines[0]
+        assert str(out) in lines[0] and ("is in use by" in lines[0] or "already exists" in lines[0]), lines[0]
         # intact: the winner's config, summary and records, exactly once, as an undisturbed run wrote them
         assert yaml.safe_load((out / "config.yaml").read_text())["run"]["name"] == winner
         assert json.loads((out / "summary.json").read_text())["name"] == winner

@@ -228,7 +228,8 @@ def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previou
       num_tensors                       tensors compared (tied duplicates skipped)
 
     The spectra (float64 Gram eigendecompositions) run on `device` (default: where the tensors are):
-    1.1 s per call for a 76M model on an H100, 5.3 s on 2 CPU threads (benchmarks/bench_drift.py).
+    1.1 s per call for a 76M model on an H100, 5.3 s on 2 CPU threads (benchmarks/bench_drift.py)
+    before the CPU work was pinned to one thread (_fixed_threads).
     `base_subspaces`, when given, caches the base weights' top-k singular vectors by name across
     calls (filled here where missing).
     """
