@@ -249,6 +249,12 @@ class RunStore:
             os.close(self._lock)  # closing the descriptor drops the flock
             self._lock = None
 
+    def __del__(self) -> None:
+        try:  # a store dropped without close() must not keep its directory claimed in this process
+            self.release()
+        except Exception:
+            pass
+
     def abandon(self) -> None:
         """Remove what this process made (see `made`), then release: a run refused before its first
         record leaves nothing behind, and the corrected command is not refused as 'already exists'.
