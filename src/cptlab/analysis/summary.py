@@ -48,8 +48,8 @@ def _stage_collapse(train: list[dict]) -> dict | None:
 
 
 def _headline(s: int, method: str, domain: str, gain: float, ood: float, drop: tuple[str | None, float]) -> str:
-    g = 0 if math.isnan(gain) else _points(gain)
-    if math.isnan(gain):
+    g = None if math.isnan(gain) else _points(gain)  # NaN: the stage's domain is not in eval.domains
+    if g is None:
         text = f"Stage {s}: {method} on {domain} ({domain} not evaluated)"
     elif g > 0:
         text = f"Stage {s}: {method} gained {g} points on {domain}"
