@@ -49,10 +49,11 @@ def cptlab_proc(*args: str) -> subprocess.Popen:
 
 # -- 1. one run per directory ---------------------------------------------------------------------------
 
-# The `cptlab` command with its imports done first, then held until the test says go: both processes
-# reach the run directory within a millisecond or so, not seconds apart as their imports would put them.
-STARTER = ("import sys, cptlab.cli, cptlab.config, cptlab.continual; print('ready', file=sys.stderr, flush=True); "
-           "sys.stdin.readline(); sys.argv[0] = 'cptlab'; cptlab.cli.main()")
+# The `cptlab` command with its imports done (and the config code warmed up) first, then held until the
+# test says go: both processes reach the run directory some milliseconds apart, not the seconds their
+# imports would put between them (before the lock, half of such pairs corrupted the directory).
+STARTER = ("import sys, cptlab.cli, cptlab.config, cptlab.continual; cptlab.config.load_config('smoke'); "
+           "print('ready', file=sys.stderr, flush=True); sys.stdin.readline(); sys.argv[0] = 'cptlab'; cptlab.cli.main()")
 
 
 @pytest.mark.slow
@@ -62,7 +63,7 @@ def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
     stages = "stages=[{domain: arithmetic, steps: 3}]"  # with the smoke preset's checkpoint every 2 steps
     reference = run_continual(tiny(stages, "run.name=ref"), out_dir=tmp_path / "ref")
     env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}
-    for trial in range(3):
+    for trial in range(4):
         out = tmp_path / f"t{trial}"
         procs = {name: subprocess.Popen([sys.executable, "-c", STARTER, "run", "smoke", *TINY, stages,
                                          f"run.name={name}", "--out", str(out)], stdin=subprocess.PIPE,
