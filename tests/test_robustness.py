@@ -59,7 +59,7 @@ STARTER = ("import sys, cptlab.cli, cptlab.config, cptlab.continual; cptlab.conf
 @pytest.mark.slow
 def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
     """Two real `cptlab run` processes into one --out, started together, several times: one finishes,
-    the other exits 2 with one line, and the directory holds exactly the first one's run."""
+    the other exits 2 with one line, and the directory holds exactly the winner's run."""
     stages = "stages=[{domain: arithmetic, steps: 3}]"  # with the smoke preset's checkpoint every 2 steps
     reference = run_continual(tiny(stages, "run.name=ref"), out_dir=tmp_path / "ref")
     env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}

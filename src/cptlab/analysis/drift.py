@@ -7,7 +7,7 @@ delta = current - base (or current - previous stage). Spectral metrics follow:
                     weight's principal directions; we report the mean cos^2 of the principal angles
                     between the update's and the base weight's top-k left singular subspaces.
 All sums run in float32 or better, whatever the weights' dtype. `parameter_drift` gives the same
-bits at any CPU thread count (see _fixed_threads), so a run resumed on another machine size matches.
+bits at any CPU thread count (see _fixed_threads).
 """
 
 from __future__ import annotations
