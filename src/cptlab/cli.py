@@ -118,6 +118,7 @@ def report(run_dir: str = typer.Argument(..., help="A run directory.")) -> None:
     from .store import RunStore
 
     store = RunStore.open(Path(run_dir))
+    store.read_config()  # a corrupt config.yaml is one line, before anything is rewritten
     store.write_json("summary.json", build_summary(store.read_metrics()))
     print(f"report written to {write_report(run_dir)}")
 

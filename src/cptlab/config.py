@@ -8,7 +8,9 @@ Anything wrong raises `ConfigError` naming the field, the value and what was exp
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -439,13 +441,49 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
         raise ConfigError(field, value, expected)
 
 
+def _check_finite(node: Any, where: str) -> None:
+    """Every float field of a config dataclass (nested ones too) is a finite number: YAML reads .inf
+    and .nan as floats, and a range check such as lr > 0 lets infinity through."""
+    for f in dataclasses.fields(node):
+        value, path = getattr(node, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, path)
+        elif isinstance(value, float):
+            _check(math.isfinite(value), path, value, "a finite number")
+
+
+# the slots each prompt template may use; {{ and }} are literal braces
+TEMPLATE_SLOTS = {"question_template": ("question",), "reprompt_template": ("prompt", "solution", "feedback"),
+                  "solution_template": ("solution",), "feedback_template": ("feedback",)}
+
+
+def _check_template(name: str, template: str) -> None:
+    """The template's slots are among its allowed ones and it formats (balanced braces, no format
+    spec that a string refuses), so no KeyError or ValueError waits for the first prompt."""
+    allowed = TEMPLATE_SLOTS[name]
+    expected = ("a template whose slots are among " + ", ".join("{" + a + "}" for a in allowed)
+                + " (write {{ and }} for literal braces)")
+    try:
+        slots = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        unknown = [f for f in slots if f not in allowed]
+        if not unknown:
+            template.format(**{a: "x" for a in allowed})
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ConfigError(f"prompt.{name}", template, f"{expected}; it does not parse ({e})") from None
+    if unknown:
+        shown = ", ".join("{" + f + "}" for f in unknown)
+        raise ConfigError(f"prompt.{name}", template, f"{expected}; unknown slot {shown}")
+
+
 def _validate_method(m: MethodConfig, where: str) -> None:
+    _check_finite(m, where)
     _check(m.lr > 0, f"{where}.lr", m.lr, "a positive learning rate")
     _check(m.prompts_per_step >= 1, f"{where}.prompts_per_step", m.prompts_per_step, "an integer >= 1")
     _check(m.updates_per_batch >= 1, f"{where}.updates_per_batch", m.updates_per_batch, "an integer >= 1")
     _check(m.grad_clip > 0, f"{where}.grad_clip", m.grad_clip, "a positive gradient-norm clip")
     _check(m.warmup_steps >= 0, f"{where}.warmup_steps", m.warmup_steps, "an integer >= 0")
     _check(m.micro_batch_size >= 0, f"{where}.micro_batch_size", m.micro_batch_size, "an integer >= 0 (0: whole batch)")
+    _check(m.weight_decay >= 0, f"{where}.weight_decay", m.weight_decay, "a value >= 0")
     g, s = m.grpo, m.sdpo
     _check(0 < g.clip_eps < 1, f"{where}.grpo.clip_eps", g.clip_eps, "a value in (0, 1)")
     _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
@@ -464,6 +502,7 @@ def validate(cfg: Config) -> None:
     from .tasks import check_domain
 
     m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
+    _check_finite(cfg, "")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
         _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "an integer >= 1")
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
@@ -476,6 +515,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "a value in [0, 1)")
     _check(lo.rank == 0 or len(lo.target_modules) > 0, "model.lora.target_modules", lo.target_modules,
            "a non-empty list of module names")
+    for name in TEMPLATE_SLOTS:
+        _check_template(name, getattr(cfg.prompt, name))
     for slot in ("{prompt}",):
         _check(slot in cfg.prompt.reprompt_template, "prompt.reprompt_template",
                cfg.prompt.reprompt_template, f"a template containing {slot}")
@@ -490,9 +531,18 @@ def validate(cfg: Config) -> None:
     _check(e.num_samples >= 0, "eval.num_samples", e.num_samples, "an integer >= 0")
     _check(e.every >= 0, "eval.every", e.every, "an integer >= 0")
     _check(e.temperature > 0, "eval.temperature", e.temperature, "a positive temperature")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "an integer >= 1")
+    _check(e.save_samples >= 0, "eval.save_samples", e.save_samples, "an integer >= 0")
+    _check(e.probe_per_domain >= (1 if e.drift else 0), "eval.probe_per_domain", e.probe_per_domain,
+           "an integer >= 1 (response drift needs probe prompts; eval.drift=false turns it off)")
+    _check(len(e.domains) >= 1, "eval.domains", e.domains, "a non-empty list of domains (or [all])")
     _check(w.steps >= 0, "warmup.steps", w.steps, "an integer >= 0")
     _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
     _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
+    _check(w.warmup_steps >= 0, "warmup.warmup_steps", w.warmup_steps, "an integer >= 0")
+    _check(w.weight_decay >= 0, "warmup.weight_decay", w.weight_decay, "a value >= 0")
+    _check(not w.enabled or len(w.domains) >= 1, "warmup.domains", w.domains,
+           "a non-empty list of domains (or warmup.enabled=false)")
     _check(0 <= w.reprompt_fraction <= 1, "warmup.reprompt_fraction", w.reprompt_fraction, "a value in [0, 1]")
     _check(0 <= w.ood_fraction <= 1, "warmup.ood_fraction", w.ood_fraction, "a value in [0, 1]")
     _check(w.examples_per_domain >= 1, "warmup.examples_per_domain", w.examples_per_domain, "an integer >= 1")
@@ -505,6 +555,7 @@ def validate(cfg: Config) -> None:
         if d != "all":
             check_domain(d, f"eval.domains[{i}]")
     _validate_method(cfg.method, "method")
+    _check(len(cfg.stages) >= 1, "stages", cfg.stages, "a non-empty list of stages, e.g. [{domain: gcd, steps: 50}]")
     for i, stage in enumerate(cfg.stages):
         check_domain(stage.domain, f"stages[{i}].domain")
         _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")

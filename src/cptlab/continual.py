@@ -7,6 +7,7 @@ A run resumes from its newest complete checkpoint (`resume=DIR`).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from . import distributed as dist
 from .analysis import per_prompt
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
-from .errors import NumericalFault, UserError
+from .errors import ConfigError, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext
@@ -165,9 +166,16 @@ class Driver:
             self.store.truncate_metrics(0)
             return dict(stage=0, step=0, global_step=0, stage_done=False, path=None, base_info=info)
         state = load_state(ckpts[-1])
+        # the previous stage's end weights, for drift vs previous stage: the checkpoint itself at a
+        # stage end, else the stage-end checkpoint that the store keeps for this (see commit_checkpoint)
+        end = ckpts[-1] if state.get("stage_done") else self.store.latest_stage_end()
+        if end is not None and end != ckpts[-1] and self.cfg.eval.drift \
+                and load_state(end).get("stage") == state.get("stage", 0) - 1:
+            load_weights(end, self.model)
+            self.prev_state = snapshot(self.model)
         load_weights(ckpts[-1], self.model)  # a damaged checkpoint is refused before metrics are touched
         self.store.truncate_metrics(state["metrics_lines"])
-        if state.get("stage_done"):  # the previous stage's end weights, for drift vs previous stage
+        if end == ckpts[-1]:
             self.prev_state = snapshot(self.model)
         console.print(f"resuming from {ckpts[-1].name}")
         return {**state, "path": ckpts[-1], "base_info": info}
@@ -221,11 +229,7 @@ class Driver:
 
         run = StageRun(index, stage, mcfg, self.model, optimizer, ctx, sampler, cfg.run.seed, self.store.log,
                        on_step_end)
-        try:
-            global_step = train_stage(run, start_step, global_step)
-        except NumericalFault as fault:
-            self.store.log("fault", stage=index, action="stopped", reason=str(fault), global_step=global_step)
-            raise
+        global_step = train_stage(run, start_step, global_step)  # a NumericalFault is logged there
         self.main_only(self.evaluate_and_drift, index, stage.domain, stage.steps, global_step)
         self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
                        global_step=global_step, seconds=time.perf_counter() - t0)
@@ -233,21 +237,46 @@ class Driver:
         return global_step
 
 
+def check_paths(cfg: Config, run_dir: Path | None = None) -> None:
+    """What can be checked on disk before a run directory is created: the model directory, and the
+    warm-up cache directory where a base model will be written into it (else a bad one is found only
+    after the whole warm-up ran)."""
+    from .models import check_model_dir
+
+    if cfg.model.path:
+        check_model_dir(cfg.model.path)
+        return
+    cached = cache_path(cfg)
+    if cached is None or (cached / "config.json").exists() or (run_dir and (run_dir / "base" / "config.json").exists()):
+        return
+    existing = Path(os.path.expanduser(cfg.warmup.cache_dir))
+    while not existing.exists() and existing.parent != existing:  # the part of the path that exists
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError("warmup.cache_dir", cfg.warmup.cache_dir,
+                          f"a writable directory ('{existing}' is not one; '' turns the cache off)")
+
+
 def open_run(cfg: Config | None, *, out_dir: str | None = None, resume: str | None = None,
              overwrite: bool = False) -> tuple[Config, RunStore]:
+    """The run's config and its directory, created or opened, and claimed by this process until the
+    store is closed. Everything that can be checked is checked before anything is created."""
     if resume:
         store = RunStore.open(Path(resume))
         cfg = from_dict(Config, store.read_config())
         validate(cfg)
+        check_paths(cfg, store.root)
+        store.claim()
         return cfg, store
     assert cfg is not None
+    validate(cfg)
+    check_paths(cfg)
     root = Path(out_dir) if out_dir else Path(cfg.run.out_dir) / cfg.run.name
     return cfg, RunStore.create(root, to_dict(cfg), overwrite=overwrite)
 
 
 def check_world_size(cfg: Config, world: int) -> None:
     """Every stage's prompts per step must split evenly over the torchrun ranks."""
-    from .errors import ConfigError
     from .methods import examples_per_step
 
     for i, stage in enumerate(cfg.stages):
@@ -267,6 +296,8 @@ def _open_distributed(cfg: Config | None, out_dir, resume, overwrite) -> tuple[C
     store, root, error = None, None, None
     if info.is_main:
         try:
+            if cfg is not None:
+                check_world_size(cfg, info.world_size)  # before the run directory is created
             cfg, store = open_run(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite)
             root = str(store.root)
         except UserError as e:
@@ -280,7 +311,11 @@ def _open_distributed(cfg: Config | None, out_dir, resume, overwrite) -> tuple[C
         store = FollowerStore.open(Path(root))
         cfg = from_dict(Config, store.read_config())
         validate(cfg)
-    check_world_size(cfg, info.world_size)
+    try:
+        check_world_size(cfg, info.world_size)
+    except UserError:
+        store.close()
+        raise
     return cfg, store, info
 
 
@@ -292,7 +327,10 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
     try:
         try:
             Driver(cfg, store, info).run()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, Exception) and store.made and store.metrics_lines == 0:
+                store.abandon()  # refused before its first record: leave no directory to be refused later
+                raise
             try:  # the summary and report of what is on disk, without masking the original error
                 if info.is_main:
                     finish(cfg, store)

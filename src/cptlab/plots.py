@@ -4,15 +4,18 @@ series they draw, pulled from metrics.jsonl records.
 Figures are built on `matplotlib.figure.Figure` directly (rendered by the Agg canvas), never through
 pyplot: no global state, no display needed, and nothing leaks between reports. Accuracies are drawn
 in percent. Sizes stay near 6x3 inches at 100 dpi so an embedded report remains a few hundred KB.
+Labels are never parsed as mathtext: a run named 'a$_$b' is text, not a formula that fails to parse.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 from typing import Callable, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,6 +35,18 @@ def shade(hex_colour: str, towards_white: float) -> str:
     """The colour mixed with white by the given fraction (0: unchanged)."""
     rgb = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
     return "#" + "".join(f"{round(c + (255 - c) * towards_white):02x}" for c in rgb)
+
+
+def _plain_text(draw):
+    """Build and render a figure with mathtext off: every label (run names, domains) is literal text.
+    Texts read the setting when created, tick labels as late as the rendering, so it covers both."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -138,6 +153,7 @@ def draw_heatmap(ax, R: np.ndarray, row_labels: Sequence[str], col_labels: Seque
         side.set_visible(False)
 
 
+@_plain_text
 def accuracy_heatmap(R: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
                      trained: Sequence[int] = ()) -> str:
     width = min(9.0, 2.2 + 0.85 * len(col_labels))
@@ -147,6 +163,7 @@ def accuracy_heatmap(R: np.ndarray, row_labels: Sequence[str], col_labels: Seque
     return data_uri(fig)
 
 
+@_plain_text
 def heatmap_grid(panels: list[tuple[str, str, np.ndarray, list[str], list[str], list[int]]]) -> str:
     """Small multiples: (title, colour, R, row_labels, col_labels, trained) per run; as many a row as
     fit a ~13-inch page at a readable cell size (one a row for a twelve-domain matrix)."""
@@ -166,6 +183,7 @@ def heatmap_grid(panels: list[tuple[str, str, np.ndarray, list[str], list[str], 
     return data_uri(fig)
 
 
+@_plain_text
 def runs_grid(panels: dict[str, list[tuple[str, str, list, list]]], xlabel: str, ncols: int = 3) -> str:
     """One small panel per quantity, one line per run in the run's colour: {title: [(label, colour, x, y)]}."""
     ncols = min(ncols, len(panels))
@@ -208,6 +226,7 @@ def _stage_bands(ax, bounds: Sequence[tuple[float, float, str]]) -> None:
     ax.set_xlim(left, right)
 
 
+@_plain_text
 def accuracy_over_steps(series: dict[str, tuple[list, list]], bounds: Sequence[tuple[float, float, str]]) -> str:
     """series: domain -> (global_steps, accuracy %); bounds: (start, end, label) per stage."""
     fig = _figure(7.5, 3.2)
@@ -264,6 +283,7 @@ def _lines(ax, k: int, lines: dict[str, tuple[list, list]], bounds=(), marker: b
         ax.legend(fontsize=6.5, frameon=False, ncols=2 if len(lines) > 3 else 1)
 
 
+@_plain_text
 def curve_grid(panels: Panels, bounds: Sequence[tuple[float, float, str]] = (), ncols: int = 2) -> str:
     """Curves over global steps, one small panel each, stages shaded and labelled."""
     fig, items = _grid(panels, ncols, 3.6, 2.2)
@@ -277,6 +297,7 @@ def curve_grid(panels: Panels, bounds: Sequence[tuple[float, float, str]] = (), 
     return data_uri(fig)
 
 
+@_plain_text
 def stage_grid(panels: Panels, stage_labels: dict[int, str], ncols: int = 3) -> str:
     """Values measured once per stage (drift, artifacts), one small panel each, stages on the x axis."""
     fig, items = _grid(panels, ncols, 3.2, 2.3)
@@ -291,6 +312,7 @@ def stage_grid(panels: Panels, stage_labels: dict[int, str], ncols: int = 3) -> 
 
 
 # -- comparison ---------------------------------------------------------------------------------------
+@_plain_text
 def grouped_bars(categories: Sequence[str], bars: list[tuple[str, str, list, list | None, list | None]],
                  ylabel: str = "final greedy accuracy (%)") -> str:
     """bars: (label, colour, values, low, high) per series; low/high (may be None) draw min-max whiskers."""
@@ -316,6 +338,7 @@ def grouped_bars(categories: Sequence[str], bars: list[tuple[str, str, list, lis
     return data_uri(fig)
 
 
+@_plain_text
 def lines_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel: str) -> str:
     """series: (label, colour, x, y) per run, one line each."""
     fig = _figure(7.0, 3.0)

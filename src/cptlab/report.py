@@ -56,6 +56,9 @@ def pct(value) -> str:
     return '<span class="muted">–</span>' if math.isnan(x) else f"{100 * x:.1f}%"
 
 
+NOT_EVALUATED = '<span class="muted">not evaluated</span>'
+
+
 def pts(value, lower_is_better: bool = False) -> str:
     """A difference of accuracies in signed percentage points, green when good and red when bad."""
     x = _num(value)
@@ -104,7 +107,10 @@ def load_run(run_dir: Path | str) -> Run:
     if not (root / "metrics.jsonl").is_file():
         raise UserError(f"{root}: no metrics.jsonl here; expected a cptlab run directory")
     records = [r for r in read_jsonl(root / "metrics.jsonl") if isinstance(r, dict)]
-    config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else None
+    try:
+        config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"{root / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
     start = next((r for r in records if r.get("event") == "run_start"), {})
     return Run(root, records, _read_summary(root, records), config if isinstance(config, dict) else {},
                list(start.get("stages") or []), *_matrix(records))
@@ -261,16 +267,20 @@ def _metrics_section(run: Run, nums: dict) -> list[str]:
         ["mean forgetting, base row included (points)", pts(nums["mean_forgetting_incl_base"], lower_is_better=True)],
         ["backward transfer BWT (points; negative = forgetting)", pts(nums["bwt"])],
         ["forward transfer FWT (points; positive = earlier stages helped)", pts(nums["fwt"])]])
+    never = [j for j in range(len(run.domains)) if np.isnan(run.R[:, j]).all()]  # trained, not in eval.domains
     stage_rows = [["0", "base", "", "", pct(avg[0]), "", ""]] + [
         [str(s), *(esc(run.stage(s)[k]) for k in ("method", "domain", "steps")), pct(avg[s]),
-         pts(nums["in_domain_gain"][s - 1]), pts(nums["ood_change"][s - 1])]
+         NOT_EVALUATED if run.stage_domains[s - 1] in never else pts(nums["in_domain_gain"][s - 1]),
+         pts(nums["ood_change"][s - 1])]
         for s in range(1, len(run.stage_domains) + 1)]
     dom_rows = []
     for j, d in enumerate(run.domains):
         col = run.R[:, j]
         trained = ", ".join(str(s) for s, k in enumerate(run.stage_domains, start=1) if k == j) or "–"
-        best = np.nanmax(col) if not np.isnan(col).all() else math.nan
-        dom_rows.append([esc(d), esc(trained), pct(col[0]), pct(best), pct(col[-1]),
+        if j in never:
+            dom_rows.append([esc(d), esc(trained), *[NOT_EVALUATED] * 4])
+            continue
+        dom_rows.append([esc(d), esc(trained), pct(col[0]), pct(np.nanmax(col)), pct(col[-1]),
                          pts(nums["forgetting"][j], lower_is_better=True)])
     return ["<h2>Forgetting and transfer</h2>", '<div class="card">', scalar,
             '<p class="note">Points are percentage points of greedy accuracy. Forgetting of a domain (Chaudhry et '
@@ -319,7 +329,8 @@ def build_report(run: Run) -> str:
             '<div class="card headline"><ul>' + "".join(f"<li>{esc(h)}</li>" for h in headlines(run)) + "</ul></div>"]
     if run.R.size:
         body += ["<h2>Accuracy matrix</h2>", '<p class="note">Greedy accuracy (%) of the model after each stage '
-                 "(rows) on each evaluation domain (columns); the outlined cell is the stage's own domain.</p>",
+                 "(rows) on each evaluation domain (columns); the outlined cell is the stage's own domain; "
+                 "– : not evaluated.</p>",
                  img(plots.accuracy_heatmap(100 * run.R, [run.stage_label(s) for s in range(len(run.R))],
                                             run.domains, run.stage_domains), "accuracy matrix")]
     bounds = plots.stage_bounds(run.records, run.stage_label)

@@ -5,12 +5,20 @@ are appended, flushed and fsynced one by one; a line counts once its newline is 
 records how many metrics lines existed when it was taken and the size and sha256 of each of its
 files, so a resumed run truncates whatever a crash left after it (no line is lost or written twice)
 and refuses a checkpoint that was damaged after it was written.
+
+A run holds its directory for as long as it runs: an exclusive flock on `.lock` (taken before the
+directory is checked or written), so a second run into the same directory is refused instead of
+interleaving with the first. The kernel drops the lock with the process, so a killed run leaves no
+stale claim. JSON is written strictly: a NaN or infinite number is written as null (jq and other
+strict readers reject bare NaN); readers accept both.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -79,15 +87,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    atomic_write_text(path, json_text(obj, indent=1) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+def strict_json(obj: Any) -> Any:
+    """obj as plain JSON data: NaN/inf -> None, numpy and torch scalars -> Python numbers, arrays ->
+    lists, tuples -> lists, Paths -> strings."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (bool, int, float, str)):  # numpy, torch
+        return strict_json(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of obj (see strict_json); anything else that is not JSON data is a TypeError."""
+    return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
 
 
 def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
@@ -128,6 +149,9 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+LOCK_NAME = ".lock"
+
+
 class RunStore:
     """One run directory. Create with `RunStore.create` (new run) or `RunStore.open` (resume)."""
 
@@ -137,36 +161,112 @@ class RunStore:
         self.checkpoints = self.root / "checkpoints"
         self.samples = self.root / "samples"
         self._metrics_file = None
+        self._lock: int | None = None
         self.metrics_lines = 0
+        self.made = None
+        """What this process made: 'directory' (it created the run directory), 'contents' (it filled
+        an empty one), None (it opened an existing run); `abandon` removes exactly that."""
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, config: dict, overwrite: bool = False) -> "RunStore":
+        """A new run in `root`, claimed (see `claim`) before anything in it is looked at or written."""
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise UserError(f"run directory '{root}' already exists: pass --resume to continue it "
-                                "or --overwrite to replace it")
-            if not (root / "config.yaml").exists():
-                raise UserError(f"--overwrite refused: '{root}' is not empty and is not a cptlab run directory")
-            shutil.rmtree(root)
+        existed = root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            probe = root / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
         except OSError as e:
             raise UserError(f"output directory '{root}' is not writable ({e.strerror or e})") from None
         store = cls(root)
-        store.write_config(config)
+        store.claim()
+        try:
+            present = [p for p in root.iterdir() if p.name != LOCK_NAME]
+            if present and not overwrite:
+                raise UserError(f"run directory '{root}' already exists: pass --resume to continue it "
+                                "or --overwrite to replace it")
+            if present and not (root / "config.yaml").exists():
+                raise UserError(f"--overwrite refused: '{root}' is not empty and is not a cptlab run directory")
+            for p in present:  # the lock file stays: replacing it would let another run claim the new one
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            store.made = "contents" if existed else "directory"
+            try:
+                probe = root / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"output directory '{root}' is not writable ({e.strerror or e})") from None
+            store.write_config(config)
+        except BaseException:
+            store.release()
+            raise
         return store
 
     @classmethod
     def open(cls, root: Path) -> "RunStore":
+        """An existing run directory, for reading; `claim` it before writing."""
         root = Path(root)
         if not (root / "config.yaml").is_file():
-            raise UserError(f"--resume '{root}': not a run directory (no config.yaml)")
+            why = "no such directory" if not root.exists() else "no config.yaml in it"
+            raise UserError(f"'{root}' is not a run directory ({why}); expected a directory written by cptlab run")
         return cls(root)
+
+    def claim(self) -> None:
+        """Hold the run directory for this process until `release` or its exit: an exclusive flock on
+        root/.lock. The kernel drops a flock when its process dies, so a killed run can be resumed at
+        once; a second live run into the directory is refused with one line."""
+        if self._lock is not None:
+            return
+        path = self.root / LOCK_NAME
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"output directory '{self.root}' is not writable ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise UserError(f"run directory '{self.root}' is in use by {who} (a cptlab run writing it); "
+                                "wait for it to finish or use another --out") from None
+            try:  # a run that abandoned its directory may have removed the file we opened: take the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._lock = fd
+                return
+            os.close(fd)
+            if not self.root.is_dir():
+                break
+        raise UserError(f"run directory '{self.root}' was removed while it was being claimed")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
+
+    def __del__(self) -> None:
+        try:  # a store dropped without close() must not keep its directory claimed in this process
+            self.release()
+        except Exception:
+            pass
+
+    def abandon(self) -> None:
+        """Remove what this process made (see `made`), then release: a run refused before its first
+        record leaves nothing behind, and the corrected command is not refused as 'already exists'.
+        Never touches a directory that held a run before."""
+        self._close_metrics()
+        if self.made == "directory":
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.made == "contents":
+            for p in self.root.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        self.made = None
+        self.release()
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -187,7 +287,7 @@ class RunStore:
     def truncate_metrics(self, keep_lines: int) -> None:
         """Keep the first `keep_lines` complete lines (what the checkpoint saw), byte for byte; drop
         the rest. Refuses (changing nothing) if fewer lines exist than the checkpoint recorded."""
-        self.close()  # the file is replaced: appends must go to the new one
+        self._close_metrics()  # the file is replaced: appends must go to the new one
         data = self.metrics_path.read_bytes() if self.metrics_path.exists() else b""
         lines, _ = _complete_lines(data)
         records = [line for line in lines if line.strip()]
@@ -213,7 +313,7 @@ class RunStore:
 
     def log(self, event: str, **fields: Any) -> dict:
         record = {"event": event, **fields}
-        line = (json.dumps(record, default=_jsonable) + "\n").encode()
+        line = (json_text(record) + "\n").encode()
         if self._metrics_file is None:
             self._metrics_file = self._open_metrics()
         fd = self._metrics_file
@@ -232,10 +332,15 @@ class RunStore:
         self.metrics_lines += 1
         return record
 
-    def close(self) -> None:
+    def _close_metrics(self) -> None:
         if self._metrics_file is not None:
             os.close(self._metrics_file)
             self._metrics_file = None
+
+    def close(self) -> None:
+        """Close metrics.jsonl and release the claim on the directory."""
+        self._close_metrics()
+        self.release()
 
     # -- samples and summaries ---------------------------------------------------------------------
     def write_samples(self, tag: str, samples: dict[str, list[dict]]) -> None:
@@ -257,9 +362,9 @@ class RunStore:
         return True
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints (renamed into place, with state.json), oldest first. Temp dirs that a
-        crash left half-written start with '.' and are ignored."""
+    def _checkpoint_states(self) -> list[tuple[Path, dict]]:
+        """(dir, state.json) of the complete checkpoints (renamed into place, with state.json), oldest
+        first. Temp dirs that a crash left half-written start with '.' and are ignored."""
         if not self.checkpoints.exists():
             return []
         found = []
@@ -267,12 +372,23 @@ class RunStore:
             if d.name.startswith(".") or not d.is_dir() or not (d / "state.json").is_file():
                 continue
             try:
-                order = json.loads((d / "state.json").read_text()).get("order", 0)
+                state = json.loads((d / "state.json").read_text())
+                order = state.get("order", 0)
             except (OSError, ValueError, AttributeError):
                 raise UserError(f"checkpoint '{d}': state.json is corrupted; move that directory away to "
                                 "resume from an older checkpoint") from None
-            found.append((order, d))
-        return [d for _, d in sorted(found, key=lambda x: x[0])]
+            found.append((order, d, state))
+        return [(d, state) for _, d, state in sorted(found, key=lambda x: x[0])]
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first (see _checkpoint_states)."""
+        return [d for d, _ in self._checkpoint_states()]
+
+    def latest_stage_end(self) -> Path | None:
+        """The newest checkpoint taken at a stage end (kept beside the `keep` newest, see
+        commit_checkpoint): after a mid-stage resume, the previous stage's weights for drift."""
+        ends = [d for d, state in self._checkpoint_states() if state.get("stage_done")]
+        return ends[-1] if ends else None
 
     def new_checkpoint_dir(self, tag: str) -> tuple[Path, Path]:
         """(temp dir to fill, final path); call `commit_checkpoint` when the temp dir is complete."""
@@ -282,11 +398,13 @@ class RunStore:
 
     def commit_checkpoint(self, tmp: Path, final: Path, state: dict, keep: int) -> None:
         """Record the metrics line count and each file's size and sha256 in state.json (written last),
-        make the temp dir durable, and rename it into place; then drop all but the `keep` newest."""
+        make the temp dir durable, and rename it into place; then drop all but the `keep` newest and
+        the newest stage-end checkpoint (the previous stage's weights, which drift needs after a resume
+        from a mid-stage checkpoint; a stage-end checkpoint holds weights only)."""
         files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
         state = {**state, "metrics_lines": self.metrics_lines, "files": files}
-        write_synced(tmp / "state.json", (json.dumps(state, indent=1, default=_jsonable) + "\n").encode())
+        write_synced(tmp / "state.json", (json_text(state, indent=1) + "\n").encode())
         fsync_dir(tmp)
         old = None
         if final.exists():  # set the old copy aside; it is removed only once the new one is in place
@@ -296,8 +414,10 @@ class RunStore:
         fsync_dir(self.checkpoints)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        stage_end = self.latest_stage_end()
         for stale in self.checkpoint_dirs()[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale != stage_end:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 class FollowerStore(RunStore):

@@ -76,7 +76,9 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
         part = batch if size == n else batch.select(slice(start, start + size))
         loss, part_stats = method.loss(model, part)
         if dist.any_rank(not bool(torch.isfinite(loss))):
-            raise NumericalFault(f"loss is {float(loss)}" if not torch.isfinite(loss) else "loss is nan/inf on another rank")
+            # detached: float() of a tensor that requires grad warns (a UserWarning before the error line)
+            raise NumericalFault(f"loss is {float(loss.detach())}" if not torch.isfinite(loss)
+                                 else "loss is nan/inf on another rank")
         share = 1.0 if size == n else (method.loss_units(part) / local if local > 0 else size / n)
         (loss * (share * scale)).backward()
         loss_value += float(loss.detach()) * share  # the local batch's loss and stats (ranks are averaged
@@ -125,14 +127,16 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                     loss, stats = _step(run.model, run.optimizer,
                                         lambda: _backward(method, run.model, batch, m.micro_batch_size), m.grad_clip)
                 except NumericalFault as fault:
-                    # steps are named as the train records count them: step k is the k-th of the stage
+                    # steps are named as the train records count them: step k is the k-th of the stage,
+                    # and the faulty step's global step is the one its train record would have had
+                    where = dict(stage=run.index, step=step + 1, update=update, global_step=global_step + 1)
                     if m.nan_policy == "skip":
                         skipped += 1
-                        run.log("fault", stage=run.index, step=step + 1, update=update, global_step=global_step,
-                                action="skipped", reason=str(fault))
+                        run.log("fault", **where, action="skipped", reason=str(fault))
                         continue
-                    raise NumericalFault(f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of "
-                                         f"{stage.steps}: {fault}") from None
+                    reason = f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of {stage.steps}: {fault}"
+                    run.log("fault", **where, action="stopped", reason=reason)
+                    raise NumericalFault(reason) from None
                 method.after_step()
                 stats["loss"] = loss
             global_step += 1

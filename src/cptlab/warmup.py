@@ -74,7 +74,7 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
                                            ro.completion_mask, batch_size=len(batch))
             loss, _ = sft_loss(logprobs, ro.completion_mask)
             if not torch.isfinite(loss):  # never cache (or train from) a broken base model
-                raise NumericalFault(f"warm-up step {step + 1} of {w.steps}: loss is {float(loss)} "
+                raise NumericalFault(f"warm-up step {step + 1} of {w.steps}: loss is {float(loss.detach())} "
                                      f"(lower warmup.lr, now {w.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,11 +6,13 @@ delta = current - base (or current - previous stage). Spectral metrics follow:
   subspace overlap  "The Path Not Taken" (arXiv 2511.08567): RL updates tend to avoid the base
                     weight's principal directions; we report the mean cos^2 of the principal angles
                     between the update's and the base weight's top-k left singular subspaces.
-All sums run in float32 or better, whatever the weights' dtype.
+All sums run in float32 or better, whatever the weights' dtype. `parameter_drift` gives the same
+bits at any CPU thread count (see _fixed_threads).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -189,6 +191,24 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _fixed_threads(fn):
+    """Run fn with one CPU thread: LAPACK's eigh and large reductions split their work by the thread
+    count, and the last digits of effective_rank and subspace_overlap followed it (measured: 1 vs 2
+    threads). Work placed on a GPU is unaffected; the CPU part is small beside the spectra."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+@_fixed_threads
 @torch.no_grad()
 def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previous: dict[str, Tensor] | None = None,
                     top_k: int = 8, tol: float = 1e-3, device: torch.device | str | None = None,
@@ -208,7 +228,8 @@ def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previou
       num_tensors                       tensors compared (tied duplicates skipped)
 
     The spectra (float64 Gram eigendecompositions) run on `device` (default: where the tensors are):
-    1.1 s per call for a 76M model on an H100, 5.3 s on 2 CPU threads (benchmarks/bench_drift.py).
+    1.1 s per call for a 76M model on an H100, 5.3 s on 2 CPU threads (benchmarks/bench_drift.py)
+    before the CPU work was pinned to one thread (_fixed_threads).
     `base_subspaces`, when given, caches the base weights' top-k singular vectors by name across
     calls (filled here where missing).
     """

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from ..store import strict_json
 from .artifacts import detect_collapse
 from .metrics import (
     accuracy_matrix, average_accuracy, average_accuracy_trained, backward_transfer, forgetting, forward_transfer,
@@ -26,23 +27,12 @@ REDEFINED = ("forgetting", "mean_forgetting")
 for them (readers rebuild them from metrics.jsonl)."""
 
 
-def clean_json(obj):
-    """obj with NaN/inf -> None, numpy scalars/arrays -> Python numbers/lists, tuples -> lists."""
-    if isinstance(obj, dict):
-        return {str(k): clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return clean_json(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _points(x: float) -> int:
     return int(round(100 * x))
+
+
+def _percent(x: float) -> str:
+    return "not evaluated" if math.isnan(x) else f"{_points(x)}%"
 
 
 def _stage_collapse(train: list[dict]) -> dict | None:
@@ -65,9 +55,9 @@ def _stage_collapse(train: list[dict]) -> dict | None:
 
 
 def _headline(s: int, method: str, domain: str, gain: float, ood: float, drop: tuple[str | None, float]) -> str:
-    g = _points(gain)
-    if math.isnan(gain):
-        text = f"Stage {s}: {method} on {domain} (no evaluation of {domain})"
+    g = None if math.isnan(gain) else _points(gain)  # NaN: the stage's domain is not in eval.domains
+    if g is None:
+        text = f"Stage {s}: {method} on {domain} ({domain} not evaluated)"
     elif g > 0:
         text = f"Stage {s}: {method} gained {g} points on {domain}"
     elif g < 0:
@@ -137,7 +127,12 @@ def build_summary(records: list[dict]) -> dict:
     if done < 0:
         headline.append("No evaluation recorded yet.")
     else:
-        headline.append(f"Base model: mean greedy accuracy {_points(avg[0])}% over {len(domains)} domains.")
+        never = [d for j, d in enumerate(domains) if np.isnan(R[:, j]).all()]
+        n = len(domains) - len(never)
+        headline.append(f"Base model: mean greedy accuracy {_percent(avg[0])} over {n} evaluated "
+                        f"domain{'' if n == 1 else 's'}.")
+        if never:
+            headline.append(f"Trained but not evaluated (not in eval.domains): {', '.join(never)}.")
     for s in range(1, done + 1):
         method, domain = stage_info(s)
         d = drops[s - 1]
@@ -149,7 +144,7 @@ def build_summary(records: list[dict]) -> dict:
             headline.append(f"Stage {s} ({method} on {domain}) collapsed at step {flag['step']}: {flag['metric']} "
                             f"{flag['peak']:.2f} -> {flag['value']:.2f} ({', '.join(flag['signals'])}).")
     if done >= 2:
-        text = f"After {done} stages: average accuracy {_points(avg[0])}% -> {_points(avg[-1])}%"
+        text = f"After {done} stages: average accuracy {_percent(avg[0])} -> {_percent(avg[-1])}"
         if not any(map(math.isnan, (mean_forget, bwt, fwt))):
             text += f"; mean forgetting {_points(mean_forget)} points, BWT {_points(bwt):+d}, FWT {_points(fwt):+d}"
         headline.append(text + ".")
@@ -162,7 +157,7 @@ def build_summary(records: list[dict]) -> dict:
     named = dict(zip(names["stages"], names["stage_names"]))
     stage_names = [named.get(s, n) for s, n in enumerate(stage_names)]
     to_rows = (lambda M: [list(row) for row in M])
-    return clean_json({
+    return strict_json({
         "metrics_version": METRICS_VERSION,
         "name": start.get("name"),
         "base": start.get("base"),
