@@ -40,9 +40,9 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
         tok = build_tokenizer()
         model = build_tiny_model(cfg.model, tok, seed=0).to(device)
     m = cfg.method
-    # the base reference only where the method will use it (a KL term, or a teacher sourced from it)
-    needs_base = m.grpo.beta > 0 or (method == "sdpo" and m.sdpo.frozen_source == "base")
-    ctx = MethodContext(tok, cfg.prompt, cfg.rollout, device, base=base_reference(model) if needs_base else None)
+    # the frozen base reference, as a run holds it; the method uses it where its config asks (a KL
+    # term, KL-to-base logging, a teacher sourced from the base)
+    ctx = MethodContext(tok, cfg.prompt, cfg.rollout, device, base=base_reference(model))
     strategy = build_method(m, ctx, model)
     optimizer = make_optimizer(model, m.lr, m.weight_decay)
     sampler = TrainSampler(a.domain, 0, 1, cfg.prompt.style)

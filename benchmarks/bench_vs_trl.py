@@ -45,7 +45,7 @@ import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -132,6 +132,8 @@ def run_cptlab(name: str, a, w: Workload) -> dict:
     model, tok = load_model(str(w.model_dir), cfg.model, w.device)
     model.train()
     method = GRPO(cfg.method, MethodContext(tok, cfg.prompt, cfg.rollout, w.device, base=None), model)
+    # stop only at the unreachable EOS, as TRL does: a sampled pad is then an ordinary token on both sides
+    method.sampling = replace(method.sampling, stop_ids=(tok.eos_token_id,))
     optimizer = make_optimizer(model, cfg.method.lr, 0.0)
     begin, end, tokens = [], [], []
     for step in range(a.warmup_steps + a.steps):
