@@ -209,3 +209,18 @@ def test_every_eos_id_of_the_generation_config_stops_both_engines(tokenizer):
     with torch.no_grad():  # transformers.generate with the model's own generation config
         hf = m.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20)[:, ids.shape[1]:]
     assert hf[0, :len(prefix)].tolist() == prefix and bool((hf[0, len(prefix):] == tokenizer.pad_token_id).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_sampling_draws_from_its_generator_only(tokenizer):
+    """Replayed CUDA graphs draw from the device's default generator: generate lends it the given
+    generator's state, so seeded samples repeat and the caller's CUDA RNG is left as it was."""
+    m = noisy_model(tokenizer, scale=0.1).cuda()
+    spec = sampled(16, "fast", cuda_graphs=True)
+    torch.cuda.manual_seed(123)
+    state = torch.cuda.get_rng_state()
+    a = generate(m, tokenizer, PROMPTS * 2, spec, generator=make_generator(3, "cuda"))
+    b = generate(m, tokenizer, PROMPTS * 2, spec, generator=make_generator(3, "cuda"))
+    c = generate(m, tokenizer, PROMPTS * 2, spec, generator=make_generator(4, "cuda"))
+    assert a.texts == b.texts and a.texts != c.texts
+    assert torch.equal(torch.cuda.get_rng_state(), state)
