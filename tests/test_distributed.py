@@ -22,12 +22,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, port: int, body) -> None:
+def _entry(rank: int, port: int, body, timeout_minutes: float) -> None:
     """What torchrun would set, then init_from_env, then the check; exceptions reach the parent."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    info = D.init_from_env("cpu", timeout_minutes=1)
+    info = D.init_from_env("cpu", timeout_minutes=timeout_minutes)
     try:
         assert (info.rank, info.world_size, info.backend, info.device.type) == (rank, WORLD, "gloo", "cpu")
         assert D.rank() == rank and D.world_size() == WORLD and D.is_main() == (rank == 0)
@@ -36,8 +36,9 @@ def _entry(rank: int, port: int, body) -> None:
         D.destroy()
 
 
-def _spawn(body) -> None:
-    mp.spawn(_entry, args=(_free_port(), body), nprocs=WORLD, join=True)
+def _spawn(body, timeout_minutes: float = 1) -> None:
+    """Run body(info) on WORLD gloo ranks; a collective waits at most timeout_minutes for the others."""
+    mp.spawn(_entry, args=(_free_port(), body, timeout_minutes), nprocs=WORLD, join=True)
 
 
 class TwoDtypes(nn.Module):
