@@ -22,6 +22,7 @@ from cptlab.continual import snapshot
 from cptlab.lora import base_reference
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, set_compute_dtype
 from cptlab.prompts import student_prompt
+from cptlab.rollout import SamplingSpec
 from cptlab.tasks import make_split
 
 
@@ -72,9 +73,9 @@ def main() -> None:
     (ref_rank, ref_overlap), t_svd = timed(device, lambda: svd_reference(base, current, names, device))
     probes = [student_prompt(cfg.prompt, ex.question, tok) for d in eval_domains(cfg)
               for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style)]
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, seed=0, batch_size=cfg.rollout.batch_size)
-    timed(device, lambda: response_drift(model, base_model, tok, probes, **gen))  # engine build, graph capture
-    _, t_resp = timed(device, lambda: response_drift(model, base_model, tok, probes, **gen))
+    spec = SamplingSpec.for_eval(cfg.eval, cfg.rollout)
+    timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))  # engine build, graph capture
+    _, t_resp = timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "parameters": count_parameters(model), "matrices": len(names),

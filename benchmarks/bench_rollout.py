@@ -46,7 +46,7 @@ def time_engine(name: str, model, ids, mask, new_tokens: int, repeats: int, devi
     if name == "fast":
         eng = engine_for(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
                          cuda_graphs=True)
-        run = lambda: eng.generate(model, ids, mask, max_new_tokens=new_tokens, eos_id=-1, pad_id=0)  # noqa: E731
+        run = lambda: eng.generate(model, ids, mask, max_new_tokens=new_tokens, stop_ids=(), pad_id=0)  # noqa: E731
     else:
         hf_model = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cuda" else model
         run = lambda: hf_generate(hf_model, ids, mask, new_tokens, static=name == "static")  # noqa: E731

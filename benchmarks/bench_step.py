@@ -18,10 +18,10 @@ import torch
 
 from cptlab.config import load_config
 from cptlab.lora import base_reference
-from cptlab.methods import METHODS, MethodContext, examples_per_step
+from cptlab.methods import MethodContext, build_method, examples_per_step
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device
 from cptlab.optim import make_optimizer
-from cptlab.teacher import Teacher
+from cptlab.rollout import make_generator
 from cptlab.trainer import TrainSampler, _backward, _step
 
 
@@ -40,13 +40,10 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
         tok = build_tokenizer()
         model = build_tiny_model(cfg.model, tok, seed=0).to(device)
     m = cfg.method
-    teacher = None
-    if method == "sdpo":
-        s = m.sdpo
-        teacher = Teacher(s.teacher_mode, model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=None)
-    ctx = MethodContext(tok, cfg.prompt, cfg.rollout, device, base=base_reference(model) if m.grpo.beta > 0 else None,
-                        teacher=teacher)
-    strategy = METHODS[method](m, ctx)
+    # the frozen base reference, as a run holds it; the method uses it where its config asks (a KL
+    # term, KL-to-base logging, a teacher sourced from the base)
+    ctx = MethodContext(tok, cfg.prompt, cfg.rollout, device, base=base_reference(model))
+    strategy = build_method(m, ctx, model)
     optimizer = make_optimizer(model, m.lr, m.weight_decay)
     sampler = TrainSampler(a.domain, 0, 1, cfg.prompt.style)
     n = examples_per_step(m, cfg.rollout.group_size)
@@ -57,11 +54,11 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
         sync(device)
         t0 = time.perf_counter()
         model.train()
-        batch = strategy.make_batch(model, sampler.batch(step, n), seed=step)
+        batch = strategy.make_batch(model, sampler.batch(step, n), make_generator(step, device))
         sync(device)
         t1 = time.perf_counter()
         _step(model, optimizer, lambda: _backward(strategy, model, batch, m.micro_batch_size), m.grad_clip)
-        strategy.after_step()
+        strategy.after_batch()
         sync(device)
         t2 = time.perf_counter()
         if step >= a.warmup_steps:

@@ -45,7 +45,7 @@ import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +118,7 @@ def summarise(name: str, a, begin: list[float], end: list[float], tokens: list[f
 def run_cptlab(name: str, a, w: Workload) -> dict:
     from cptlab.methods import GRPO, MethodContext
     from cptlab.optim import make_optimizer
+    from cptlab.rollout import make_generator
     from cptlab.trainer import _backward, _step
 
     P, G, C = a.prompts, a.group_size, a.max_new_tokens
@@ -130,13 +131,15 @@ def run_cptlab(name: str, a, w: Workload) -> dict:
         f"model.dtype={'auto' if a.weights_dtype == 'float32' else a.weights_dtype}"])
     model, tok = load_model(str(w.model_dir), cfg.model, w.device)
     model.train()
-    method = GRPO(cfg.method, MethodContext(tok, cfg.prompt, cfg.rollout, w.device, base=None))
+    method = GRPO(cfg.method, MethodContext(tok, cfg.prompt, cfg.rollout, w.device, base=None), model)
+    # stop only at the unreachable EOS, as TRL does: a sampled pad is then an ordinary token on both sides
+    method.sampling = replace(method.sampling, stop_ids=(tok.eos_token_id,))
     optimizer = make_optimizer(model, cfg.method.lr, 0.0)
     begin, end, tokens = [], [], []
     for step in range(a.warmup_steps + a.steps):
         sync(w.device)
         begin.append(time.perf_counter())
-        batch = method.make_batch(model, w.examples[step * P:(step + 1) * P], seed=step)
+        batch = method.make_batch(model, w.examples[step * P:(step + 1) * P], make_generator(step, w.device))
         _step(model, optimizer, lambda: _backward(method, model, batch, cfg.method.micro_batch_size),
               cfg.method.grad_clip)
         sync(w.device)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cptlab.analysis.artifacts import (
-    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, ngram_growth, repetition_score,
-    rollout_repetition, tokenize,
+    artifact_stats, detect_collapse, distinct_n, longest_repeated_ngram, repetition_score, rollout_repetition,
+    tokenize,
 )
 from cptlab.analysis.drift import (
     effective_rank, module_kind, parameter_drift, relative_l2, subspace_overlap, top_left_singular,
@@ -206,12 +206,13 @@ def test_token_kl_and_answer_change():
 def test_response_drift_of_a_model_against_itself():
     from cptlab.config import ModelConfig
     from cptlab.models import build_tiny_model, build_tokenizer
+    from cptlab.rollout import SamplingSpec
 
     tok = build_tokenizer()
     m = build_tiny_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                      intermediate_size=64), tok)
     prompts = ["Q: 3+4\nA:", "Q: sort 3 1 2\nA:", "Q: gcd 6 4\nA:"]
-    out = response_drift(m, m, tok, prompts, max_new_tokens=6, seed=0, batch_size=2)
+    out = response_drift(m, m, tok, prompts, SamplingSpec(max_new_tokens=6, batch_size=2), seed=0)
     assert out["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert out["kl_to_base_k3"] == pytest.approx(0.0, abs=1e-6)
     assert out["answer_changed_frac"] == 0.0
@@ -249,14 +250,6 @@ def test_distinct_and_repetition():
     out = artifact_stats(["abab", "abcd"])  # char level: distinct-1 = 4 unique / 8
     assert out["distinct_1"] == 0.5 and out["longest_repeated_ngram"] == 1.0
     assert out["repetition_rate"] == 0.0  # rep-4 of a 4-char text: a single 4-gram
-
-
-def test_ngram_growth_finds_planted_ngram():
-    rows = ngram_growth(["12+3", "45+6"], ["12+3!!!", "45+6!!"], n=2, top=3)
-    # base: 6 bigrams, no '!!'; new: 11 bigrams, '!!' three times
-    assert rows[0]["ngram"] == "!!"
-    assert rows[0]["growth"] == pytest.approx(3 / 11) and rows[0]["base_freq"] == 0.0
-    assert {r["ngram"] for r in rows[1:]} == {"3!", "6!"}
 
 
 def test_detect_collapse():

@@ -81,3 +81,13 @@ def test_domains_lists_every_domain():
     assert proc.returncode == 0
     for name in ("arithmetic", "sorting_ood", "gcd"):
         assert name in proc.stdout
+
+
+def test_config_verb_prints_every_field_with_its_docstring():
+    proc = cptlab("config", "smoke", "method.sdpo.divergence=reverse_kl")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "method.sdpo.divergence = 'reverse_kl'   (default 'jsd')" in out
+    assert "KL(student || teacher)" in out  # its docstring, under it
+    assert "method.prompts_per_step = 4   (default 16)" in out and "rollout.max_new_tokens = 24" in out
+    assert_one_line_error(cptlab("config", "smoke", "method.sdpo.jsd_alpha=2"), "method.sdpo.jsd_alpha")

@@ -90,3 +90,41 @@ def test_run_seeds_share_one_base_model_unless_asked():
     assert cache_path(load_config("tiny", ["run.seed=2"])) == base  # a study's seeds share the base
     assert cache_path(load_config("tiny", ["run.seed=2", "warmup.seed=null"])) != base
     assert cache_path(load_config("tiny", ["warmup.seed=1"])) != base
+
+
+def test_every_config_field_has_a_docstring():
+    import dataclasses
+
+    import cptlab.config as C
+
+    classes = [v for v in vars(C).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+               and v.__module__ == C.__name__]
+    assert len(classes) >= 12
+    missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+               if not C.field_docs(cls).get(f.name, "").strip()]
+    assert missing == []
+
+
+def test_describe_lists_each_field_with_value_default_and_doc():
+    from cptlab.config import describe
+
+    rows = {key: (value, default, doc) for key, value, default, doc in describe(load_config("smoke"))}
+    value, default, doc = rows["method.prompts_per_step"]
+    assert (value, default) == (4, 16) and "Prompts per rollout batch" in doc
+    assert rows["method.sdpo.divergence"][:2] == ("jsd", "jsd") and "Jensen-Shannon" in rows["method.sdpo.divergence"][2]
+    assert rows["method.sdpo"][1] is None  # a section's own row
+
+
+def test_sdpo_alpha_of_older_configs_reads_as_divergence():
+    def sdpo(alpha):
+        return load_config("smoke", [f"method.sdpo.alpha={alpha}"]).method.sdpo
+
+    assert (sdpo(0.3).divergence, sdpo(0.3).jsd_alpha) == ("jsd", 0.3)
+    assert sdpo(0).divergence == "forward_kl" and sdpo(1).divergence == "reverse_kl"
+    assert sdpo("null").divergence == "jsd" and sdpo("null").jsd_alpha == 0.5  # null: divergence as set
+    with pytest.raises(ConfigError, match=r"method\.sdpo\.jsd_alpha.*forward_kl"):
+        load_config("smoke", ["method.sdpo.jsd_alpha=0"])
+    with pytest.raises(ConfigError, match=r"method\.sdpo\.divergence.*sampled_token"):
+        load_config("smoke", ["method.sdpo.distillation=sampled_token"])
+    assert load_config("smoke", ["method.sdpo.distillation=sampled_token",
+                                 "method.sdpo.divergence=reverse_kl"]).method.sdpo.distillation == "sampled_token"

@@ -10,8 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cptlab import distributed as D
-from cptlab.errors import UserError
-from cptlab.losses import masked_mean
+from cptlab.errors import ConfigError
 
 WORLD = 2
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -23,12 +22,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, port: int, body) -> None:
+def _entry(rank: int, port: int, body, timeout_minutes: float) -> None:
     """What torchrun would set, then init_from_env, then the check; exceptions reach the parent."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    info = D.init_from_env("cpu", timeout_minutes=1)
+    info = D.init_from_env("cpu", timeout_minutes=timeout_minutes)
     try:
         assert (info.rank, info.world_size, info.backend, info.device.type) == (rank, WORLD, "gloo", "cpu")
         assert D.rank() == rank and D.world_size() == WORLD and D.is_main() == (rank == 0)
@@ -37,8 +36,9 @@ def _entry(rank: int, port: int, body) -> None:
         D.destroy()
 
 
-def _spawn(body) -> None:
-    mp.spawn(_entry, args=(_free_port(), body), nprocs=WORLD, join=True)
+def _spawn(body, timeout_minutes: float = 1) -> None:
+    """Run body(info) on WORLD gloo ranks; a collective waits at most timeout_minutes for the others."""
+    mp.spawn(_entry, args=(_free_port(), body, timeout_minutes), nprocs=WORLD, join=True)
 
 
 class TwoDtypes(nn.Module):
@@ -88,42 +88,14 @@ def test_all_reduce_grads_of_two_halves_equals_full_batch_gradient():
     _spawn(_check_grads)
 
 
-def _token_loss(model, x, y, mask):
-    per_token = ((model(x) - y) ** 2).sum(-1)  # [B, T]
-    return masked_mean(per_token, mask)
+def _check_sum(info):
+    # each rank's loss units: rank 0 holds 9 tokens in 2 sequences, rank 1 one token in 1
+    local = {"tokens": 9.0, "sequences": 2.0} if info.rank == 0 else {"tokens": 1.0, "sequences": 1.0}
+    assert D.all_reduce_sum(local) == {"tokens": 10.0, "sequences": 3.0}
 
 
-def _check_token_scale(info):
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(4, 5, 3, generator=g), torch.randn(4, 5, 2, generator=g)
-    lengths = torch.tensor([5, 4, 1, 0])  # rank 0 holds 9 tokens, rank 1 holds 1
-    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
-
-    _token_loss(model, x, y, mask).backward()
-    full_grads = [p.grad.clone() for p in model.parameters()]
-
-    rows = D.shard(list(range(4)), info.rank, info.world_size)
-    for scaled in (False, True):
-        model.zero_grad(set_to_none=True)
-        loss = _token_loss(model, x[rows], y[rows], mask[rows])
-        scale = D.global_token_scale(mask[rows].sum())
-        assert scale == pytest.approx(2 * (9 if info.rank == 0 else 1) / 10)
-        (loss * scale if scaled else loss).backward()
-        D.all_reduce_grads(model.parameters())
-        # the scaled losses average to the global token-mean loss too (what the trainer logs)
-        mean_loss = D.all_reduce_mean({"loss": float(loss * scale)})["loss"]
-        assert mean_loss == pytest.approx(float(_token_loss(model, x, y, mask)))
-        same = all(torch.allclose(p.grad, q) for p, q in zip(model.parameters(), full_grads))
-        assert same == scaled  # without the rescale the ragged split gets the wrong gradient
-
-    # no counted token on any rank: the factor is 0, not a division by zero
-    assert D.global_token_scale(torch.tensor(0.0)) == 0.0
-
-
-def test_global_token_scale_matches_full_batch_token_mean_with_ragged_masks():
-    _spawn(_check_token_scale)
+def test_all_reduce_sum_gives_every_rank_the_global_loss_units():
+    _spawn(_check_sum)
 
 
 def _check_collectives(info):
@@ -149,7 +121,7 @@ def test_shard_splits_evenly_and_names_the_field_when_it_cannot():
     parts = [D.shard(items, r, 4) for r in range(4)]
     assert parts == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert D.shard(items, 0, 1) == items
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ConfigError) as err:
         D.shard(list(range(6)), 0, 4)
     message = str(err.value)
     assert "method.prompts_per_step" in message and "6" in message and "4 ranks" in message
@@ -176,7 +148,7 @@ def test_world_of_one_creates_no_group_and_every_call_is_a_no_op(monkeypatch):
     rewards = torch.tensor([1.0, 0.0])
     assert D.all_gather_tensor(rewards) is rewards
     assert D.all_reduce_mean({"loss": 2.0}) == {"loss": 2.0}
-    assert D.global_token_scale(torch.tensor(5.0)) == 1.0
+    assert D.all_reduce_sum({"tokens": 5.0}) == {"tokens": 5.0}
     assert D.broadcast_object([1, 2]) == [1, 2]
     assert D.any_rank(True) is True
     D.barrier()

@@ -152,7 +152,7 @@ def test_ema_teacher_moves_the_adapters_only():
     teacher = Teacher("ema", model, ema_rate=0.25)
     before = adapter_tensors(teacher.copy)
     train_one_step(model)
-    teacher.after_step()
+    teacher.update()
     student, after = adapter_tensors(model), adapter_tensors(teacher.copy)
     for name, (A, B) in after.items():
         torch.testing.assert_close(B, 0.75 * before[name][1] + 0.25 * student[name][1])
@@ -165,28 +165,39 @@ def test_ema_teacher_moves_the_adapters_only():
 def test_frozen_teacher_from_base_scores_like_the_base():
     model, _, base_logits = lora_model()
     train_one_step(model)
-    teacher = Teacher("frozen", model, base=base_reference(model), frozen_source="base")
+    teacher = Teacher("frozen", model, base=base_reference(model), source="base")
     torch.testing.assert_close(teacher.logits(lambda m: m(IDS).logits), base_logits)
+    ema = Teacher("ema", model, ema_rate=0.5, base=base_reference(model), source="base")
+    torch.testing.assert_close(ema.logits(lambda m: m(IDS).logits), base_logits)  # adapters' B zeroed
+    assert ema.state_dict() and all(is_adapter_key(k) for k in ema.state_dict())
+
+
+def sdpo_method(model):
+    from cptlab.config import MethodConfig, PromptConfig, RolloutConfig, SDPOConfig
+    from cptlab.methods import MethodContext, build_method
+
+    cfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(teacher_mode="ema", ema_rate=0.5))
+    return build_method(cfg, MethodContext(None, PromptConfig(), RolloutConfig(), torch.device("cpu")), model)
 
 
 def test_checkpoint_holds_adapters_only_and_restores_them(tmp_path):
     model, _, _ = lora_model()
-    teacher = Teacher("ema", model, ema_rate=0.5)
+    method = sdpo_method(model)
     optimizer = make_optimizer(model, 1e-2, 0.0)
     model(input_ids=IDS, labels=IDS).loss.backward()
     optimizer.step()
-    teacher.after_step()
+    method.after_batch()
     store = RunStore.create(tmp_path / "r", {"run": {"name": "x"}})
-    path = save_checkpoint(store, "stage1-step1", {"order": 1}, model, optimizer, teacher)
+    path = save_checkpoint(store, "stage1-step1", {"order": 1}, model, optimizer, method)
     for name in ("model.safetensors", "teacher.safetensors"):
         keys = load_file(str(path / name)).keys()
         assert keys and all(is_adapter_key(k) for k in keys), name
 
     fresh, _, _ = lora_model()  # the same base, new adapters (B = 0)
-    fresh_teacher = Teacher("ema", fresh)
+    fresh_method = sdpo_method(fresh)
     fresh_optimizer = make_optimizer(fresh, 1e-2, 0.0)
-    load_checkpoint(path, fresh, fresh_optimizer, fresh_teacher)
-    for a, b in ((model, fresh), (teacher.copy, fresh_teacher.copy)):
+    load_checkpoint(path, fresh, fresh_optimizer, fresh_method)
+    for a, b in ((model, fresh), (method.teacher.copy, fresh_method.teacher.copy)):
         want, got = effective_state_dict(a), effective_state_dict(b)
         assert all(torch.equal(want[k], got[k]) for k in want)
     assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()

@@ -8,10 +8,11 @@ import torch
 from cptlab.losses import (
     DIVERGENCES,
     LOSS_AGGREGATIONS,
-    blend_advantages,
     gather_logprobs,
     generalized_jsd,
     group_advantages,
+    grouped_advantages,
+    loss_units,
     grpo_loss,
     k3_kl,
     masked_mean,
@@ -88,6 +89,18 @@ def test_group_advantages_rejects_ragged_batch():
         group_advantages(torch.zeros(7), 4)
 
 
+def test_grouped_advantages_keyed_by_group_id_match_contiguous_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    ids = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])  # interleaved: group 0 = rows 0, 2, 4, 6
+    # group 0 rewards (1, 0, 1, 1): mean 0.75, unbiased std 0.5; group 1 (0, 1, 1, 0): mean 0.5, std sqrt(1/3)
+    adv = grouped_advantages(rewards, ids, eps=0.0)
+    assert adv[[0, 2, 4, 6]].tolist() == pytest.approx([0.5, -1.5, 0.5, 0.5])
+    s1 = math.sqrt(1 / 3)
+    assert adv[[1, 3, 5, 7]].tolist() == pytest.approx([-0.5 / s1, 0.5 / s1, 0.5 / s1, -0.5 / s1])
+    with pytest.raises(ValueError, match="same size"):
+        grouped_advantages(torch.zeros(3), torch.tensor([0, 0, 1]))
+
+
 def ragged_batch():
     """Two sequences, hand-picked ratios rho = exp(lp - old_lp).
 
@@ -105,12 +118,12 @@ def ragged_batch():
     [
         ("grpo", ((-1 - 1.2 - 0.5) / 3 + (2.2 + 1.6) / 2) / 2),  # 0.5
         ("bnpo", (-1 - 1.2 - 0.5 + 2.2 + 1.6) / 5),  # 0.22
-        ("dr_grpo", (-1 - 1.2 - 0.5 + 2.2 + 1.6) / (2 * 3)),  # 0.18333
+        ("dr_grpo", (-1 - 1.2 - 0.5 + 2.2 + 1.6) / (2 * 8)),  # 0.06875: B * max_completion_length = 2 * 8
     ],
 )
 def test_grpo_loss_each_loss_type_on_ragged_mask(loss_type, expected):
     logprobs, old, adv, mask = ragged_batch()
-    loss, stats = grpo_loss(logprobs, old, adv, mask, loss_type=loss_type)
+    loss, stats = grpo_loss(logprobs, old, adv, mask, loss_type=loss_type, max_completion_length=8)
     assert loss.item() == pytest.approx(expected, abs=1e-9)
     assert stats["clip_fraction"] == pytest.approx(2 / 5)
     assert stats["clip_fraction_high"] == pytest.approx(1 / 5)
@@ -118,6 +131,33 @@ def test_grpo_loss_each_loss_type_on_ragged_mask(loss_type, expected):
     assert stats["ratio_mean"] == pytest.approx((1 + 1.5 + 0.5 + 1.1 + 0.7) / 5)
     assert stats["advantage_mean"] == pytest.approx(-0.5) and stats["advantage_std"] == pytest.approx(1.5)
     assert set(LOSS_AGGREGATIONS) == {"grpo", "bnpo", "dr_grpo"}
+
+
+def test_dr_grpo_normaliser_is_the_completion_budget_not_the_padded_width():
+    """The bug: dr_grpo divided by the batch's padded width (mask.numel()), so the same 3-token sequence
+    got a per-token gradient of -1/(2*3) next to a 3-token sibling and -1/(2*40) next to a 40-token one.
+    Now it is sum / (B * L_max) with L_max the run's budget, whatever the batch's width."""
+    grads = []
+    for width, sibling_len in ((3, 3), (40, 40)):
+        lp = torch.zeros(2, width, dtype=torch.float64, requires_grad=True)
+        mask = torch.zeros(2, width)
+        mask[0, :3] = 1.0
+        mask[1, :sibling_len] = 1.0
+        loss, _ = grpo_loss(lp, lp.detach(), torch.tensor([1.0, 0.0], dtype=torch.float64), mask,
+                            loss_type="dr_grpo", max_completion_length=48)
+        loss.backward()
+        grads.append(lp.grad[0, :3].tolist())
+    # ratio 1, A = 1: d(-rho A)/d lp = -1 per token, / (B * L_max) = 2 * 48
+    assert grads[0] == pytest.approx([-1 / 96] * 3) and grads[1] == pytest.approx([-1 / 96] * 3)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(lp, lp.detach(), torch.ones(2, dtype=torch.float64), mask, loss_type="dr_grpo")
+
+
+def test_loss_units_of_each_loss_type():
+    mask = torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert loss_units(mask, "grpo") == 2.0  # sequences with a counted token
+    assert loss_units(mask, "bnpo") == 6.0  # counted tokens
+    assert loss_units(mask, "dr_grpo", max_completion_length=10) == 30.0  # rows * budget, not rows * width
 
 
 def test_grpo_loss_clip_eps_high_widens_upper_bound():
@@ -328,19 +368,6 @@ def test_sdpo_token_loss_gradient_is_log_ratio():
     # value: mean over tokens of (lp - tlp) * lp
     assert loss.item() == pytest.approx((((lp - tlp) * lp * mask).sum() / n).item())
     assert stats["log_ratio_mean"] == pytest.approx((((lp - tlp) * mask).sum() / n).item())
-
-
-def test_sdpo_token_loss_blends_grpo_advantages():
-    lp = torch.tensor([[-0.5, -1.0]], requires_grad=True)
-    tlp = torch.tensor([[-0.2, -1.5]])
-    grpo_adv = torch.tensor([2.0])
-    loss, _ = sdpo_token_loss(lp, tlp, torch.ones(1, 2), grpo_advantages=grpo_adv, blend_lambda=0.25)
-    loss.backward()
-    # A_t = 0.75 (tlp - lp) + 0.25 * 2 = (0.725, 0.125); gradient -A_t / 2
-    assert lp.grad[0].tolist() == pytest.approx([-0.725 / 2, -0.125 / 2])
-    assert blend_advantages(torch.ones(1, 2), grpo_adv, 1.0).tolist() == [[2.0, 2.0]]
-    with pytest.raises(ValueError, match="blend_lambda"):
-        sdpo_token_loss(lp, tlp, torch.ones(1, 2), blend_lambda=0.5)
 
 
 def test_sdpo_token_loss_importance_weight_clipped():

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from cptlab.config import EvalConfig, ModelConfig, PromptConfig
+from cptlab.config import EvalConfig, ModelConfig, PromptConfig, RolloutConfig
 from cptlab.errors import UserError
 from cptlab.evaluate import evaluate_domain
 from cptlab.models import build_tokenizer, check_model_dir, load_model, save_model
+from cptlab.rollout import SamplingSpec
 
 
 def test_tokenizer_roundtrip_and_answer_tags_are_single_tokens(tokenizer):
@@ -23,8 +24,9 @@ def test_saved_model_loads_back_and_evaluates_identically(tmp_path, tiny_model, 
     assert tok2(text)["input_ids"] == tokenizer(text)["input_ids"]  # spaces and newlines survive a reload
     assert tok2.decode(tok2(text)["input_ids"]) == text
     ecfg = EvalConfig(num_prompts=8, num_samples=2, max_new_tokens=12)
-    a = evaluate_domain(tiny_model, tokenizer, "sorting", ecfg, PromptConfig(), seed=1)
-    b = evaluate_domain(loaded, tok2, "sorting", ecfg, PromptConfig(), seed=1)
+    spec = SamplingSpec.for_eval(ecfg, RolloutConfig())
+    a = evaluate_domain(tiny_model, tokenizer, "sorting", ecfg, PromptConfig(), spec, seed=1)
+    b = evaluate_domain(loaded, tok2, "sorting", ecfg, PromptConfig(), spec, seed=1)
     assert a.metrics() == b.metrics()
     assert [s["completion"] for s in a.samples] == [s["completion"] for s in b.samples]
 

@@ -28,7 +28,7 @@ def test_prompts_layout():
 
 def test_sibling_demo_skips_self_and_uses_first_success():
     exs, comps, verdicts = _group([True, False, True, False])
-    rep = build_reprompts(exs, comps, verdicts, 4, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 4, SDPOConfig(), P)
     q = exs[0].question
     # row 0 succeeded: its own completion is skipped, the first other success (row 2) is the demo
     assert rep.texts[0] == teacher_prompt(P, q, comps[2], None)
@@ -40,27 +40,37 @@ def test_sibling_demo_skips_self_and_uses_first_success():
 
 def test_lone_success_and_no_success_cases():
     exs, comps, verdicts = _group([True, False])
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(), P)
     # the lone success has no other demo and no feedback: dropped; the failure gets the success as demo
     assert rep.distill == [False, True]
     exs, comps, verdicts = _group([False, False])
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(), P)
     assert rep.distill == [True, True]
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, None, "answer 0 is wrong")
     assert rep.stats["teacher/feedback_only_frac"] == 1.0
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(no_demo="skip"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(no_demo="skip"), P)
     assert rep.distill == [False, False] and rep.stats["teacher/dropped_frac"] == 1.0
+
+
+def test_siblings_are_the_rows_with_the_same_group_id():
+    exs, comps, verdicts = _group([False, False, True, True])
+    # groups interleaved: rows 0 and 2 form group 7, rows 1 and 3 group 3
+    rep = build_reprompts(exs, comps, verdicts, [7, 3, 7, 3], SDPOConfig(), P)
+    q = exs[0].question
+    assert rep.texts[0] == teacher_prompt(P, q, comps[2], None)  # its sibling in group 7 succeeded
+    assert rep.texts[1] == teacher_prompt(P, q, comps[3], None)
+    assert rep.distill == [True, True, False, False]  # the successes have no other success to learn from
 
 
 def test_answer_only_demo_reference_source_and_feedback_with_solution():
     exs, comps, verdicts = _group([False, True])
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(demo_content="answer_only"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(demo_content="answer_only"), P)
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, " <answer>1</answer>", None)
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(demo_source="reference"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(demo_source="reference"), P)
     assert rep.texts[1] == teacher_prompt(P, exs[0].question, exs[0].solution(), None)
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(feedback_only_without_solution=False), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(feedback_only_without_solution=False), P)
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, comps[1], "answer 0 is wrong")
-    rep = build_reprompts(exs, comps, verdicts, 2, SDPOConfig(skip_self_success=False), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(skip_self_success=False), P)
     assert rep.texts[1] == teacher_prompt(P, exs[0].question, comps[1], None)
 
 
@@ -92,8 +102,25 @@ def test_teacher_modes(tiny_model):
     torch.testing.assert_close(cur.logits(fwd), new_logits)
     torch.testing.assert_close(frozen.logits(fwd), ref_logits)
     torch.testing.assert_close(tr.logits(fwd), torch.lerp(ref_logits, new_logits, 0.25))
-    frozen.after_step()
+    frozen.update()
     torch.testing.assert_close(frozen.logits(fwd), ref_logits)
-    ema.after_step()
+    ema.update()
     for t, s in zip(ema.copy.parameters(), tiny_model.parameters()):
         torch.testing.assert_close(t, s / 1.5 * 0.5 + s * 0.5)
+
+
+def test_ema_teacher_from_base_starts_at_the_base_and_follows_the_student(tiny_model):
+    base = copy.deepcopy(tiny_model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)  # the student moved away from the base (a later stage)
+    ema = Teacher("ema", tiny_model, ema_rate=0.25, base=base, source="base")
+    assert all(torch.equal(t, b) for t, b in zip(ema.copy.parameters(), base.parameters()))
+    assert ema.state_dict() is not None  # its own copy: a checkpoint keeps it
+    base_before = [p.clone() for p in base.parameters()]
+    ema.update()
+    for t, b, s in zip(ema.copy.parameters(), base_before, tiny_model.parameters()):
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
+    assert all(torch.equal(b0, b1) for b0, b1 in zip(base_before, base.parameters()))  # the base stays put
+    frozen = Teacher("frozen", tiny_model, base=base, source="base")
+    assert frozen.copy is base and frozen.state_dict() is None  # the base itself, nothing to checkpoint

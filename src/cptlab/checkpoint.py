@@ -1,6 +1,7 @@
-"""Checkpoints: weights as safetensors, optimizer and RNG states, the EMA/frozen teacher, the loop
-position. Written into a temp dir and renamed (see store.py), verified against the sizes and
-sha256 digests in state.json before anything is loaded, and loaded with safe loaders only."""
+"""Checkpoints: weights as safetensors, optimizer and RNG states, the method's own state (each entry
+of `method.state_dict()` as `<name>.safetensors`, e.g. an EMA or frozen teacher), the loop position.
+Written into a temp dir and renamed (see store.py), verified against the sizes and sha256 digests in
+state.json before anything is loaded, and loaded with safe loaders only."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError
-from .lora import checkpoint_state_dict, is_adapter_key, is_peft_model
+from .lora import checkpoint_state_dict, load_checkpoint_state
 from .store import RunStore, file_digest, write_synced
 
 
-def _state_for_file(model) -> dict[str, torch.Tensor]:
-    # tied embeddings share storage; safetensors refuses shared tensors, so store contiguous clones.
-    # A LoRA model stores its adapters only (see lora.checkpoint_state_dict).
-    return {k: v.detach().contiguous().clone().cpu() for k, v in checkpoint_state_dict(model).items()}
+def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # tied embeddings share storage; safetensors refuses shared tensors, so store contiguous clones
+    return {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
 
 
 def _save_rng(path: Path) -> None:
@@ -49,16 +49,17 @@ def _load_rng(path: Path) -> None:
         raise UserError(f"checkpoint '{path}': the RNG state files are unreadable") from None
 
 
-def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, teacher=None, keep: int = 1) -> Path:
+def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, method=None, keep: int = 1) -> Path:
     """Fill a temp dir and rename it into place. Every file is serialised in memory and written by
     `write_synced`: safetensors' save_file and torch.save to a path return without an error on a full
     disk (ENOSPC on /dev/full), which would leave a truncated checkpoint; here it is an OSError naming
     the file. On any failure the temp dir is removed and the previous checkpoints are untouched."""
     tmp, final = store.new_checkpoint_dir(tag)
     try:
-        write_synced(tmp / "model.safetensors", save(_state_for_file(model)))
-        if teacher is not None and teacher.state_dict() is not None:
-            write_synced(tmp / "teacher.safetensors", save(_state_for_file(teacher.copy)))
+        # a LoRA model stores its adapters only (see lora.checkpoint_state_dict)
+        write_synced(tmp / "model.safetensors", save(_contiguous_cpu(checkpoint_state_dict(model))))
+        for key, tensors in (method.state_dict() if method is not None else {}).items():  # e.g. its teacher
+            write_synced(tmp / f"{key}.safetensors", save(_contiguous_cpu(tensors)))
         if optimizer is not None:
             buf = io.BytesIO()
             torch.save(optimizer.state_dict(), buf)
@@ -104,26 +105,36 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def load_weights(path: Path, model, name: str = "model.safetensors") -> None:
+def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     file = path / name
+    if not file.is_file():
+        raise UserError(f"checkpoint '{path}': {name} is missing; move that directory away to resume from an "
+                        "older checkpoint")
     try:
-        tensors = load_file(str(file))
+        return load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise UserError(f"checkpoint '{path}': {name} is unreadable ({str(e).splitlines()[0][:120]})") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
-    if is_peft_model(model):  # adapters-only checkpoint: the frozen base weights are already loaded
-        missing = [k for k in missing if is_adapter_key(k)]
-    if missing or unexpected:
-        raise UserError(f"checkpoint '{path}': {name} does not match the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def load_checkpoint(path: Path, model, optimizer=None, teacher=None) -> dict:
+def _load_into(load, path: Path, name: str, tensors: dict) -> None:
+    try:
+        load(tensors)
+    except ValueError as e:
+        raise UserError(f"checkpoint '{path}': {name} does not match the model ({e})") from None
+
+
+def load_weights(path: Path, model, name: str = "model.safetensors") -> None:
+    _load_into(lambda t: load_checkpoint_state(model, t), path, name, _read_tensors(path, name))
+
+
+def load_checkpoint(path: Path, model, optimizer=None, method=None) -> dict:
+    """Model, the method's own state (e.g. its teacher), optimizer and RNG states from `path`."""
     state = load_state(path)
     load_weights(path, model)
-    if teacher is not None and teacher.copy is not None and (path / "teacher.safetensors").exists():
-        load_weights(path, teacher.copy, "teacher.safetensors")
+    if method is not None and method.state_dict():
+        names = list(method.state_dict())
+        tensors = {key: _read_tensors(path, f"{key}.safetensors") for key in names}
+        _load_into(method.load_state_dict, path, " and ".join(f"{key}.safetensors" for key in names), tensors)
     if optimizer is not None and (path / "optimizer.pt").exists():
         try:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))

@@ -77,6 +77,28 @@ def run(
     console.print(f"run written to {root}", markup=False)
 
 
+@app.command("config")
+@friendly
+def config_cmd(
+    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]"),
+) -> None:
+    """Print the resolved config, every field with its value, its default where it differs, and its docstring."""
+    import dataclasses
+    import textwrap
+
+    from .config import describe, load_config
+
+    preset, overrides = _split_args(args)
+    for key, value, default, doc in describe(load_config(preset, overrides)):
+        if dataclasses.is_dataclass(value):
+            print(f"\n[{key}]  {doc}")
+            continue
+        changed = "" if value == default else f"   (default {default!r})"
+        print(f"{key} = {value!r}{changed}")
+        if doc:
+            print(textwrap.indent(textwrap.fill(" ".join(doc.split()), 96), "    "))
+
+
 @app.command("eval")
 @friendly
 def eval_cmd(
@@ -89,6 +111,7 @@ def eval_cmd(
     from .config import eval_domains, load_config
     from .evaluate import evaluate_all
     from .models import load_model, resolve_device
+    from .rollout import SamplingSpec
     from .store import atomic_write_json
     from .tasks import check_domain
     from .ui import console, eval_table
@@ -100,8 +123,7 @@ def eval_cmd(
     for n in names:
         check_domain(n, "--domains")
     model, tokenizer = load_model(model_dir, cfg.model, resolve_device(cfg.run.device))
-    results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, batch_size=cfg.rollout.batch_size,
-                           engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
+    results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, SamplingSpec.for_eval(cfg.eval, cfg.rollout),
                            seed=cfg.run.seed)
     rows = {n: r.metrics() for n, r in results.items()}
     console.print(eval_table(f"evaluation of {model_dir}", rows))

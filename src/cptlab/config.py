@@ -7,10 +7,14 @@ Anything wrong raises `ConfigError` naming the field, the value and what was exp
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import re
 import string
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ class LoraConfig:
     alpha: float = 16.0
     """Scale of the update: delta W = (alpha / rank) * B @ A."""
     dropout: float = 0.0
+    """Dropout on the adapter input during training forwards (sampling and behaviour log-probs run
+    in eval mode, without it)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Names of the linear layers that get adapters (Qwen2 / Llama names by default)."""
@@ -39,17 +45,25 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    """The base model: a local Hugging Face directory, or a small decoder built here from these sizes."""
+
     path: str | None = None
     """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Architecture of the model built from scratch (ignored when `path` is set)."""
     hidden_size: int = 96
+    """Width of the built decoder (a multiple of num_heads)."""
     num_layers: int = 6
-    """Depth matters more than width for these algorithmic tasks (calibrated on the warm-up)."""
+    """Decoder layers of the built model; depth matters more than width for these algorithmic tasks
+    (calibrated on the warm-up)."""
     num_heads: int = 4
+    """Attention (query) heads of the built model."""
     num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention; a divisor of num_heads)."""
     intermediate_size: int = 288
+    """Hidden size of each MLP block of the built model."""
     max_positions: int = 256
+    """Longest sequence (prompt + completion) the built model has positions for."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights' storage dtype. 'auto': float32 weights (AdamW's small updates survive), forwards computed
     in `compute_dtype`; 'bfloat16' halves weight memory but AdamW then updates bfloat16 weights."""
@@ -61,14 +75,18 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the directory's code."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (rank 0: full fine-tuning)."""
 
 
 @dataclass
 class PromptConfig:
+    """How questions, demonstrations and feedback are rendered into prompt text."""
+
     style: Literal["compact", "full"] = "compact"
     """compact: short prompts for tiny models; full: reasoning-gym's own question plus an answer-tag
     instruction, for real pretrained models."""
     question_template: str = "Q: {question}\n"
+    """The student's prompt; slot {question} (the domain's question text)."""
     answer_prefix: str = "A:"
     """Appended after the question (or the reprompt); the completion starts right after it."""
     reprompt_template: str = "{prompt}{solution}{feedback}"
@@ -76,6 +94,7 @@ class PromptConfig:
     solution_template: str = "Demo:{solution}\n"
     """Wraps a demonstration; the reference uses '\\nCorrect solution:\\n\\n{solution}\\n\\n'."""
     feedback_template: str = "Feedback: {feedback}\n"
+    """Wraps the verifier's textual feedback in the self-teacher's reprompt."""
     use_chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (for instruct models)."""
 
@@ -85,10 +104,13 @@ class WarmupConfig:
     """SFT that turns a random tiny model into a base model with prior capabilities."""
 
     enabled: bool = True
+    """Warm up a built model (ignored for a model loaded from `model.path`)."""
     domains: list[str] = field(
         default_factory=lambda: ["arithmetic", "counting", "sorting", "reversal", "filtering", "gcd"]
     )
+    """Domains of the warm-up corpus: the base model's prior capabilities."""
     examples_per_domain: int = 3000
+    """Corpus examples per warm-up domain (the OOD variants get ood_fraction of this)."""
     ood_fraction: float = 0.2
     """Also train on each domain's OOD variant with this many examples per in-domain example, so the
     base model has some ability on the partially related domains (as pretrained LLMs do)."""
@@ -96,10 +118,15 @@ class WarmupConfig:
     """Fraction of examples shown with a demonstration and/or feedback before the answer, so the base
     model learns to use in-context demonstrations (the SDPO self-teacher needs it)."""
     steps: int = 1000
+    """Optimizer steps of the warm-up SFT."""
     batch_size: int = 64
+    """Sequences per warm-up step."""
     lr: float = 4e-3
+    """Peak learning rate of the warm-up (cosine schedule)."""
     warmup_steps: int = 30
+    """Linear learning-rate warm-up steps before the cosine decay."""
     weight_decay: float = 0.01
+    """AdamW weight decay of the warm-up."""
     cache_dir: str = "~/.cache/cptlab/base"
     """Base models are cached here by a hash of model+warmup+prompt config; '' disables the cache."""
     seed: int | None = 0
@@ -109,11 +136,17 @@ class WarmupConfig:
 
 @dataclass
 class RolloutConfig:
+    """Sampling of the training rollouts (and the engine evaluation and drift probes use too)."""
+
     group_size: int = 8
     """G samples per prompt (GRPO group / SDPO sibling pool)."""
     max_new_tokens: int = 48
+    """Completion budget L_max in tokens; also dr_grpo's normaliser B * L_max."""
     temperature: float = 1.0
+    """Sampling temperature; training forwards score the samples at it too (logits / T, as verl and
+    TRL do), so log-probs, ratios and KLs are those of the policy that sampled."""
     top_p: float = 1.0
+    """Nucleus sampling mass (1.0: the full distribution)."""
     engine: Literal["auto", "plain", "fast"] = "auto"
     """plain: `transformers.generate` (works for any HF model, the reference path); fast: cptlab's own
     decode loop with a preallocated KV cache (and CUDA graphs on GPU) for Llama/Qwen2-style decoders;
@@ -126,36 +159,66 @@ class RolloutConfig:
 
 @dataclass
 class GRPOConfig:
+    """The clipped policy gradient (GRPO, and the GRPO term of SDPO's loss mix)."""
+
     clip_eps: float = 0.2
+    """Lower (and, without clip_eps_high, upper) clip of the token ratio: clip(rho, 1 - eps, 1 + eps)."""
     clip_eps_high: float | None = None
     """Upper clip (DAPO's clip-higher); None: same as clip_eps."""
     beta: float = 0.0
     """Weight of the k3 KL to the stage's reference (base) model; 0 skips the reference forward."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
+    """How token losses become the loss: grpo, mean over sequences of each one's token mean; bnpo,
+    mean over all tokens of the batch; dr_grpo, sum / (B * rollout.max_new_tokens), a constant
+    normaliser without length bias (Dr. GRPO, TRL)."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO's centring only."""
 
 
 @dataclass
 class SDPOConfig:
-    alpha: float | None = 0.5
-    """Generalised JSD mixture weight (0 forward KL, 1 reverse KL); None uses `divergence`."""
-    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "jsd"
+    """On-policy self-distillation; defaults mirror the reference implementation (lasgroup/SDPO)."""
+
+    divergence: Literal["jsd", "forward_kl", "reverse_kl"] = "jsd"
+    """The per-token divergence D(student, teacher): jsd, the generalised Jensen-Shannon divergence
+    with mixture weight jsd_alpha (the reference's default, alpha 0.5); forward_kl, KL(teacher ||
+    student); reverse_kl, KL(student || teacher). (An older config's `alpha` a is read as jsd with
+    jsd_alpha a, a = 0 as forward_kl and a = 1 as reverse_kl.)"""
+    jsd_alpha: float = 0.5
+    """divergence=jsd: mixture M = (1 - a) student + a teacher, D = (1 - a) KL(S||M) + a KL(T||M);
+    0.5 is the symmetric JSD. In (0, 1): the ends are forward_kl (0) and reverse_kl (1)."""
+    distillation: Literal["logits", "sampled_token"] = "logits"
+    """logits: the divergence over the next-token distributions (full vocabulary or top-k + tail);
+    sampled_token: the reference's non-full-logit path, a policy gradient with per-token advantage
+    log p_teacher(y_t) - log p_student(y_t) on the sampled tokens (reverse KL only; top_k unused)."""
     top_k: int | None = 100
-    """Distil over the teacher's top-k tokens plus a tail bucket; None: full vocabulary."""
+    """Distil over the top-k tokens plus a tail bucket; None: full vocabulary."""
+    top_k_from: Literal["student", "teacher"] = "student"
+    """Whose top-k ids form the support: the student's (the reference and TRL) or the teacher's."""
     add_tail: bool = True
+    """With top_k: one extra bucket holding the rest of each distribution's mass (else the top-k
+    probabilities are renormalised)."""
     is_clip: float | None = 2.0
     """Clip of the per-token importance ratio against the rollout policy (matters when mu > 1)."""
     temperature: float = 1.0
+    """Distillation temperature: both distributions are softened by it inside the divergence, on top
+    of the sampling temperature the forwards already use; 1: none."""
     teacher_mode: Literal["current", "ema", "frozen", "trust_region"] = "ema"
+    """Teacher weights: current (the student itself, no copy), ema (a copy following the student at
+    ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current, mix_coef))."""
     ema_rate: float = 0.05
-    """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S after each optimizer step."""
+    """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S, once per rollout batch after its
+    updates_per_batch optimizer steps (as the reference does)."""
     mix_coef: float = 0.05
     """trust_region: teacher logits = lerp(reference logits, current logits, mix_coef)."""
     frozen_source: Literal["stage_start", "base"] = "stage_start"
-    """Weights a frozen (or trust-region reference) teacher keeps."""
+    """Where a teacher copy starts: the stage's starting weights or the base model. A frozen teacher
+    (and the trust-region reference) keeps those weights; an EMA teacher starts there and follows."""
     demo_source: Literal["sibling", "reference", "none"] = "sibling"
+    """The demonstration in the reprompt: a successful sibling sample of the same prompt, the task's
+    reference solution, or none (feedback only)."""
     include_feedback: bool = True
+    """Put the verifier's textual feedback on the student's own attempt into the reprompt."""
     feedback_only_without_solution: bool = True
     """Use the verifier's feedback only when no demonstration is available (reference default)."""
     demo_content: Literal["full", "answer_only"] = "full"
@@ -163,53 +226,75 @@ class SDPOConfig:
     skip_self_success: bool = True
     """Never use a sample as its own demonstration."""
     success_threshold: float = 1.0
+    """A sibling with reward >= this counts as a success (a demonstration)."""
     no_demo: Literal["feedback", "skip"] = "feedback"
     """When no sibling succeeded: distil from a feedback-only reprompt, or drop that sample."""
     blend_lambda: float = 0.0
-    """Mix GRPO advantages into the token-level SDPO signal (0 = pure SDPO, sampled-token loss)."""
+    """Loss mix lambda: loss = (1 - lambda) * L_SDPO + lambda * L_GRPO, two terms each normalised by
+    its own units (SDPO: distilled tokens; GRPO: its `grpo.loss_type`), the GRPO term with the `grpo`
+    section's settings. 0: pure SDPO."""
 
 
 @dataclass
 class MethodConfig:
+    """The training method and its optimizer; a stage may override any of it (`stages[i].method`)."""
+
     name: Literal["grpo", "sdpo", "sft"] = "grpo"
+    """grpo: group-relative policy gradient; sdpo: on-policy self-distillation; sft: cross-entropy on
+    reference solutions (the off-policy baseline)."""
     lr: float = 3e-5
     """AdamW peak learning rate (the tiny model drifts at 1e-4 and above under RL; see README)."""
     prompts_per_step: int = 16
     """Prompts per rollout batch; the batch holds prompts_per_step * group_size samples."""
     updates_per_batch: int = 1
-    """mu: optimizer steps per rollout batch (old log-probs are kept for the ratio)."""
+    """mu: optimizer steps per rollout batch (behaviour log-probs are kept for the ratio)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass (gradients accumulate over micro-batches, with the loss
     normalised as for the whole batch); 0: the whole batch at once. Bounds activation and logits memory."""
     grad_clip: float = 1.0
+    """Clip of the global gradient norm before each optimizer step."""
     warmup_steps: int = 5
+    """Linear learning-rate warm-up, in optimizer steps."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after the warm-up, over the stage's optimizer steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     track_base_kl: bool = True
     """Score each rollout under the base model too, to log KL(current || base) per step."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop the stage, or skip that batch (counted)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO's loss settings."""
     sdpo: SDPOConfig = field(default_factory=SDPOConfig)
+    """SDPO's teacher, reprompt and distillation settings."""
 
 
 @dataclass
 class StageConfig:
+    """One stage of the continual run: a domain trained for some steps with a method."""
+
     domain: str = ""
+    """The domain trained on (see `cptlab domains`)."""
     steps: int = 50
+    """Rollout batches (training steps) of the stage."""
     method: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run's `method` section for this stage, e.g. {name: sdpo, lr: 1e-4}."""
 
 
 @dataclass
 class EvalConfig:
+    """Evaluation of every configured domain after each stage (and every `every` steps)."""
+
     domains: list[str] = field(default_factory=lambda: ["all"])
     """Domains evaluated after every stage; 'all' = every built-in domain and its OOD variant."""
     num_prompts: int = 64
+    """Held-out prompts per domain (a fixed prefix of the domain's eval pool)."""
     num_samples: int = 4
     """k samples per prompt for sampled accuracy (pass@1 averaged over k); 0 skips sampling."""
     temperature: float = 1.0
+    """Temperature of the sampled evaluation (greedy accuracy is argmax decoding)."""
     max_new_tokens: int = 48
+    """Completion budget of evaluation and drift probes."""
     every: int = 0
     """Also evaluate every N training steps inside a stage (0: only at stage ends)."""
     save_samples: int = 4
@@ -223,28 +308,46 @@ class EvalConfig:
 
 @dataclass
 class RunSettings:
+    """Where the run lives, its seed and device, checkpoints and report."""
+
     name: str = "tiny"
+    """The run's name: its directory is out_dir/name."""
     out_dir: str = "runs"
+    """Parent directory of run directories."""
     seed: int = 0
+    """Seed of the run: prompt draws, rollouts and evaluation samples derive from it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA if available, else CPU."""
     checkpoint: bool = True
+    """Checkpoint at stage ends (and every checkpoint_every steps)."""
     checkpoint_every: int = 0
     """Also checkpoint every N training steps inside a stage (0: only at stage ends)."""
     keep_checkpoints: int = 1
     """How many complete checkpoints to keep (the newest)."""
     report: bool = True
+    """Write report.html at the end of the run."""
 
 
 @dataclass
 class Config:
+    """A whole run: `cptlab config [PRESET] [key=value ...]` prints it resolved, field by field."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt and reprompt templates."""
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    """Warm-up SFT of a built base model."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of training rollouts."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """The training method (each stage may override it)."""
     stages: list[StageConfig] = field(default_factory=list)
+    """The continual sequence of stages."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and drift analyses."""
     run: RunSettings = field(default_factory=RunSettings)
+    """Run directory, seed, device, checkpoints, report."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +427,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
+    if cls is SDPOConfig and "alpha" in data:
+        data = _upgrade_sdpo_alpha(data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -333,6 +438,25 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _upgrade_sdpo_alpha(data: dict, where: str) -> dict:
+    """`alpha`, which overrode `divergence` before the two were merged, as divergence (+ jsd_alpha),
+    so that configs written then (runs/*/config.yaml, resumed) still load."""
+    data = dict(data)
+    alpha = data.pop("alpha")
+    if alpha is None:
+        return data
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ConfigError(f"{where}.alpha" if where else "alpha", alpha, "a value in [0, 1] or null "
+                          "(now written as divergence and jsd_alpha)")
+    if alpha == 0:
+        data["divergence"] = "forward_kl"
+    elif alpha == 1:
+        data["divergence"] = "reverse_kl"
+    else:
+        data.update(divergence="jsd", jsd_alpha=float(alpha))
+    return data
 
 
 def to_dict(cfg: Any) -> Any:
@@ -489,7 +613,10 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
            g.clip_eps_high, "a positive value or null")
     _check(g.beta >= 0, f"{where}.grpo.beta", g.beta, "a value >= 0")
-    _check(s.alpha is None or 0 <= s.alpha <= 1, f"{where}.sdpo.alpha", s.alpha, "a value in [0, 1] or null")
+    _check(0 < s.jsd_alpha < 1, f"{where}.sdpo.jsd_alpha", s.jsd_alpha,
+           "a value in (0, 1) (for 0 or 1 use divergence=forward_kl or reverse_kl)")
+    _check(s.distillation == "logits" or s.divergence == "reverse_kl", f"{where}.sdpo.divergence", s.divergence,
+           "reverse_kl with distillation=sampled_token (the sampled-token loss estimates only the reverse KL)")
     _check(s.top_k is None or s.top_k >= 1, f"{where}.sdpo.top_k", s.top_k, "an integer >= 1 or null")
     _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
     _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
@@ -568,3 +695,39 @@ def eval_domains(cfg: Config) -> list[str]:
     if "all" in cfg.eval.domains:
         return all_domain_names()
     return list(dict.fromkeys(cfg.eval.domains))
+
+
+# ----------------------------------------------------------------------------------------------
+# documentation: every field's docstring, for `cptlab config`
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """name -> docstring of each field of dataclass `cls` (the string literal under its line)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value, default, docstring) for every field of a config in declaration order, nested
+    sections flattened (`method.sdpo.divergence`); a section's own row has the section as its value
+    and None as its default."""
+    rows = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.append((key, value, None, docs.get(f.name, "")))
+            rows.extend(describe(value, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            value = [to_dict(v) for v in value]
+        rows.append((key, value, default, docs.get(f.name, "")))
+    return rows

@@ -20,14 +20,14 @@ from .config import Config, eval_domains, from_dict, stage_method, to_dict, vali
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
-from .methods import MethodContext
+from .methods import MethodContext, build_method
 from .models import (
     build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model, weights_sha256,
 )
 from .optim import make_optimizer
+from .rollout import SamplingSpec
 from .store import FollowerStore, RunStore
 from .tasks import eval_set_identity
-from .teacher import Teacher
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
 from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
@@ -91,8 +91,8 @@ class Driver:
         t0 = time.perf_counter()
         with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
             results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
-                                   batch_size=cfg.rollout.batch_size, seed=derive_seed(cfg.run.seed, stage, step, "eval"),
-                                   engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
+                                   SamplingSpec.for_eval(cfg.eval, cfg.rollout),
+                                   seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    on_domain=lambda name: advance(info=name))
         seconds = time.perf_counter() - t0
         for name, r in results.items():
@@ -128,20 +128,19 @@ class Driver:
         fields = {f"param/{k}": v for k, v in drift.items()}
         probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
-        resp = response_drift(self.model, self.base, self.tokenizer, probes, max_new_tokens=cfg.eval.max_new_tokens,
-                              seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size,
-                              engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs)
+        resp = response_drift(self.model, self.base, self.tokenizer, probes, SamplingSpec.for_eval(cfg.eval, cfg.rollout),
+                              seed=derive_seed(cfg.run.seed, stage, "probe"))
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
 
-    def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, teacher=None) -> None:
+    def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, method=None) -> None:
         if not self.cfg.run.checkpoint:
             return
         state = dict(stage=stage, step=step, global_step=global_step, stage_done=done, order=global_step * 2 + done)
-        save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, teacher,
+        save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, method,
                         keep=self.cfg.run.keep_checkpoints)
 
     # -- the run ----------------------------------------------------------------------------------
@@ -204,18 +203,12 @@ class Driver:
         cfg = self.cfg
         mcfg = stage_method(cfg, stage, index - 1)
         optimizer = make_optimizer(self.model, mcfg.lr, mcfg.weight_decay)
-        teacher = None
-        if mcfg.name == "sdpo":
-            s = mcfg.sdpo
-            teacher = Teacher(s.teacher_mode, self.model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=self.base,
-                              frozen_source=s.frozen_source)
+        method = build_method(mcfg, MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device, base=self.base),
+                              self.model)
         start_step = 0
         if state["path"] is not None and state["stage"] == index and not state["stage_done"]:
-            load_checkpoint(state["path"], self.model, optimizer, teacher)
+            load_checkpoint(state["path"], self.model, optimizer, method)
             start_step = state["step"]
-        track_base = mcfg.grpo.beta > 0 or mcfg.track_base_kl
-        ctx = MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device,
-                            base=self.base if track_base else None, teacher=teacher)
         sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt.style)
         t0 = time.perf_counter()
 
@@ -225,9 +218,9 @@ class Driver:
             if cfg.eval.every and step_done % cfg.eval.every == 0:
                 self.main_only(self.evaluate, index, stage.domain, step_done, gstep, final=False)
             if cfg.run.checkpoint_every and step_done % cfg.run.checkpoint_every == 0:
-                self.main_only(self.checkpoint, index, step_done, gstep, False, optimizer, teacher)
+                self.main_only(self.checkpoint, index, step_done, gstep, False, optimizer, method)
 
-        run = StageRun(index, stage, mcfg, self.model, optimizer, ctx, sampler, cfg.run.seed, self.store.log,
+        run = StageRun(index, stage, mcfg, self.model, optimizer, method, sampler, cfg.run.seed, self.store.log,
                        on_step_end)
         global_step = train_stage(run, start_step, global_step)  # a NumericalFault is logged there
         self.main_only(self.evaluate_and_drift, index, stage.domain, stage.steps, global_step)
@@ -281,10 +274,8 @@ def check_world_size(cfg: Config, world: int) -> None:
 
     for i, stage in enumerate(cfg.stages):
         m = stage_method(cfg, stage, i)
-        n = examples_per_step(m, cfg.rollout.group_size)
-        if n % world:
-            raise ConfigError(f"stages[{i}].method.prompts_per_step", m.prompts_per_step,
-                              f"a multiple of the {world} torchrun ranks ({n} examples per step do not split evenly)")
+        dist.per_rank(examples_per_step(m, cfg.rollout.group_size), world, f"stages[{i}].method.prompts_per_step",
+                      m.prompts_per_step)
 
 
 def _open_distributed(cfg: Config | None, out_dir, resume, overwrite) -> tuple[Config, RunStore, dist.DistInfo]:

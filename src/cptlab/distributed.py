@@ -12,11 +12,9 @@ the whole batch (grouped by uid) before dispatching chunks to workers. In cptlab
 sibling demonstrations) are local and exact; only logging stats and token-mean normalisers need
 reductions across ranks.
 
-Loss normalisation. The gradient reduction averages over ranks, so a loss that is a mean over an equal
-number of items per rank needs nothing more: GRPO's "grpo" loss (mean over sequences, each with tokens)
-with the same number of sequences per rank. A loss that is `sum / count` where the count differs per
-rank (token means: "bnpo", SDPO, SFT) must be multiplied by `global_token_scale(count)` to equal the
-single-process loss over the union of all ranks' data.
+Loss normalisation. The gradient reduction averages over ranks; the trainer weights each rank's
+loss terms by W * (its units) / (the units of all ranks, `all_reduce_sum`), so that the mean is the
+gradient of the loss over the union of all ranks' data (trainer._backward owns this).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .models import resolve_device
 
 
@@ -128,20 +126,23 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def shard(items: list, rank: int, world: int) -> list:
-    """This rank's contiguous slice of `items`; every rank gets len(items) / world of them.
+def per_rank(n: int, world: int, field: str, value: object) -> int:
+    """n // world: the one check that a step's examples split evenly over the ranks (ConfigError
+    naming `field` otherwise). Equal slices keep the per-rank batches, and so the gradient mean,
+    balanced."""
+    if n % world:
+        raise ConfigError(field, value, f"a multiple of the {world} torchrun ranks ({n} examples per step do not "
+                                        f"split evenly over {world} ranks)")
+    return n // world
 
-    Equal slices keep the per-rank batches, and so the gradient average, balanced; all ranks draw the
-    same `items` (the sampler is deterministic), so no broadcast is needed.
-    """
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous slice of `items`; every rank gets len(items) / world of them (all ranks
+    draw the same `items`, the sampler is deterministic, so no broadcast is needed)."""
     if not 0 <= rank < world:
         raise ValueError(f"shard: rank {rank} is outside 0..{world - 1}")
-    n = len(items)
-    if n % world:
-        raise UserError(f"method.prompts_per_step: {n} items per step do not split evenly over {world} ranks; "
-                        f"use a multiple of {world} (or a different --nproc_per_node)")
-    per_rank = n // world
-    return items[rank * per_rank:(rank + 1) * per_rank]
+    n = per_rank(len(items), world, "method.prompts_per_step", len(items))
+    return items[rank * n:(rank + 1) * n]
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
@@ -175,25 +176,15 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
                 p.grad = reduced.clone()
 
 
-def global_token_scale(local_tokens: Tensor | float) -> float:
-    """Factor W * n_r / sum_r n_r that turns a local `sum / n_r` loss into its share of the global one.
-
-    With S_r the local sum and N = sum_r n_r: (S_r / n_r) * W n_r / N = W S_r / N, and the rank average
-    that all_reduce_grads (or DDP, or FSDP2) takes gives sum_r S_r / N, the loss over all ranks' data.
-    Use it for token-mean losses (loss_type "bnpo", SDPO, SFT: pass mask.sum()), and for "grpo" when
-    some sequences have no counted token (pass the number of sequences that have one); a sequence-mean
-    loss over equal sequence counts per rank needs no rescale. "dr_grpo" (sum / (B * T)) matches the
-    single-process loss only if every rank pads to the same T (pass mask.numel()). The factor is
-    detached; multiply the loss by it before backward. Returns 0.0 if no rank has a token.
-    """
+def all_reduce_sum(counts: dict[str, float]) -> dict[str, float]:
+    """Sum over ranks of each count (every rank passes the same keys): the loss units of the whole
+    global batch, which the trainer divides each rank's units by."""
     if not _active():
-        return 1.0
-    local = torch.as_tensor(local_tokens, dtype=torch.float64).detach().to(_comm_device()).reshape(())
-    total = local.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    if float(total) == 0.0:
-        return 0.0
-    return float(dist.get_world_size() * local / total)
+        return dict(counts)
+    keys = sorted(counts)
+    t = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
 
 
 def all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:

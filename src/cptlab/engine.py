@@ -14,6 +14,8 @@ engine does not know, and in the tests that check both give the same greedy toke
 from __future__ import annotations
 
 import weakref
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -175,7 +177,9 @@ class DecodeEngine:
         self.cos, self.sin = self._rope_table(self._positions)
         self.states: dict[tuple[int, int], _State] = {}
         self.pool = None
-        self._eos, self._pad = -1, -1
+        self._stops: tuple[int, ...] | None = None
+        self._stop_ids = torch.zeros(0, dtype=torch.long, device=device)
+        self._pad = -1
 
     # -- pieces --------------------------------------------------------------------------------
     def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
@@ -256,11 +260,15 @@ class DecodeEngine:
         nxt = _sample(logits, mode, st.inv_temp, st.top_p)
         nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
         st.out.index_copy_(1, st.t, nxt[:, None])
-        st.done.logical_or_(nxt == self._eos)
+        st.done.logical_or_(self._is_stop(nxt))
         st.tok.copy_(nxt)
         st.pos.add_(1)
         st.col.add_(1)
         st.t.add_(1)
+
+    def _is_stop(self, tokens: Tensor) -> Tensor:
+        """Whether each token is one of the stop ids (a comparison, no host sync: graph-safe)."""
+        return (tokens[:, None] == self._stop_ids[None, :]).any(-1)
 
     # -- state and graphs -----------------------------------------------------------------------
     def _state(self, batch: int, length: int) -> _State:
@@ -304,12 +312,16 @@ class DecodeEngine:
 
     # -- public ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int,
-                 pad_id: int, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-        """Completion ids [N, C] (C <= max_new_tokens: the loop stops once every row emitted EOS;
-        after its EOS a row holds `pad_id`)."""
-        if (eos_id, pad_id) != (self._eos, self._pad):  # both are baked into captured graphs
-            self._eos, self._pad = eos_id, pad_id
+    def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+                 stop_ids: Sequence[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0) -> Tensor:
+        """Completion ids [N, C] (C <= max_new_tokens: the loop stops once every row emitted one of
+        `stop_ids`, as transformers.generate stops at any of its eos_token_id list; after its stop
+        token a row holds `pad_id`)."""
+        stops = tuple(int(i) for i in stop_ids)
+        if (stops, pad_id) != (self._stops, self._pad):  # both are baked into captured graphs
+            self._stops, self._pad = stops, pad_id
+            self._stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
             self.states.clear()
         self.w.sync(model)
         N, P = prompt_ids.shape
@@ -337,7 +349,7 @@ class DecodeEngine:
         st.valid[:, :P] = mask
         st.out.fill_(pad_id)
         st.out[:, 0] = first
-        st.done.copy_(first == eos_id)
+        st.done.copy_(self._is_stop(first))
         st.tok.copy_(first)
         st.pos.copy_(mask.sum(-1))
         st.col.fill_(P)

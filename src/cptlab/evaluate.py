@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .config import EvalConfig, PromptConfig
 from .prompts import student_prompt
-from .rollout import generate
+from .rollout import SamplingSpec, generate, make_generator
 from .tasks import make_split, verify
 
 
@@ -31,13 +31,13 @@ class DomainResult:
                     mean_length=self.mean_length)
 
 
-def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, *,
-                    batch_size: int = 256, seed: int = 0, engine: str = "auto", cuda_graphs: bool = True) -> DomainResult:
-    """engine / cuda_graphs: the rollout engine (rollout.generate), as the run's rollout section sets it."""
-    gen = dict(batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
+def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,
+                    seed: int = 0) -> DomainResult:
+    """spec: greedy decoding on the run's engine (SamplingSpec.for_eval); its `.sampled()` draws the k
+    samples per prompt, from a generator seeded with `seed`."""
     examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style)
     prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, greedy=True, **gen)
+    greedy = generate(model, tokenizer, prompts, spec.as_greedy())
     verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]
     n = len(examples)
     greedy_acc = sum(v.correct for v in verdicts) / n
@@ -45,10 +45,10 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     mean_length = float(greedy.lengths.mean())
     sampled_acc, sampled_hits = None, None
     if ecfg.num_samples > 0:
-        k = ecfg.num_samples
-        sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)],
-                           max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, seed=seed, **gen)
-        hits = [verify(examples[i // k], t, pcfg.style).correct for i, t in enumerate(sampled.texts)]
+        device = next(model.parameters()).device
+        sampled = generate(model, tokenizer, prompts, spec.sampled(), generator=make_generator(seed, device),
+                           group_size=ecfg.num_samples)
+        hits = [verify(examples[g], t, pcfg.style).correct for g, t in zip(sampled.group_ids.tolist(), sampled.texts)]
         sampled_acc = sum(hits) / len(hits)
         sampled_hits = [sum(hits[i * k:(i + 1) * k]) for i in range(n)]
     samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
@@ -57,13 +57,11 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
                         per_prompt=[int(v.correct) for v in verdicts], sampled_hits=sampled_hits)
 
 
-def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, *,
-                 batch_size: int = 256, seed: int = 0, on_domain=None, engine: str = "auto",
-                 cuda_graphs: bool = True) -> dict[str, DomainResult]:
+def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,
+                 seed: int = 0, on_domain=None) -> dict[str, DomainResult]:
     results = {}
     for name in domains:
-        results[name] = evaluate_domain(model, tokenizer, name, ecfg, pcfg, batch_size=batch_size, seed=seed,
-                                        engine=engine, cuda_graphs=cuda_graphs)
+        results[name] = evaluate_domain(model, tokenizer, name, ecfg, pcfg, spec, seed=seed)
         if on_domain:
             on_domain(name)
     return results

@@ -95,6 +95,21 @@ def copy_sharing_base_weights(model):
     return copy.deepcopy(model, memo)
 
 
+def copy_at_base(model, base):
+    """A copy of `model` (as copy_sharing_base_weights) that computes like the base model `base`: for
+    LoRA its adapters' B zeroed (no update on the shared base weights), otherwise the base's weights.
+    For a teacher that starts from the base model and then follows the student."""
+    copy_ = copy_sharing_base_weights(model)
+    with torch.no_grad():
+        if is_peft_model(copy_):
+            for name, p in copy_.named_parameters():
+                if any(part in ("lora_B", "lora_embedding_B") for part in name.split(".")):
+                    p.zero_()
+        else:
+            copy_.load_state_dict(base.state_dict())
+    return copy_
+
+
 def base_reference(model):
     """A frozen, eval-mode model scoring like the base (the stage's reference for KL and drift).
 
@@ -147,3 +162,14 @@ def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
     if not is_peft_model(model):
         return state
     return {k: v for k, v in state.items() if is_adapter_key(k)}
+
+
+def load_checkpoint_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load what `checkpoint_state_dict` gave into `model`; ValueError naming the keys that do not
+    match (a tied head and, for LoRA, the base weights are expected to be absent)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if is_peft_model(model):  # adapters only: the frozen base weights are already there
+        missing = [k for k in missing if is_adapter_key(k)]
+    if missing or unexpected:
+        raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")

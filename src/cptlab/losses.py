@@ -14,6 +14,12 @@ Notation follows the papers:
 
 Registries (name -> function), like verl's core_algos: LOSS_AGGREGATIONS (GRPO loss types) and
 DIVERGENCES (SDPO divergences); `generalized_jsd` covers the reference's `alpha` knob.
+
+Normalisation has one owner. Every loss here is `numerator / units`, and `loss_units` says what the
+units are: sequences with a counted token ("grpo"), counted tokens ("bnpo", and every token-mean loss:
+SDPO, SFT), or the constant B * L_max ("dr_grpo", L_max the run's completion budget). The trainer
+weights each micro-batch's loss by its units over the units of the whole batch on all ranks, so the
+accumulated gradient is the whole batch's (trainer._backward).
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     log p(y_t) = z_{y_t} - logsumexp_v z_v, over as many sequences at once as keep the temporary under
     _GATHER_CHUNK_ELEMENTS (all of them for a small vocabulary: one kernel each instead of a Python loop
     per sequence; one sequence at a time for a 150k vocabulary and long completions). Half-precision
-    logits are upcast per chunk and the result is float32. Divide logits by the sampling temperature
-    before calling.
+    logits are upcast per chunk and the result is float32. The log-probs are those of softmax(logits):
+    for a policy that sampled at temperature T pass logits / T (rollout.completion_logits does).
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} + (V,)")
@@ -117,6 +123,54 @@ def _is_weights(logprobs: Tensor | None, old_logprobs: Tensor | None, is_clip: f
 # ----------------------------------------------------------------------------- GRPO
 
 
+def contiguous_groups(batch_size: int, group_size: int) -> Tensor:
+    """Group ids [B] of a batch whose groups are contiguous runs: rows g*G .. g*G+G-1 form group g.
+
+    The one place that lays out groups (rollout.generate samples G rows per prompt this way) and the
+    one check that a batch divides into them.
+    """
+    if group_size < 1 or batch_size % group_size != 0:
+        raise ValueError(
+            f"a batch of {batch_size} rows is not divisible into groups of group_size={group_size}; "
+            f"expected B = n_prompts * group_size with group_size >= 1"
+        )
+    return torch.arange(batch_size) // group_size
+
+
+def _group_matrix(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """values [B] arranged as [n_groups, G] (groups in id order) and the row index of each entry."""
+    ids = group_ids.to(values.device)
+    order = torch.argsort(ids, stable=True)
+    sizes = torch.unique_consecutive(ids[order], return_counts=True)[1]
+    if sizes.numel() and bool((sizes != sizes[0]).any()):
+        raise ValueError(f"groups must all have the same size, got sizes {sorted(set(sizes.tolist()))}")
+    rows = order.view(sizes.numel(), -1) if sizes.numel() else order.view(0, 0)
+    return values[rows], rows
+
+
+def grouped_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages keyed by group id (verl's uid): rewards [B], group_ids [B] -> [B].
+
+    A_i = (r_i - mean_g r) / (std_g r + eps) if scale, else r_i - mean_g r (Dr. GRPO, arXiv 2503.20783),
+    with g the group of row i. std is unbiased (torch.std). A group of one has no baseline: advantage 0.
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"grouped_advantages: rewards and group_ids must both be [B], got "
+                         f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    grouped, rows = _group_matrix(rewards.float(), group_ids)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if grouped.shape[1] > 1 else torch.zeros_like(centered)
+        centered = centered / (std + eps)
+    return torch.empty_like(rewards, dtype=centered.dtype).index_put_((rows.reshape(-1),), centered.reshape(-1))
+
+
+def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
+    """Share of groups whose rewards are all equal (no GRPO signal): rewards, group_ids [B] -> float."""
+    grouped, _ = _group_matrix(rewards.float(), group_ids)
+    return float((grouped.std(-1) == 0).float().mean()) if grouped.shape[1] > 1 else 1.0
+
+
 def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
     """Group-relative advantages: rewards [B] -> [B], B = n_prompts * group_size, groups contiguous.
 
@@ -125,66 +179,61 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     """
     if rewards.dim() != 1:
         raise ValueError(f"group_advantages: rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"group_advantages: batch of {rewards.shape[0]} rewards is not divisible into groups of "
-            f"group_size={group_size}; expected B = n_prompts * group_size with group_size >= 1"
-        )
-    grouped = rewards.float().view(-1, group_size)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)
-        centered = centered / (std + eps)
-    return centered.view(-1)
+    return grouped_advantages(rewards, contiguous_groups(rewards.shape[0], group_size), scale, eps)
 
 
-def _agg_grpo(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Token mean within each sequence, then mean over the sequences that have tokens.
+def _sum_of_sequence_means(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Sum over sequences of each sequence's token mean ("grpo"; sequences without a token add 0).
 
-    Sequences with no counted token are left out of the mean (verl's seq-mean-token-mean); TRL's
-    "grpo" counts them as zeros instead. The two agree whenever every sequence has a token.
+    Divided by the sequences that have tokens this is verl's seq-mean-token-mean; TRL's "grpo" counts
+    token-less sequences as zeros instead. The two agree whenever every sequence has a token.
     """
     per_seq = masked_mean(per_token, mask, dim=-1)
     has_tokens = (mask.to(per_token.dtype).sum(-1) > 0).to(per_token.dtype)
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
-
-
-def _agg_bnpo(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Sum over all masked tokens / number of masked tokens (token mean over the batch)."""
-    return masked_mean(per_token, mask)
-
-
-def _agg_dr_grpo(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Sum over all masked tokens / (B * T): a constant normaliser, no length bias."""
-    return masked_sum(per_token, mask) / max(mask.numel(), 1)
+    return (per_seq * has_tokens).sum()
 
 
 LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "grpo": _agg_grpo,
-    "bnpo": _agg_bnpo,
-    "dr_grpo": _agg_dr_grpo,
+    "grpo": _sum_of_sequence_means,  # / sequences with a counted token
+    "bnpo": masked_sum,  # / counted tokens (token mean over the batch)
+    "dr_grpo": masked_sum,  # / (B * L_max): a constant, no length bias (Dr. GRPO, TRL)
 }
+"""loss_type -> the numerator of the loss; `loss_units` is its denominator."""
 
 
-def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar with one of LOSS_AGGREGATIONS."""
+def _check_loss_type(loss_type: str, max_completion_length: int | None, fn: str) -> None:
     if loss_type not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
-    return LOSS_AGGREGATIONS[loss_type](per_token_loss, mask)
+        raise ValueError(f"{fn}: loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(f"{fn}: loss_type='dr_grpo' needs max_completion_length (the run's completion budget, "
+                         f"rollout.max_new_tokens) >= 1, got {max_completion_length}")
 
 
-def loss_units(mask: Tensor, loss_type: str) -> float:
-    """How many units `aggregate_loss(.., mask, loss_type)` averages over: sequences with a counted
-    token ("grpo"), counted tokens ("bnpo", also every token-mean loss), rows ("dr_grpo", whose
-    normaliser B * T has the same T for every micro-batch of a batch). A micro-batch's loss weighted
-    by units(micro) / units(batch) sums to the whole batch's loss."""
+def _units(mask: Tensor, loss_type: str, max_completion_length: int | None, dtype=torch.float32) -> Tensor:
     if loss_type == "grpo":
-        return float((mask.sum(-1) > 0).sum())
+        return (mask.sum(-1) > 0).sum().to(dtype)
     if loss_type == "bnpo":
-        return float(mask.sum())
-    if loss_type == "dr_grpo":
-        return float(mask.shape[0])
-    raise ValueError(f"loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+        return mask.to(dtype).sum()
+    return torch.tensor(float(mask.shape[0] * max_completion_length), dtype=dtype, device=mask.device)
+
+
+def loss_units(mask: Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
+    """How many units `aggregate_loss(.., mask, loss_type)` is a mean over: sequences with a counted
+    token ("grpo"), counted tokens ("bnpo", and every token-mean loss), or rows * max_completion_length
+    ("dr_grpo": the run's completion budget, never the batch's padded width, so it is the same
+    constant per row on every rank and micro-batch). Weighting each part's loss by units(part) /
+    units(whole) sums the parts' losses to the whole's loss."""
+    _check_loss_type(loss_type, max_completion_length, "loss_units")
+    return float(_units(mask, loss_type, max_completion_length))
+
+
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str,
+                   max_completion_length: int | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar: LOSS_AGGREGATIONS[loss_type] / loss_units (0 when
+    nothing is counted)."""
+    _check_loss_type(loss_type, max_completion_length, "aggregate_loss")
+    units = _units(mask, loss_type, max_completion_length, per_token_loss.dtype).to(per_token_loss.device)
+    return LOSS_AGGREGATIONS[loss_type](per_token_loss, mask) / units.clamp(min=torch.finfo(per_token_loss.dtype).tiny)
 
 
 def grpo_loss(
@@ -198,6 +247,7 @@ def grpo_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     loss_type: str = "grpo",
+    max_completion_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO surrogate (+ beta * k3 KL to a reference policy) -> (scalar loss, stats).
 
@@ -205,14 +255,15 @@ def grpo_loss(
     pi_theta_old, pi_ref); advantages: [B] (one A_i per sequence) or [B, T] (per token).
     Per token:  L_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta * k3_{i,t},
     with rho = exp(lp - old_lp), eps_high = clip_eps_high or clip_eps (DAPO's clip-higher), and
-    then LOSS_AGGREGATIONS[loss_type]. Gradients flow through `logprobs` only.
+    then aggregate_loss(loss_type): "grpo" sequence mean of token means, "bnpo" token mean, "dr_grpo"
+    sum / (B * max_completion_length), where max_completion_length (required for "dr_grpo") is the
+    run's completion budget, not T. Gradients flow through `logprobs` only.
     Stats (floats): pg_loss, kl (mean k3, when ref given), clip_fraction (share of tokens whose
     gradient the clip removed; split into _low / _high), ratio_mean, approx_kl (mean old_lp - lp),
     advantage_mean / advantage_std, num_tokens.
     """
     _check_same_shape("grpo_loss", logprobs=logprobs, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs)
-    if loss_type not in LOSS_AGGREGATIONS:
-        raise ValueError(f"grpo_loss: loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
+    _check_loss_type(loss_type, max_completion_length, "grpo_loss")
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"grpo_loss: beta={beta} needs ref_logprobs")
     eps_low = clip_eps
@@ -239,7 +290,7 @@ def grpo_loss(
         kl = k3_kl(logprobs, ref_logprobs.detach())
         if beta != 0.0:
             per_token = per_token + beta * kl
-    loss = aggregate_loss(per_token, mask, loss_type)
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length)
 
     with torch.no_grad():
         # The min picks the (constant) clipped term exactly when the ratio left the trust region in
@@ -252,7 +303,7 @@ def grpo_loss(
             adv_mean = masked_mean(adv.float(), mask)
             adv_std = masked_mean((adv.float() - adv_mean) ** 2, mask).sqrt()
         stats = {
-            "pg_loss": aggregate_loss(pg_per_token, mask, loss_type).item(),
+            "pg_loss": aggregate_loss(pg_per_token, mask, loss_type, max_completion_length).item(),
             "clip_fraction": masked_mean(clipped_high + clipped_low, mask).item(),
             "clip_fraction_low": masked_mean(clipped_low, mask).item(),
             "clip_fraction_high": masked_mean(clipped_high, mask).item(),
@@ -291,8 +342,7 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, alpha: float) ->
 
     M = (1 - alpha) pi_S + alpha pi_T;  JSD_alpha = (1 - alpha) KL(pi_S || M) + alpha KL(pi_T || M).
     alpha = 0 and alpha = 1 are defined as forward KL(pi_T || pi_S) and reverse KL(pi_S || pi_T), as
-    in lasgroup/SDPO (the mixture formula itself vanishes at both ends, like JSD_alpha / alpha). The
-    reference also reroutes alpha = 0.25 / 0.75 to Renyi divergences; we do not: JSD_alpha throughout.
+    in lasgroup/SDPO (the mixture formula itself vanishes at both ends, like JSD_alpha / alpha).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -446,21 +496,6 @@ def sdpo_loss(
 # ----------------------------------------------------------------------------- SDPO, sampled tokens
 
 
-def blend_advantages(token_advantages: Tensor, sequence_advantages: Tensor | None, blend_lambda: float) -> Tensor:
-    """A_{i,t} = (1 - lambda) * A^SDPO_{i,t} + lambda * A^GRPO_i: [B, T] and [B] (or [B, T]) -> [B, T].
-
-    lambda = 0 is pure SDPO, lambda = 1 a plain (unclipped) group-relative policy gradient.
-    """
-    if not 0.0 <= blend_lambda <= 1.0:
-        raise ValueError(f"blend_lambda must be in [0, 1] (0 = pure SDPO), got {blend_lambda}")
-    if sequence_advantages is None:
-        if blend_lambda != 0.0:
-            raise ValueError(f"blend_lambda={blend_lambda} needs the GRPO sequence advantages")
-        return token_advantages
-    seq = sequence_advantages.unsqueeze(-1) if sequence_advantages.dim() == 1 else sequence_advantages
-    return (1.0 - blend_lambda) * token_advantages + blend_lambda * seq.to(token_advantages.dtype)
-
-
 def sdpo_token_loss(
     logprobs: Tensor,
     teacher_logprobs: Tensor,
@@ -468,29 +503,23 @@ def sdpo_token_loss(
     *,
     old_logprobs: Tensor | None = None,
     is_clip: float | None = None,
-    grpo_advantages: Tensor | None = None,
-    blend_lambda: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Sampled-token SDPO: a policy gradient whose per-token advantage comes from the self-teacher.
 
     logprobs, teacher_logprobs, mask, old_logprobs: [B, T], log-probs of the sampled token y_t.
-    A^SDPO_t = log pi_T(y_t | x, f, y_<t) - log pi_S(y_t | x, y_<t)  (detached), optionally blended
-    with GRPO advantages [B] by `blend_lambda` (see blend_advantages), and
-    L_t = -w_t * A_t * log pi_S(y_t);  with lambda = 0 this is (lp - tlp).detach() * lp, whose
-    gradient in expectation over y_t ~ pi_S is that of KL(pi_S || pi_T) (the reference's non-full-
-    logit path). w_t = min(exp(lp - old_lp), is_clip), detached, when is_clip is given.
+    A_t = log pi_T(y_t | x, f, y_<t) - log pi_S(y_t | x, y_<t)  (detached), and
+    L_t = -w_t * A_t * log pi_S(y_t) = w_t * (lp - tlp).detach() * lp, whose gradient in expectation
+    over y_t ~ pi_S is that of KL(pi_S || pi_T): the reference's non-full-logit path, reverse KL only.
+    w_t = min(exp(lp - old_lp), is_clip), detached, when is_clip is given.
     loss = token mean over mask. Stats: log_ratio_mean (mean lp - tlp: a one-sample estimate of the
     reverse KL), advantage_mean, num_tokens, is_ratio_mean / is_clip_fraction (with is_clip).
     """
     fn = "sdpo_token_loss"
     _check_same_shape(fn, logprobs=logprobs, teacher_logprobs=teacher_logprobs, mask=mask, old_logprobs=old_logprobs)
-    if grpo_advantages is not None and grpo_advantages.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(f"{fn}: grpo_advantages must be [B] or [B, T], got {tuple(grpo_advantages.shape)}")
     logprobs, teacher_logprobs, old_logprobs = (
         _zero_padding(x, mask) for x in (logprobs, teacher_logprobs, old_logprobs)
     )
-    sdpo_adv = (teacher_logprobs - logprobs).detach()
-    adv = blend_advantages(sdpo_adv, grpo_advantages, blend_lambda)
+    adv = (teacher_logprobs - logprobs).detach()
     per_token = -adv * logprobs
     is_weight = None
     if is_clip is not None:
@@ -499,7 +528,7 @@ def sdpo_token_loss(
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
-            "log_ratio_mean": masked_mean(-sdpo_adv, mask).item(),
+            "log_ratio_mean": masked_mean(-adv, mask).item(),
             "advantage_mean": masked_mean(adv, mask).item(),
             "num_tokens": mask.float().sum().item(),
         }

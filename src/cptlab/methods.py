@@ -1,7 +1,16 @@
 """Training methods as small strategy objects: GRPO, SDPO and SFT.
 
-Each method turns a list of examples into a `Batch` (rollouts, rewards and whatever its loss needs,
-computed once per batch) and a `Batch` into a loss (recomputed for each of the mu updates).
+A method owns what its loss needs beyond the model being trained: the base reference it scores
+against (when it asks for one), the self-teacher's weights (SDPO), what of those a checkpoint keeps
+(`state_dict` / `load_state_dict`) and when they update (`after_batch`). The trainer asks it, per step:
+
+    batch = method.make_batch(model, examples, generator)   # once per rollout batch
+    method.loss_units(batch) -> {term: units}                # what each loss term is a mean over
+    method.loss(model, batch) -> ({term: loss}, stats)       # for each of the mu updates
+    method.after_batch()                                     # once, after the batch's updates
+
+Each loss term is a mean over its own units (`losses.loss_units`: sequences, tokens or B * L_max);
+the trainer weights it by its share of the units of the whole batch on all ranks (trainer._backward).
 The losses themselves are pure tensor functions in `losses.py`.
 """
 
@@ -13,10 +22,10 @@ import torch
 from torch import Tensor
 
 from .config import MethodConfig, PromptConfig, RolloutConfig
-from .losses import (gather_logprobs, group_advantages, grpo_loss, k3_kl, loss_units, masked_mean, sdpo_loss,
-                     sft_loss, token_entropy)
+from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss_units, masked_mean, sdpo_loss,
+                     sdpo_token_loss, sft_loss, token_entropy, zero_variance_fraction)
 from .prompts import student_prompt
-from .rollout import Rollout, completion_logits, completion_logprobs, encode_prompts, generate, rollout_from_texts
+from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
 from .tasks import Example, Verdict, verify
 from .teacher import Teacher, build_reprompts
 
@@ -24,7 +33,7 @@ from .teacher import Teacher, build_reprompts
 @dataclass
 class Batch:
     examples: list[Example]
-    """One per row (prompts repeated group_size times for on-policy methods)."""
+    """One per row (each prompt's example repeated for its group_size samples, on-policy)."""
     rollout: Rollout
     verdicts: list[Verdict] | None = None
     rewards: Tensor | None = None
@@ -60,63 +69,98 @@ class MethodContext:
     rollout: RolloutConfig
     device: torch.device
     base: object | None = None
-    """The stage's reference model (for the GRPO KL term and KL-to-base logging), or None."""
-    teacher: Teacher | None = None
+    """The base model, frozen: the method uses it as its reference (GRPO's KL term, KL-to-base
+    logging, a teacher sourced from the base) where its config asks for one."""
 
 
-class OnPolicyMethod:
-    """Shared by GRPO and SDPO: sample G completions per prompt, verify, keep behaviour log-probs."""
+class Method:
+    """What every method answers; see the module docstring for the order the trainer calls it in."""
 
-    name = "on_policy"
+    name = ""
 
-    def __init__(self, cfg: MethodConfig, ctx: MethodContext):
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
         self.cfg, self.ctx = cfg, ctx
 
-    def make_batch(self, model, examples: list[Example], seed: int) -> Batch:
-        ctx, G = self.ctx, self.ctx.rollout.group_size
-        rows = [ex for ex in examples for _ in range(G)]
-        prompts = [student_prompt(ctx.prompt, ex.question, ctx.tokenizer) for ex in rows]
-        ro = generate(model, ctx.tokenizer, prompts, max_new_tokens=ctx.rollout.max_new_tokens,
-                      temperature=ctx.rollout.temperature, top_p=ctx.rollout.top_p,
-                      batch_size=ctx.rollout.batch_size, seed=seed, engine=ctx.rollout.engine,
-                      cuda_graphs=ctx.rollout.cuda_graphs)
+    @classmethod
+    def examples_per_step(cls, cfg: MethodConfig, group_size: int) -> int:
+        """Distinct examples drawn per step."""
+        return cfg.prompts_per_step
+
+    def make_batch(self, model, examples: list[Example], generator: torch.Generator | None) -> Batch:
+        raise NotImplementedError
+
+    def loss_units(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
+        raise NotImplementedError
+
+    def after_batch(self) -> None:
+        """Called once per rollout batch, after its updates."""
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """name -> tensors a checkpoint must keep to resume this method mid-stage."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Restore what `state_dict` gave (raises ValueError if it does not fit)."""
+
+
+class OnPolicyMethod(Method):
+    """Shared by GRPO and SDPO: sample G completions per prompt, verify, keep behaviour log-probs."""
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
+        super().__init__(cfg, ctx, model)
+        self.sampling = SamplingSpec.for_rollout(ctx.rollout)
+        self.reference = ctx.base if (cfg.grpo.beta > 0 or cfg.track_base_kl) else None
+
+    def make_batch(self, model, examples: list[Example], generator: torch.Generator | None) -> Batch:
+        ctx = self.ctx
+        prompts = [student_prompt(ctx.prompt, ex.question, ctx.tokenizer) for ex in examples]
+        ro = generate(model, ctx.tokenizer, prompts, self.sampling, generator=generator,
+                      group_size=ctx.rollout.group_size)
+        rows = [examples[g] for g in ro.group_ids.tolist()]
         verdicts = [verify(ex, text, ctx.prompt.style) for ex, text in zip(rows, ro.texts)]
         rewards = torch.tensor([v.reward for v in verdicts], device=ctx.device)
         batch = Batch(rows, ro, verdicts, rewards)
-        with torch.no_grad():
-            if self.cfg.updates_per_batch > 1:  # behaviour policy log-probs for the ratio
-                batch.old_logprobs = self._logprobs(model, ro)
-            if ctx.base is not None:
-                batch.ref_logprobs = self._logprobs(ctx.base, ro)
-        groups = rewards.view(-1, G)
+        # behaviour log-probs in eval mode: the policy that sampled had no dropout (LoRA's included)
+        with torch.no_grad(), eval_mode(model):
+            if self.cfg.updates_per_batch > 1:  # the ratio's denominator for updates 2..mu
+                batch.old_logprobs = ro.logprobs(model, self.sampling.batch_size)
+            if self.reference is not None:
+                batch.ref_logprobs = ro.logprobs(self.reference, self.sampling.batch_size)
         batch.stats.update({
             "reward": float(rewards.mean()),
             "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
             "format_rate": sum(v.well_formed for v in verdicts) / len(verdicts),
             "response_length": float(ro.lengths.mean()),
-            "zero_variance_groups": float((groups.std(-1) == 0).float().mean()),
+            "zero_variance_groups": zero_variance_fraction(rewards, ro.group_ids),
         })
         return batch
 
-    def _logprobs(self, model, ro: Rollout) -> Tensor:
-        return completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
-                                   batch_size=self.ctx.rollout.batch_size)
-
     def _student(self, model, batch: Batch) -> tuple[Tensor, Tensor, dict]:
         ro = batch.rollout
-        logits = completion_logits(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+        logits = ro.logits(model)
         logprobs = gather_logprobs(logits, ro.completion_ids)
         stats = {"entropy": float(masked_mean(token_entropy(logits.detach()), ro.completion_mask))}
         if batch.ref_logprobs is not None:
             stats["kl_to_base"] = float(masked_mean(k3_kl(logprobs.detach(), batch.ref_logprobs), ro.completion_mask))
         return logits, logprobs, stats
 
-    def loss_units(self, batch: Batch) -> float:
-        """How many units the loss is a mean over (micro-batch weights are ratios of these)."""
-        return loss_units(batch.rollout.completion_mask, self.cfg.grpo.loss_type)
+    def _advantages(self, batch: Batch) -> Tensor:
+        return grouped_advantages(batch.rewards, batch.rollout.group_ids, scale=self.cfg.grpo.scale_rewards)
 
-    def after_step(self) -> None:
-        pass
+    def _grpo_units(self, batch: Batch) -> float:
+        return loss_units(batch.rollout.completion_mask, self.cfg.grpo.loss_type, self.sampling.max_new_tokens)
+
+    def _grpo_loss(self, logprobs: Tensor, batch: Batch) -> tuple[Tensor, dict]:
+        """The clipped policy gradient (+ beta k3 KL) with the `grpo` config section."""
+        g = self.cfg.grpo
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+        return grpo_loss(logprobs, old, batch.advantages, batch.rollout.completion_mask,
+                         ref_logprobs=batch.ref_logprobs if g.beta > 0 else None, beta=g.beta, clip_eps=g.clip_eps,
+                         clip_eps_high=g.clip_eps_high, loss_type=g.loss_type,
+                         max_completion_length=self.sampling.max_new_tokens)
 
 
 class GRPO(OnPolicyMethod):
@@ -124,96 +168,123 @@ class GRPO(OnPolicyMethod):
 
     name = "grpo"
 
-    def make_batch(self, model, examples, seed):
-        batch = super().make_batch(model, examples, seed)
-        batch.advantages = group_advantages(batch.rewards, self.ctx.rollout.group_size,
-                                            scale=self.cfg.grpo.scale_rewards)
+    def make_batch(self, model, examples, generator):
+        batch = super().make_batch(model, examples, generator)
+        batch.advantages = self._advantages(batch)
         return batch
 
-    def loss(self, model, batch: Batch) -> tuple[Tensor, dict]:
-        g = self.cfg.grpo
+    def loss_units(self, batch: Batch) -> dict[str, float]:
+        return {"pg": self._grpo_units(batch)}
+
+    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         _, logprobs, stats = self._student(model, batch)
-        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-        loss, s = grpo_loss(logprobs, old, batch.advantages, batch.rollout.completion_mask,
-                            ref_logprobs=batch.ref_logprobs if g.beta > 0 else None, beta=g.beta,
-                            clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high, loss_type=g.loss_type)
-        return loss, {**stats, **s}
+        loss, s = self._grpo_loss(logprobs, batch)
+        return {"pg": loss}, {**stats, **s}
 
 
 class SDPO(OnPolicyMethod):
     """On-policy self-distillation: the student (plain prompt) is pulled toward the self-teacher's
-    (reprompt) next-token distribution at every completion token."""
+    (reprompt) next-token distribution at every completion token. With `blend_lambda` = lambda > 0
+    the loss is a mix of two terms, (1 - lambda) * SDPO (a mean over distilled tokens) + lambda *
+    GRPO (a mean over its loss_type's units, with the `grpo` config section)."""
 
     name = "sdpo"
 
-    def make_batch(self, model, examples, seed):
-        batch = super().make_batch(model, examples, seed)
-        s, ctx = self.cfg.sdpo, self.ctx
-        rep = build_reprompts(batch.examples, batch.rollout.texts, batch.verdicts, ctx.rollout.group_size, s,
-                              ctx.prompt, ctx.tokenizer)
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
+        super().__init__(cfg, ctx, model)
+        s = cfg.sdpo
+        self.teacher = Teacher(s.teacher_mode, model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=ctx.base,
+                               source=s.frozen_source)
+
+    def make_batch(self, model, examples, generator):
+        batch = super().make_batch(model, examples, generator)
+        s, ctx, ro = self.cfg.sdpo, self.ctx, batch.rollout
+        rep = build_reprompts(batch.examples, ro.texts, batch.verdicts, ro.group_ids.tolist(), s, ctx.prompt,
+                              ctx.tokenizer)
         batch.teacher_ids, batch.teacher_mask = encode_prompts(ctx.tokenizer, rep.texts, ctx.device)
         batch.distill = torch.tensor(rep.distill, dtype=torch.float32, device=ctx.device)
         batch.stats.update(rep.stats)
         if s.blend_lambda > 0:
-            batch.advantages = group_advantages(batch.rewards, ctx.rollout.group_size)
+            batch.advantages = self._advantages(batch)
         return batch
 
-    def loss(self, model, batch: Batch) -> tuple[Tensor, dict]:
+    def _distill_mask(self, batch: Batch) -> Tensor:
+        return batch.rollout.completion_mask * batch.distill[:, None]
+
+    def loss_units(self, batch: Batch) -> dict[str, float]:
+        units = {"sdpo": loss_units(self._distill_mask(batch), "bnpo")}
+        if self.cfg.sdpo.blend_lambda > 0:
+            units["grpo"] = self._grpo_units(batch)
+        return units
+
+    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         s, ro = self.cfg.sdpo, batch.rollout
         logits, logprobs, stats = self._student(model, batch)
-        teacher_logits = self.ctx.teacher.logits(lambda m: completion_logits(
-            m, batch.teacher_ids, batch.teacher_mask, ro.completion_ids, ro.completion_mask))
-        mask = ro.completion_mask * batch.distill[:, None]
+        teacher_logits = self.teacher.logits(lambda m: ro.logits(m, batch.teacher_ids, batch.teacher_mask))
+        mask = self._distill_mask(batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-        loss, sd = sdpo_loss(logits, teacher_logits, mask, divergence=s.divergence, alpha=s.alpha, top_k=s.top_k,
-                             add_tail=s.add_tail, temperature=s.temperature, sampled_logprobs=logprobs,
-                             old_logprobs=old, is_clip=s.is_clip)
+        if s.distillation == "sampled_token":
+            loss, sd = sdpo_token_loss(logprobs, gather_logprobs(teacher_logits, ro.completion_ids), mask,
+                                       old_logprobs=old, is_clip=s.is_clip)
+        else:
+            loss, sd = sdpo_loss(logits, teacher_logits, mask, divergence=s.divergence,
+                                 alpha=s.jsd_alpha if s.divergence == "jsd" else None, top_k=s.top_k,
+                                 add_tail=s.add_tail, top_k_from=s.top_k_from, temperature=s.temperature,
+                                 sampled_logprobs=logprobs, old_logprobs=old, is_clip=s.is_clip)
         stats.update({f"sdpo/{k}": v for k, v in sd.items()})
-        if s.blend_lambda > 0:  # TRL's "hybrid": mix in the clipped GRPO loss
-            pg, _ = grpo_loss(logprobs, old, batch.advantages, ro.completion_mask)
-            loss = (1 - s.blend_lambda) * loss + s.blend_lambda * pg
-        return loss, stats
+        if s.blend_lambda == 0:
+            return {"sdpo": loss}, stats
+        pg, ps = self._grpo_loss(logprobs, batch)
+        stats.update({f"grpo/{k}": v for k, v in ps.items()})
+        return {"sdpo": (1 - s.blend_lambda) * loss, "grpo": s.blend_lambda * pg}, stats
 
-    def loss_units(self, batch: Batch) -> float:
-        # token mean over the distilled tokens; with blend_lambda > 0 the GRPO part (a sequence mean) is
-        # weighted by the same tokens, exact only when micro-batches hold equal shares of both
-        return loss_units(batch.rollout.completion_mask * batch.distill[:, None], "bnpo")
+    def after_batch(self) -> None:
+        self.teacher.update()
 
-    def after_step(self) -> None:
-        self.ctx.teacher.after_step()
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        teacher = self.teacher.state_dict()
+        return {} if teacher is None else {"teacher": teacher}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        if "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
 
 
-class SFT:
+class SFT(Method):
     """Off-policy baseline: token cross-entropy on the reference solutions."""
 
     name = "sft"
 
-    def __init__(self, cfg: MethodConfig, ctx: MethodContext):
-        self.cfg, self.ctx = cfg, ctx
+    @classmethod
+    def examples_per_step(cls, cfg: MethodConfig, group_size: int) -> int:
+        """As many sequences per step as the on-policy methods sample."""
+        return cfg.prompts_per_step * group_size
 
-    def make_batch(self, model, examples: list[Example], seed: int) -> Batch:
+    def make_batch(self, model, examples: list[Example], generator: torch.Generator | None) -> Batch:
         ctx = self.ctx
         prompts = [student_prompt(ctx.prompt, ex.question, ctx.tokenizer) for ex in examples]
         ro = rollout_from_texts(ctx.tokenizer, prompts, [ex.solution() for ex in examples], ctx.device)
         return Batch(list(examples), ro, stats={"response_length": float(ro.lengths.mean())})
 
-    def loss(self, model, batch: Batch) -> tuple[Tensor, dict]:
+    def loss_units(self, batch: Batch) -> dict[str, float]:
+        return {"sft": loss_units(batch.rollout.completion_mask, "bnpo")}
+
+    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         ro = batch.rollout
-        logits = completion_logits(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+        logits = ro.logits(model)
         loss, stats = sft_loss(gather_logprobs(logits, ro.completion_ids), ro.completion_mask)
         stats["entropy"] = float(masked_mean(token_entropy(logits.detach()), ro.completion_mask))
-        return loss, stats
-
-    def loss_units(self, batch: Batch) -> float:
-        return loss_units(batch.rollout.completion_mask, "bnpo")
-
-    def after_step(self) -> None:
-        pass
+        return {"sft": loss}, stats
 
 
-METHODS = {"grpo": GRPO, "sdpo": SDPO, "sft": SFT}
+METHODS: dict[str, type[Method]] = {"grpo": GRPO, "sdpo": SDPO, "sft": SFT}
+
+
+def build_method(cfg: MethodConfig, ctx: MethodContext, model) -> Method:
+    """The method `cfg.name` names, owning its state for a stage that trains `model`."""
+    return METHODS[cfg.name](cfg, ctx, model)
 
 
 def examples_per_step(cfg: MethodConfig, group_size: int) -> int:
-    """Distinct examples drawn per step: SFT sees as many sequences as the on-policy methods."""
-    return cfg.prompts_per_step * (group_size if cfg.name == "sft" else 1)
+    """Distinct examples the method `cfg.name` draws per step."""
+    return METHODS[cfg.name].examples_per_step(cfg, group_size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PromptConfig, SDPOConfig
-from .lora import copy_sharing_base_weights
+from .lora import checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, load_checkpoint_state
 from .prompts import teacher_prompt
 from .tasks import Example, Verdict
 from .tasks.answer import format_answer
@@ -34,18 +34,21 @@ def _demo_text(completion: str, verdict: Verdict, content: str) -> str:
     return completion
 
 
-def build_reprompts(examples: list[Example], completions: list[str], verdicts: list[Verdict], group_size: int,
+def build_reprompts(examples: list[Example], completions: list[str], verdicts: list[Verdict], group_ids: list[int],
                     cfg: SDPOConfig, pcfg: PromptConfig, tokenizer=None) -> Reprompts:
-    """Rows come in groups of `group_size` samples of the same example (examples[i] for row i)."""
+    """One teacher prompt per row; rows with the same group id are samples of the same example
+    (examples[i] for row i) and so each other's siblings, taken in row order."""
     n = len(completions)
+    siblings: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        siblings.setdefault(int(g), []).append(i)
     texts, distill = [], []
     counts = dict(with_demo=0, feedback_only=0, dropped=0, self_success=0)
     for i in range(n):
-        g0 = (i // group_size) * group_size
         ex, verdict = examples[i], verdicts[i]
         demo = None
         if cfg.demo_source == "sibling":
-            for j in range(g0, g0 + group_size):
+            for j in siblings[int(group_ids[i])]:
                 if j == i and cfg.skip_self_success:
                     continue
                 if verdicts[j].reward >= cfg.success_threshold:
@@ -70,24 +73,33 @@ def build_reprompts(examples: list[Example], completions: list[str], verdicts: l
 
 
 class Teacher:
-    """Holds the teacher's weights for a stage. `model_for_forward()` is what scores reprompts.
+    """The self-teacher's weights for a stage; `logits(forward)` scores reprompts with them.
 
-    current: the student itself under no_grad (no copy); ema: a copy updated after each optimizer
-    step, theta_T <- (1 - rate) theta_T + rate theta_S; frozen: a copy of the stage start (or base)
-    weights; trust_region: logits lerp(reference, current, mix_coef) with a frozen reference copy.
+    current: the student itself under no_grad (no copy); ema: a copy that `update()` moves toward the
+    student, theta_T <- (1 - rate) theta_T + rate theta_S, called once per rollout batch after its
+    updates (the SDPO method does); frozen: a copy kept as it is; trust_region: logits
+    lerp(reference, current, mix_coef) with a frozen reference copy. `source` is where a copy starts:
+    the stage's starting weights (the student now) or the base model (`base`, the stage's frozen
+    reference); an EMA teacher starts there and then follows the student.
     """
 
     def __init__(self, mode: str, student, *, ema_rate: float = 0.05, mix_coef: float = 0.05, base=None,
-                 frozen_source: str = "stage_start"):
+                 source: str = "stage_start"):
         self.mode, self.ema_rate, self.mix_coef = mode, ema_rate, mix_coef
         self.student = student
         self.copy = None
-        if mode in ("ema", "frozen", "trust_region"):
-            if frozen_source == "base" and base is not None and mode != "ema":
-                self.copy = base  # already a frozen eval-mode reference: no second copy
-            else:  # with LoRA only the adapters are copied; the frozen base weights are shared
-                self.copy = copy_sharing_base_weights(student).eval()
-                self.copy.requires_grad_(False)
+        self._owns_copy = False
+        if mode == "current":
+            return
+        if source == "base" and base is None:
+            raise ValueError("Teacher: source='base' needs the base model")
+        if source == "base" and mode != "ema":
+            self.copy = base  # already a frozen eval-mode reference: no second copy
+            return
+        # with LoRA only the adapters are copied; the frozen base weights are shared
+        self.copy = copy_sharing_base_weights(student) if source == "stage_start" else copy_at_base(student, base)
+        self.copy.eval().requires_grad_(False)
+        self._owns_copy = True
 
     @torch.no_grad()
     def logits(self, forward) -> torch.Tensor:
@@ -101,16 +113,17 @@ class Teacher:
         return forward(self.copy).detach()
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def update(self) -> None:
+        """The teacher's step, once per rollout batch: EMA toward the student (other modes: nothing)."""
         if self.mode == "ema":
             ema_update(self.copy, self.student, self.ema_rate)
 
-    def state_dict(self) -> dict | None:
-        return None if self.copy is None else self.copy.state_dict()
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint must keep to resume the teacher (None: nothing, it is the student or base)."""
+        return checkpoint_state_dict(self.copy) if self._owns_copy else None
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.copy is not None:
-            self.copy.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_checkpoint_state(self.copy, state)
 
 
 @torch.no_grad()

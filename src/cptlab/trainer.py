@@ -1,7 +1,10 @@
-"""One stage: rollout -> reward -> method loss -> optimizer step, maybe evaluate, maybe checkpoint.
+"""One stage: rollout -> reward -> method loss -> optimizer step, step after step.
 
-The loop is in `train_stage`; everything it calls is a small piece of its own (methods.py for the
-method, teacher.py for the self-teacher, evaluate.py, checkpoint.py).
+The loop is `train_stage`, and one step reads top to bottom in four files: this one (the loop, and
+`_backward`, the one owner of loss normalisation), methods.py (the batch and the loss terms of GRPO,
+SDPO or SFT, and the method's own state such as the self-teacher), losses.py (the tensor math) and
+rollout.py (sampling and the training forwards). Evaluation and checkpoints are the driver's
+(continual.py), which it schedules through the `on_step_end` callback.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from . import distributed as dist
 from .analysis.artifacts import rollout_repetition
 from .config import MethodConfig, StageConfig
 from .errors import NumericalFault
-from .methods import METHODS, MethodContext, examples_per_step
+from .methods import Method
 from .optim import lr_factor, set_lr
+from .rollout import make_generator
 from .tasks import Example, make_split
 from .ui import progress
 
@@ -50,7 +54,8 @@ class StageRun:
     method_cfg: MethodConfig
     model: object
     optimizer: torch.optim.Optimizer
-    ctx: MethodContext
+    method: Method
+    """The stage's method, owning its state (e.g. the teacher, restored from a checkpoint on resume)."""
     sampler: TrainSampler
     seed: int
     log: Callable[..., dict]
@@ -60,30 +65,38 @@ class StageRun:
 
 
 def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]:
-    """Backward of the batch's loss, in micro-batches of `micro_batch_size` rows (0: all at once) whose
-    losses are weighted by their share of the loss's units (sequences or tokens, `loss_units`), so the
-    accumulated gradient is the whole batch's. Under torchrun the local batch's share of the global
-    units scales it too (`global_token_scale`): after the gradient all-reduce it is the gradient of
-    the loss over all ranks' data. Returns the local batch's loss value and stats (micro-batches
-    weighted by their share). Raises
-    NumericalFault on a nan/inf loss (on any rank) before anything is stepped."""
+    """Backward of the batch's loss, in micro-batches of `micro_batch_size` rows (0: all at once).
+
+    The one owner of loss normalisation. Each loss term the method returns is a mean over its own
+    units in the piece it saw (`method.loss_units`: sequences, tokens or B * L_max). Weighted by
+    W * units(micro-batch) / units(all micro-batches on all W ranks) and summed, its gradient after
+    the ranks' mean (all_reduce_grads) is that of the term over the whole global batch, whatever the
+    micro-batch size or number of ranks. Returns this rank's share of the loss (the mean over ranks is
+    the global loss) and stats (micro-batches weighted by their rows). Raises NumericalFault on a
+    nan/inf loss (on any rank) before anything is stepped."""
     n = len(batch)
     size = n if micro_batch_size <= 0 else min(micro_batch_size, n)
-    local = method.loss_units(batch) if (size < n or dist.world_size() > 1) else 1.0
-    scale = dist.global_token_scale(local)
+    parts = [batch] if size == n else [batch.select(slice(start, start + size)) for start in range(0, n, size)]
+    units = [method.loss_units(part) for part in parts]
+    totals = dist.all_reduce_sum({k: sum(u[k] for u in units) for k in units[0]})
+    world = dist.world_size()
     loss_value, stats = 0.0, {}
-    for start in range(0, n, size):
-        part = batch if size == n else batch.select(slice(start, start + size))
-        loss, part_stats = method.loss(model, part)
+    for part, part_units in zip(parts, units):
+        terms, part_stats = method.loss(model, part)
+        weighted = {k: v * (world * part_units[k] / totals[k] if totals[k] > 0 else 0.0) for k, v in terms.items()}
+        loss = sum(weighted.values())
         if dist.any_rank(not bool(torch.isfinite(loss))):
             # detached: float() of a tensor that requires grad warns (a UserWarning before the error line)
             raise NumericalFault(f"loss is {float(loss.detach())}" if not torch.isfinite(loss)
                                  else "loss is nan/inf on another rank")
-        share = 1.0 if size == n else (method.loss_units(part) / local if local > 0 else size / n)
-        (loss * (share * scale)).backward()
-        loss_value += float(loss.detach()) * share  # the local batch's loss and stats (ranks are averaged
-        for k, v in part_stats.items():            # for logging by the caller)
+        loss.backward()
+        loss_value += float(loss.detach())
+        share = len(part) / n
+        for k, v in part_stats.items():
             stats[k] = stats.get(k, 0.0) + v * share
+        if len(weighted) > 1:  # a loss mix: each term's part of the loss too
+            for k, v in weighted.items():
+                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + float(v.detach())
     return loss_value, stats
 
 
@@ -104,9 +117,9 @@ def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_cli
 
 def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
     """Train steps start_step..stage.steps-1; returns the global step after the stage."""
-    m, stage = run.method_cfg, run.stage
-    method = METHODS[m.name](m, run.ctx)
-    n_examples = examples_per_step(m, run.ctx.rollout.group_size)
+    m, stage, method = run.method_cfg, run.stage, run.method
+    n_examples = method.examples_per_step(m, method.ctx.rollout.group_size)
+    device = next(run.model.parameters()).device
     skipped = 0
     run.model.train()
     with progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance:
@@ -116,9 +129,10 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
             # every rank draws the same prompts and keeps its own slice (all G samples of a prompt stay together)
             examples = dist.shard(run.sampler.batch(step, n_examples), dist.rank(), dist.world_size())
             rollout_seed = derive_seed(run.seed, run.index, step, "rollout", *([dist.rank()] if dist.rank() else []))
-            batch = method.make_batch(run.model, examples, seed=rollout_seed)
+            batch = method.make_batch(run.model, examples, make_generator(rollout_seed, device))
             t_rollout = time.perf_counter() - t0
             stats: dict = {}
+            updated = False
             for update in range(m.updates_per_batch):
                 opt_step = step * m.updates_per_batch + update
                 set_lr(run.optimizer, m.lr * lr_factor(opt_step, stage.steps * m.updates_per_batch, m.warmup_steps,
@@ -137,8 +151,10 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                     reason = f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of {stage.steps}: {fault}"
                     run.log("fault", **where, action="stopped", reason=reason)
                     raise NumericalFault(reason) from None
-                method.after_step()
+                updated = True
                 stats["loss"] = loss
+            if updated:
+                method.after_batch()  # once per rollout batch, after its updates (e.g. the EMA teacher)
             global_step += 1
             dt = time.perf_counter() - t0
             tokens = float(batch.rollout.completion_mask.sum()) * dist.world_size()

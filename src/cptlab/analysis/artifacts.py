@@ -4,15 +4,13 @@ Pure functions of strings and number series. Units: completions of the tiny char
 are short ("3+4=7 <answer>7</answer>"), so n-grams over whitespace tokens would be almost empty.
 With unit="auto" a corpus uses whitespace tokens ("word") when its median text has at least
 MIN_WORDS of them, and characters ("char") otherwise; in char mode whitespace is dropped and each
-answer tag is one token. The choice is made once per corpus (both corpora in `ngram_growth`), so
-numbers stay comparable inside a call.
+answer tag is one token. The choice is made once per corpus, so numbers stay comparable inside a call.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from statistics import median
 from typing import Sequence
 
@@ -126,31 +124,6 @@ def rollout_repetition(texts: list[str], unit: str = "auto", rep_n: int = 4) -> 
     tokens = [tokenize(t, unit) for t in texts]
     return {"rollout/repetition_rate": _mean([repetition_score(t, rep_n) for t in tokens]),
             "rollout/distinct_2": distinct_n(tokens, 2)}
-
-
-def ngram_growth(base_texts: list[str], texts: list[str], n: int = 2, top: int = 10,
-                 unit: str = "auto") -> list[dict]:
-    """The n-grams whose relative frequency grew most from `base_texts` to `texts`.
-
-    freq = count / all n-grams of the corpus; growth = freq - base_freq (a difference, so that an
-    n-gram new in `texts` ranks by how common it became). Only growth > 0, largest first (ties by
-    n-gram), at most `top`. Each row: {ngram (joined with ' ' for words, '' for chars), base_freq,
-    freq, growth}.
-    """
-    unit = choose_unit(list(base_texts) + list(texts), unit)
-
-    def freqs(corpus: list[str]) -> dict[tuple[str, ...], float]:
-        counts = Counter(g for t in corpus for g in ngrams(tokenize(t, unit), n))
-        total = sum(counts.values())
-        return {g: c / total for g, c in counts.items()} if total else {}
-
-    base, new = freqs(base_texts), freqs(texts)
-    joiner = " " if unit == "word" else ""
-    rows = [{"ngram": joiner.join(g), "base_freq": base.get(g, 0.0), "freq": f, "growth": f - base.get(g, 0.0)}
-            for g, f in new.items()]
-    rows = [r for r in rows if r["growth"] > 0]
-    rows.sort(key=lambda r: (-r["growth"], r["ngram"]))
-    return rows[:top]
 
 
 def _trailing_mean(values: Sequence[float] | None, window: int) -> list[float] | None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..losses import gather_logprobs, k3_kl, masked_mean, token_entropy
-from ..rollout import completion_logits, generate
+from ..rollout import SamplingSpec, completion_logits, eval_mode, generate, make_generator
 from ..tasks.answer import parse_answer
 
 
@@ -60,9 +60,10 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int,
-                   batch_size: int = 256, engine: str = "auto", cuda_graphs: bool = True) -> dict[str, float]:
-    """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered).
+def response_drift(model, base_model, tokenizer, prompts: list[str], spec: SamplingSpec, *,
+                   seed: int) -> dict[str, float]:
+    """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered), sampled with
+    `spec` (its budget and engine; the samples at temperature 1 from a generator seeded with `seed`).
 
     Keys:
       kl_to_base           per-token KL(current || base), token_kl on the current policy's samples
@@ -77,22 +78,14 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_
         nan = float("nan")
         return dict(kl_to_base=nan, kl_to_base_k3=nan, entropy=nan, sampled_mean_length=nan,
                     answer_changed_frac=nan, mean_length=nan, base_mean_length=nan)
-    modes = (model.training, base_model.training)
-    model.eval()
-    base_model.eval()
     device = next(model.parameters()).device
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
-    # generate() seeds the global RNG; fork it so that a mid-run analysis leaves training's stream alone
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            sampled = generate(model, tokenizer, prompts, seed=seed, **gen)
-            lp, lp_base, entropy = _logits_stats(model, sampled, base_model, batch_size)
-            mask = sampled.completion_mask
-            greedy = generate(model, tokenizer, prompts, greedy=True, **gen)
-            base_greedy = generate(base_model, tokenizer, prompts, greedy=True, **gen)
-        finally:
-            model.train(modes[0])
-            base_model.train(modes[1])
+    with eval_mode(model), eval_mode(base_model):
+        sampled = generate(model, tokenizer, prompts, spec.sampled(temperature=1.0),
+                           generator=make_generator(seed, device))
+        lp, lp_base, entropy = _logits_stats(model, sampled, base_model, spec.batch_size)
+        mask = sampled.completion_mask
+        greedy = generate(model, tokenizer, prompts, spec.as_greedy())
+        base_greedy = generate(base_model, tokenizer, prompts, spec.as_greedy())
     return {
         "kl_to_base": token_kl(lp, lp_base, mask),
         "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),

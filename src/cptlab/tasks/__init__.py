@@ -130,8 +130,8 @@ def _score_fn(task: str):
     return reasoning_gym.get_score_answer_fn(task)
 
 
-def verify(example: Example, completion: str, style: str = "compact", format_reward: float = 0.0) -> Verdict:
-    """Score a completion with reasoning-gym's verifier; reward 1/0 (+ optional format bonus)."""
+def verify(example: Example, completion: str, style: str = "compact") -> Verdict:
+    """Score a completion with reasoning-gym's verifier; reward 1 if correct, else 0."""
     domain = get_domain(example.domain)
     parsed = parse_answer(completion)
     if parsed.answer is None:
@@ -142,9 +142,8 @@ def verify(example: Example, completion: str, style: str = "compact", format_rew
     except Exception:  # a verifier crash on odd text is a wrong answer, not a dead run
         score = 0.0
     correct = score >= 1.0
-    reward = (1.0 if correct else 0.0) + (format_reward if parsed.well_formed else 0.0)
     feedback = "" if correct else f"answer {parsed.answer[:40]} is wrong"
-    return Verdict(reward, correct, parsed.well_formed, parsed.answer, feedback)
+    return Verdict(1.0 if correct else 0.0, correct, parsed.well_formed, parsed.answer, feedback)
 
 
 def domain_table() -> list[dict[str, str]]:

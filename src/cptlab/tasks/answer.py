@@ -34,9 +34,5 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(answer, well_formed)
 
 
-def extract_answer(text: str) -> str | None:
-    return parse_answer(text).answer
-
-
 def format_answer(answer: str) -> str:
     return f"{OPEN}{answer}{CLOSE}"
