@@ -48,9 +48,12 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
         device = next(model.parameters()).device
         sampled = generate(model, tokenizer, prompts, spec.sampled(), generator=make_generator(seed, device),
                            group_size=ecfg.num_samples)
-        hits = [verify(examples[g], t, pcfg.style).correct for g, t in zip(sampled.group_ids.tolist(), sampled.texts)]
+        groups = sampled.group_ids.tolist()
+        hits = [verify(examples[g], t, pcfg.style).correct for g, t in zip(groups, sampled.texts)]
         sampled_acc = sum(hits) / len(hits)
-        sampled_hits = [sum(hits[i * k:(i + 1) * k]) for i in range(n)]
+        sampled_hits = [0] * n
+        for g, hit in zip(groups, hits):
+            sampled_hits[g] += int(hit)
     samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
                for ex, text, v in list(zip(examples, greedy.texts, verdicts))[: ecfg.save_samples]]
     return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples, greedy.texts,
