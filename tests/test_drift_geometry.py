@@ -106,3 +106,24 @@ def test_principal_drift_per_kind_with_a_cached_base():
     assert "spectral_shift/norm" not in out
     marker = cache[names[0]]
     assert principal_drift(base, current, cache=cache) == pytest.approx(out) and cache[names[0]] is marker
+
+
+def test_report_has_a_per_module_type_geometry_table(tmp_path):
+    import json
+
+    from test_report import make_run
+
+    from cptlab.report import write_report
+
+    run = make_run(tmp_path / "r")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        if rec["event"] == "drift":
+            rec.update({"param/spectral_shift": 1e-4 * rec["stage"], "param/max_angle": 2.5,
+                        "param/max_angle/attention": 3.25, "param/principal_mask_overlap": 0.99,
+                        "param/principal_update_share": 0.4, "param/principal_update_share/mlp": 0.375})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = write_report(run).read_text()
+    assert "Weight geometry per module type" in text
+    for cell in ("1.00e-04", "2.00e-04", "2.50", "3.25", "99.0%", "40.0%", "37.5%"):
+        assert f">{cell}<" in text, cell

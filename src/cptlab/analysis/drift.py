@@ -7,6 +7,28 @@ delta = current - base (or current - previous stage). Spectral metrics follow:
                     weight's principal directions; we report the mean cos^2 of the principal angles
                     between the update's and the base weight's top-k left singular subspaces.
 All sums run in float32 or better, whatever the weights' dtype.
+
+Weight geometry after "The Path Not Taken" (`principal_drift`), each 2-D weight W_t against its base W_0
+(an [m, n] matrix, embeddings included), then the plain mean over matrices, overall and per module kind:
+  spectral_shift          ||sigma(W_t) - sigma(W_0)||_2 / ||sigma(W_0)||_2, full descending spectra.
+  max_angle               the largest principal angle, in degrees, between the top-k left singular
+                          subspaces of W_0 and W_t, k = round(min(m, n) / 8) (96 for a 768-wide matrix).
+  principal_mask_overlap  |M_0 & M_t| / |M_0|, M = the principal mask: the top rho = 0.5 fraction of
+                          entries by magnitude of the rank-r reconstruction U_r U_r^T W, r = round(min(m, n)
+                          / 64) (12 for 768). The random baseline is rho.
+  principal_update_share  |U & M_0| / |U|, U = the top rho fraction of the entries of |W_t - W_0| (the
+                          entries that moved most, non-zero ones only). A random placement gives rho; below
+                          rho, the updates avoid the base's principal weights.
+Where the choices come from: PNT's own values could not be read here (only its abstract); k = 512,
+r = 64 and alpha = 0.5 on Qwen3-8B's 4096-wide matrices are those of the PNT-style diagnostics in arXiv
+2606.07082 (appendix C.3), scaled here as fractions of min(m, n) so they fit a 96-wide tiny model too.
+There the update mask is the set of entries that moved by more than 1e-3 of their magnitude (bf16-visible
+changes); cptlab's weights are float32 and AdamW moves nearly every entry past that, which would make
+the share equal rho by construction, hence the top-rho update mask. Moenupa/SDPO-CL publishes the
+curves (max angle ~0 degrees for GRPO, 2.5-3.3 for SDPO) but not the code or the parameters behind them.
+The spectra come from the float64 Gram eigendecomposition used above (one per matrix and record; the
+base's spectrum, top vectors and mask are cached); the angle is taken as arcsin ||(I - U_0 U_0^T) U_t||_2,
+which stays accurate for angles far below a degree.
 """
 
 from __future__ import annotations
