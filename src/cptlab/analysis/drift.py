@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -312,9 +313,13 @@ def max_principal_angle(u_base: Tensor, u: Tensor) -> float:
 def top_fraction(values: Tensor, fraction: float) -> Tensor:
     """Bool mask of the ceil(fraction * numel) largest entries of a non-negative tensor; entries tied with
     the last one are kept too, zeros never (an entry that did not move is not an update)."""
-    flat = values.reshape(-1)
+    flat = values.detach().reshape(-1)
     count = min(flat.numel(), max(1, math.ceil(fraction * flat.numel())))
-    threshold = torch.kthvalue(flat, flat.numel() - count + 1).values
+    index = flat.numel() - count  # the threshold's place in ascending order
+    if flat.device.type == "cpu":  # numpy's introselect: 20x faster than torch.kthvalue on 1.5M entries
+        threshold = torch.as_tensor(np.partition(flat.numpy(), index)[index])
+    else:
+        threshold = torch.kthvalue(flat, index + 1).values
     return (values >= threshold) & (values > 0)
 
 
