@@ -21,6 +21,9 @@ domains' prompts (its embedding model is not named). Here:
               RKHS distance between the two samples' mean embeddings. `unbiased=True` gives the
               U-statistic (diagonal pairs left out of the within-set means): unbiased, may be < 0.
 
+The study's heatmap (Moenupa/SDPO-CL docs/DATA.md) shows values of 0 to 45 on a scale it does not state;
+only the ordering of distances, not their size, can be set beside it.
+
 `distance.json` (written into a run directory by `write_distance`, the `cptlab distance` verb):
 {"domains": [...], "mmd2": [[...]], "bandwidth": s, "estimator": "biased", "prompts_per_domain": n,
  "embedding": ..., "model": path}.
@@ -43,7 +46,8 @@ EMBEDDING = "mean over prompt tokens of the base model's last hidden layer"
 
 # -- pure functions ------------------------------------------------------------------------------------
 def median_bandwidth(points: Tensor) -> float:
-    """Median Euclidean distance over the distinct pairs (i < j) of the rows: [N, H] -> float (N >= 2)."""
+    """Median Euclidean distance over the distinct pairs (i < j) of the rows: [N, H] -> float (N >= 2).
+    torch's median: the lower of the two middle values when the number of pairs is even."""
     x = points.to(torch.float64)
     i, j = torch.triu_indices(len(x), len(x), offset=1)
     return float(torch.cdist(x, x)[i, j].median())
