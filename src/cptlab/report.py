@@ -318,8 +318,8 @@ def _geometry_section(run: Run) -> list[str]:
         return []
     return ["<h2>Weight geometry per module type</h2>",
             '<p class="note">Each weight matrix W against the base W0, averaged over the matrices of a type '
-            "(after “The Path Not Taken”, arXiv 2511.08567): spectral shift ||σ(W) − σ(W0)|| / ||σ(W0)||; largest "
-            "principal angle between the top-k left singular subspaces (k = min(m, n) / 8); the share of W0's "
+            "(after “The Path Not Taken”, arXiv 2511.08567): spectral shift ||σ(W) − σ(W0)|| / ||σ(W0)||; "
+            "largest principal angle between the top-k left singular subspaces (k = min(m, n) / 8); the share of W0's "
             "principal weights (top half of the rank-r reconstruction, r = min(m, n) / 64) still principal in W; "
             "the share of the most-moved half of the entries that are principal weights of W0 (random placement: "
             "50%; below it, updates avoid them).</p>",

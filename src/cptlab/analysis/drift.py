@@ -356,7 +356,8 @@ def base_geometry(weight: Tensor, k: int, rank: int, density: float = MASK_DENSI
 
 
 def weight_geometry(base_weight: Tensor, weight: Tensor, k: int | None = None, rank: int | None = None,
-                    density: float = MASK_DENSITY, base: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, float]:
+                    density: float = MASK_DENSITY, base: tuple[Tensor, Tensor, Tensor] | None = None
+                    ) -> dict[str, float]:
     """Spectral shift, largest principal angle (degrees) between the top-k left singular subspaces,
     principal-mask overlap and principal update share of W_t against W_0: [m, n] x2 -> dict.
 
