@@ -1,7 +1,9 @@
 """Cost of one stage-end drift record: the parameter-drift spectra (cptlab's float64 Gram route against
-one SVD per matrix, the reference), the weight snapshot and the response-drift probes.
+one SVD per matrix, the reference), the "Path Not Taken" weight geometry (principal_drift), the weight
+snapshot and the response-drift probes.
 
-    python benchmarks/bench_drift.py [--size gpu|tiny] [--device cpu|cuda] [--probes 8] [--out FILE.json]
+    python benchmarks/bench_drift.py [--size gpu|tiny] [--device cpu|cuda] [--probes 8] [--no-response]
+                                     [--out FILE.json]
 
 The model is random-init and then perturbed (1e-3 of each tensor's mean magnitude), standing in for a
 trained model. Not a test: figures only, plus the largest difference between the two routes' numbers.
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--size", choices=["gpu", "tiny"], default="gpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--probes", type=int, default=8, help="probe prompts per domain (eval.probe_per_domain)")
+    p.add_argument("--no-response", action="store_true", help="skip the response-drift probes")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -70,17 +73,23 @@ def main() -> None:
     cache: dict = {}
     cold, t_cold = timed(device, lambda: D.parameter_drift(base, current, base, device=device, base_subspaces=cache))
     _, t_warm = timed(device, lambda: D.parameter_drift(base, current, base, device=device, base_subspaces=cache))
+    geometry: dict = {}
+    _, t_geo_cold = timed(device, lambda: D.principal_drift(base, current, device=device, cache=geometry))
+    geo, t_geo_warm = timed(device, lambda: D.principal_drift(base, current, device=device, cache=geometry))
     (ref_rank, ref_overlap), t_svd = timed(device, lambda: svd_reference(base, current, names, device))
     probes = [student_prompt(cfg.prompt, ex.question, tok) for d in eval_domains(cfg)
               for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style)]
     spec = SamplingSpec.for_eval(cfg.eval, cfg.rollout)
-    timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))  # engine build, graph capture
-    _, t_resp = timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))
+    t_resp = float("nan")
+    if not a.no_response:
+        timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))  # engine build, graph capture
+        _, t_resp = timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "parameters": count_parameters(model), "matrices": len(names),
         "snapshot_s": t_snap, "parameter_drift_first_s": t_cold, "parameter_drift_later_s": t_warm,
-        "svd_reference_s": t_svd, "response_drift_s": t_resp, "probes": len(probes),
+        "principal_drift_first_s": t_geo_cold, "principal_drift_later_s": t_geo_warm, "svd_reference_s": t_svd,
+        "response_drift_s": t_resp, "probes": len(probes),
         "effective_rank": [cold["effective_rank"], ref_rank], "subspace_overlap": [cold["subspace_overlap"], ref_overlap],
     }
     print(f"model {result['parameters'] / 1e6:.1f}M parameters, {len(names)} matrices, {result['device']}, "
@@ -88,10 +97,14 @@ def main() -> None:
     print(f"snapshot                        {t_snap:7.2f} s")
     print(f"parameter_drift, first record   {t_cold:7.2f} s  (base subspaces computed)")
     print(f"parameter_drift, later records  {t_warm:7.2f} s  (base subspaces cached)")
+    print(f"principal_drift, first record   {t_geo_cold:7.2f} s  (base spectra and masks computed)")
+    print(f"principal_drift, later records  {t_geo_warm:7.2f} s  -> parameter drift record "
+          f"{t_warm:.2f} s -> {t_warm + t_geo_warm:.2f} s")
     print(f"SVD reference (rank + overlap)  {t_svd:7.2f} s  -> Gram route {t_svd / t_warm:.1f}x faster per record")
     print(f"response_drift, {len(probes)} probes       {t_resp:7.2f} s")
     print(f"effective rank  Gram {cold['effective_rank']:.3f}  SVD {ref_rank:.3f}")
     print(f"subspace overlap Gram {cold['subspace_overlap']:.5f}  SVD {ref_overlap:.5f}")
+    print("geometry: " + ", ".join(f"{k} {geo[k]:.4g}" for k in D.GEOMETRY_METRICS))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

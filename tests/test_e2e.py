@@ -51,6 +51,9 @@ def test_smoke_writes_run_directory(smoke_run):
     # the SDPO stage always has a gradient (the smoke model's GRPO stage may see all-zero rewards and
     # rightly not move): it moved from the base and from the previous stage's weights
     assert drift[2]["param/rel_l2_base"] > 0 and drift[2]["param/rel_l2_prev"] > 0
+    # the weight geometry rides in the same record: none at the base, some after the SDPO stage
+    assert drift[0]["param/max_angle"] < 1e-6 and drift[0]["param/principal_mask_overlap"] == 1.0
+    assert drift[2]["param/spectral_shift"] > 0 and 0 < drift[2]["param/principal_update_share/mlp"] < 1
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, tmp_path):

@@ -50,6 +50,9 @@ def test_study_runs_grid_writes_compare_and_skips_finished_cells(tmp_path):
     for cell in cells:
         summary = json.loads((root / cell / "summary.json").read_text())
         assert summary["complete"] and len(summary["accuracy_matrix"]) == 2
+    # the comparison computed each cell's domain distances from its base model and plotted forgetting on them
+    assert all((root / cell / "distance.json").exists() for cell in cells)
+    assert "Forgetting against domain distance" in out.read_text()
     before = (root / "grpo-s0" / "metrics.jsonl").read_text()
     run_study(str(study), str(tmp_path / "runs"))  # finished cells are skipped, not rerun
     assert (root / "grpo-s0" / "metrics.jsonl").read_text() == before

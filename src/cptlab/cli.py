@@ -164,6 +164,26 @@ def compare(
 
 @app.command()
 @friendly
+def distance(
+    run_dir: str = typer.Argument(..., help="A run directory (its base model is read from RUN_DIR/base)."),
+    domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: the run's)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output JSON (default RUN_DIR/distance.json)."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompts per domain (default: eval.num_prompts)."),
+) -> None:
+    """MMD between the domains' prompts, embedded by the run's base model; writes distance.json."""
+    from .analysis.distance import format_matrix, write_distance
+
+    _configure_threads()
+    names = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    path, result = write_distance(run_dir, names, out, prompts)
+    print(f"MMD^2 (RBF kernel, bandwidth {result['bandwidth']:.4g}; {result['prompts_per_domain']} prompts per "
+          f"domain, {result['embedding']}):")
+    print(format_matrix(result))
+    print(f"written to {path}")
+
+
+@app.command()
+@friendly
 def study(
     name: str = typer.Argument(..., help="A study preset (see `cptlab studies`) or a study YAML file."),
     out: str = typer.Option("runs/studies", "--out", help="Parent directory of the study's runs."),

@@ -115,7 +115,7 @@ class Driver:
     def log_drift(self, stage: int, global_step: int, results: dict) -> None:
         """Parameter drift vs base and previous stage, response drift on a probe set, artifact rates."""
         from .analysis.artifacts import artifact_stats
-        from .analysis.drift import parameter_drift
+        from .analysis.drift import parameter_drift, principal_drift
         from .analysis.response import response_drift
         from .prompts import student_prompt
         from .tasks import make_split
@@ -125,6 +125,7 @@ class Driver:
         current = snapshot(self.model)
         drift = parameter_drift(self.base_state, current, self.prev_state, device=self.device,
                                 base_subspaces=self.base_subspaces)
+        drift.update(principal_drift(self.base_state, current, device=self.device, cache=self.base_geometry))
         fields = {f"param/{k}": v for k, v in drift.items()}
         probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
@@ -160,6 +161,7 @@ class Driver:
         self.base_state = snapshot(self.base)
         self.prev_state = None
         self.base_subspaces: dict[str, torch.Tensor] = {}  # the base weights' top singular vectors, for drift
+        self.base_geometry: dict[str, tuple] = {}  # the base weights' spectra and principal masks, for drift
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)

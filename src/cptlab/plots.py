@@ -372,3 +372,26 @@ def band_lines(series: list[tuple[str, str, list, list, list, list]], xlabel: st
         ax.set_ylim(*ylim)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return data_uri(fig)
+
+
+def scatter_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel: str, bins: int = 6) -> str:
+    """series: (label, colour, x, y) per run, one dot per point; a dark line joins the mean y of all
+    points within each of `bins` equal-count bins of x (pooled over runs), and a thin line marks y = 0."""
+    fig = _figure(7.0, 3.4)
+    ax = fig.add_subplot()
+    for label, col, x, y in series:
+        ax.scatter(x, y, s=14, color=col, alpha=0.75, linewidths=0, label=_short(label, 40), zorder=3)
+    xs = np.array([v for _, _, x, _ in series for v in x], dtype=float)
+    ys = np.array([v for _, _, _, y in series for v in y], dtype=float)
+    order = np.argsort(xs, kind="stable")
+    groups = [g for g in np.array_split(order, min(bins, len(order))) if len(g)]
+    if len(groups) > 1:
+        ax.plot([xs[g].mean() for g in groups], [ys[g].mean() for g in groups], color="#222222", linewidth=1.6,
+                marker="s", markersize=4, label="binned mean (all runs)")
+    ax.axhline(0.0, color="#888888", linewidth=0.8)
+    _style(ax)
+    ax.xaxis.set_major_locator(MaxNLocator())  # distances are not whole numbers
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return data_uri(fig)

@@ -316,6 +316,36 @@ def _samples_section(run: Run) -> list[str]:
             'each stage, verbatim (escaped; control characters spelled out).</p>', *out] if out else []
 
 
+GEOMETRY_COLUMNS = [("spectral_shift", "spectral shift", lambda v: f"{v:.2e}"),
+                    ("max_angle", "largest principal angle (°)", lambda v: f"{v:.2f}"),
+                    ("principal_mask_overlap", "principal mask kept", pct),
+                    ("principal_update_share", "updates in principal mask", pct)]
+
+
+def _geometry_section(run: Run) -> list[str]:
+    """Per stage and module type, the weight-geometry numbers of the stage's last drift record."""
+    last = {r["stage"]: r for r in run.events("drift") if isinstance(r.get("stage"), int) and r["stage"] > 0}
+    rows = []
+    for s, record in sorted(last.items()):
+        for kind in ("all", "attention", "mlp", "embedding", "other"):
+            values = [_num(record.get(f"param/{key}" + ("" if kind == "all" else f"/{kind}")))
+                      for key, _, _ in GEOMETRY_COLUMNS]
+            if not all(math.isnan(v) for v in values):
+                rows.append([esc(run.stage_label(s)) if kind == "all" else "", kind] +
+                            ['<span class="muted">–</span>' if math.isnan(v) else fmt(v)
+                             for v, (_, _, fmt) in zip(values, GEOMETRY_COLUMNS)])
+    if not rows:
+        return []
+    return ["<h2>Weight geometry per module type</h2>",
+            '<p class="note">Each weight matrix W against the base W0, averaged over the matrices of a type '
+            "(after “The Path Not Taken”, arXiv 2511.08567): spectral shift ||σ(W) − σ(W0)|| / ||σ(W0)||; "
+            "largest principal angle between the top-k left singular subspaces (k = min(m, n) / 8); the share of W0's "
+            "principal weights (top half of the rank-r reconstruction, r = min(m, n) / 64) still principal in W; "
+            "the share of the most-moved half of the entries that are principal weights of W0 (random placement: "
+            "50%; below it, updates avoid them).</p>",
+            table(["after stage", "module type"] + [h for _, h, _ in GEOMETRY_COLUMNS], rows, 2)]
+
+
 def build_report(run: Run) -> str:
     stages = " → ".join(f"{esc(st['method'])} {esc(st['domain'])} ({esc(st['steps'])} steps)"
                         for st in map(run.stage, range(1, len(run.plan) + 1))) or "no stages"
@@ -359,6 +389,7 @@ def build_report(run: Run) -> str:
         if part:
             figure = plots.curve_grid(part, bounds, ncols=3) if by_step else plots.stage_grid(part, labels)
             body += [f"<h2>{title}</h2>", f'<p class="note">{note}</p>', img(figure, title)]
+    body += _geometry_section(run)
     if not drift:
         body.append('<p class="note">No drift records in this run (runs from older versions have none).</p>')
     body += _samples_section(run)
@@ -460,6 +491,10 @@ _COMPARE_DRIFT = [
     ("param/rel_l2_base", "weights: rel. L2 to base"),
     ("param/rel_l2_prev", "weights: rel. L2 to previous stage"),
     ("param/effective_rank", "update effective rank"),
+    ("param/spectral_shift", "weights: spectral shift"),
+    ("param/max_angle", "weights: largest principal angle (°)"),
+    ("param/principal_mask_overlap", "principal mask kept"),
+    ("param/principal_update_share", "updates in principal mask"),
     ("response/kl_to_base", "responses: KL to base"),
     ("response/answer_changed_frac", "greedy answers changed"),
     ("response/entropy", "response entropy"),
@@ -467,6 +502,36 @@ _COMPARE_DRIFT = [
     ("artifacts/repetition_rate", "repetition rate"),
     ("artifacts/distinct_2", "distinct-2"),
 ]
+
+
+def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) -> list[str]:
+    """Each domain's accuracy drop over a stage against its MMD^2 to the stage's trained domain, one dot
+    per (run, stage, other domain), from each run's distance.json (computed first where it is missing and
+    the run's base model is there)."""
+    from .analysis.distance import forgetting_vs_distance, run_distance
+
+    memo: dict = {}  # runs on one base model share one computation
+    series = []
+    for i, run in enumerate(runs):
+        try:
+            distance = run_distance(run.root, memo)
+        except (UserError, OSError, RuntimeError, ValueError) as e:  # one unreadable base must not cost the page
+            warnings.warn(f"{run.root}: no domain distance ({e})")
+            continue
+        points = forgetting_vs_distance(run.R, run.domains, run.stage_domains, distance) if distance else []
+        if points:
+            series.append((labels[i], colours[i], [p["distance"] for p in points],
+                           [100 * p["forgetting"] for p in points]))
+    if not series:
+        return []
+    return ["<h2>Forgetting against domain distance</h2>",
+            '<p class="note">One dot per run, stage and untrained domain: the domain\'s greedy-accuracy drop over '
+            "the stage (points; positive = forgotten) against its distance to the stage's domain, the MMD² (RBF "
+            "kernel, median-heuristic bandwidth) between the two domains' held-out prompts embedded by the run's "
+            "base model (mean-pooled last hidden layer; <code>cptlab distance</code>). The dark line: mean drop in "
+            "equal-count bins of distance, all runs pooled.</p>",
+            img(plots.scatter_by_run(series, "MMD² to the stage's trained domain", "accuracy drop (points)"),
+                "forgetting against domain distance")]
 
 
 def build_compare(runs: list[Run], baseline: str | None = None) -> str:
@@ -563,6 +628,7 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
                  "of probe prompts whose greedy answer changed), and formatting artifacts / repetition in the "
                  "evaluation responses.</p>",
                  img(plots.runs_grid(drift_panels, "stage (0 = base)"), "drift comparison")]
+    body += _distance_section(runs, labels, colours)
     return page(f"cptlab comparison of {len(runs)} runs", body)
 
 

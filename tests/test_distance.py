@@ -1,0 +1,147 @@
+"""Domain distance (analysis/distance.py): the MMD estimators and the bandwidth rule by hand, embeddings
+of a tiny model, the `cptlab distance` verb and the forgetting-vs-distance points."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cptlab.analysis.distance import (
+    forgetting_vs_distance, median_bandwidth, mmd2, mmd_matrix, prompt_embeddings, run_distance,
+)
+from cptlab.config import load_config, to_dict
+from cptlab.prompts import student_prompt
+from cptlab.tasks import make_split
+
+
+def test_median_bandwidth_by_hand():
+    # points 0, 1, 3, 7 on a line: pair distances 1, 3, 7, 2, 6, 4; torch's median of an even count is the
+    # lower middle value: 3
+    assert median_bandwidth(torch.tensor([[0.0], [1.0], [3.0], [7.0]])) == 3.0
+    assert median_bandwidth(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])) == pytest.approx(math.sqrt(18))
+
+
+def test_mmd_by_hand():
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[2.0], [3.0]])
+    e = math.exp(-0.5)  # k at distance 1 with s = 1
+    # biased: mean k(X,X) + mean k(Y,Y) - 2 mean k(X,Y) = (1+e)/2 * 2 - 2 (2e^-2 + e^-4.5 + e^-0.5) / 4
+    cross = (2 * math.exp(-2) + math.exp(-4.5) + e) / 4
+    assert mmd2(x, y, bandwidth=1.0) == pytest.approx(1 + e - 2 * cross)
+    # unbiased: the within means drop i = j: e + e - 2 * cross
+    assert mmd2(x, y, bandwidth=1.0, unbiased=True) == pytest.approx(2 * e - 2 * cross)
+
+
+def test_mmd_of_identical_sets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    assert mmd2(x, x.clone()) == 0.0  # biased: exactly 0
+    # unbiased: 2 (mean off-diagonal k - mean k) = -2 (1 - mean off-diagonal k) / n, near 0 for n = 200
+    assert abs(mmd2(x, x.clone(), unbiased=True)) < 2 / 200
+    assert mmd2(x, x + 3.0) > 0.5  # a shifted copy is far
+
+
+def test_mmd_matrix_shares_one_bandwidth_and_is_symmetric():
+    g = torch.Generator().manual_seed(0)
+    emb = {"a": torch.randn(30, 4, generator=g), "b": torch.randn(30, 4, generator=g) + 1.0,
+           "c": torch.randn(30, 4, generator=g) + 4.0}
+    matrix, s = mmd_matrix(emb)
+    assert s == pytest.approx(median_bandwidth(torch.cat(list(emb.values()))))
+    assert matrix[0][1] == matrix[1][0] == pytest.approx(mmd2(emb["a"], emb["b"], s))
+    assert [matrix[i][i] for i in range(3)] == [0.0, 0.0, 0.0]
+    assert matrix[0][1] < matrix[0][2]  # b is nearer a than c is
+
+
+def test_two_samples_of_one_domain_are_closer_than_two_domains(tiny_model, tokenizer):
+    cfg = load_config(None, [])
+    prompts = {d: [student_prompt(cfg.prompt, ex.question) for ex in make_split(d, "eval", 48)]
+               for d in ("arithmetic", "sorting")}
+    arith = prompt_embeddings(tiny_model, tokenizer, prompts["arithmetic"], batch_size=16)
+    emb = {"arithmetic 1": arith[:24], "arithmetic 2": arith[24:],
+           "sorting": prompt_embeddings(tiny_model, tokenizer, prompts["sorting"][:24], batch_size=16)}
+    matrix, _ = mmd_matrix(emb)
+    assert matrix[0][1] < matrix[0][2] and matrix[0][1] < matrix[1][2]
+    # a prompt embeds alike alone and in a left-padded batch beside a longer prompt
+    alone = prompt_embeddings(tiny_model, tokenizer, [prompts["arithmetic"][0]])
+    padded = prompt_embeddings(tiny_model, tokenizer, [prompts["arithmetic"][0], prompts["sorting"][0] * 3])
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+
+
+def test_forgetting_points_by_hand():
+    # domains a, b, c; stage 1 trains a, stage 2 trains b
+    R = np.array([[0.5, 0.6, 0.7],
+                  [0.9, 0.5, 0.4],
+                  [0.8, 0.9, np.nan]])
+    distance = {"domains": ["c", "b", "a"], "mmd2": [[0.0, 0.2, 0.3], [0.2, 0.0, 0.1], [0.3, 0.1, 0.0]]}
+    points = forgetting_vs_distance(R, ["a", "b", "c"], [0, 1], distance)
+    got = [(p["stage"], p["domain"], p["distance"], round(p["forgetting"], 6)) for p in points]
+    # stage 1 (a): b drops 0.1 at d(a,b) = 0.1, c drops 0.3 at d(a,c) = 0.3; stage 2 (b): a drops 0.1 at
+    # d(b,a) = 0.1, c is NaN after stage 2: no point
+    assert got == [(1, "b", 0.1, 0.1), (1, "c", 0.3, 0.3), (2, "a", 0.1, 0.1)]
+
+
+def _run_dir(tmp_path, tiny_model, tokenizer):
+    from cptlab.models import save_model
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["eval.domains=[arithmetic,sorting,reversal]", "eval.num_prompts=12", "run.device=cpu",
+                             "stages=[{domain: arithmetic, steps: 1}]"])
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    save_model(tiny_model, tokenizer, run / "base")
+    return run
+
+
+def test_distance_verb_writes_the_matrix_and_compare_reuses_it(tmp_path, tiny_model, tokenizer):
+    run = _run_dir(tmp_path, tiny_model, tokenizer)
+    proc = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(run)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "reversal" in proc.stdout and "distance.json" in proc.stdout
+    data = json.loads((run / "distance.json").read_text())
+    assert data["domains"] == ["arithmetic", "sorting", "reversal"] and data["prompts_per_domain"] == 12
+    m = np.array(data["mmd2"])
+    assert np.allclose(m, m.T) and (np.diag(m) == 0).all() and (m[~np.eye(3, dtype=bool)] > 0).all()
+    assert run_distance(run) == data  # read back, not recomputed
+    (run / "distance.json").unlink()
+    again = run_distance(run)  # missing: computed from the base model and written
+    assert np.allclose(again["mmd2"], data["mmd2"]) and (run / "distance.json").is_file()
+    assert run_distance(tmp_path) is None  # no run here: nothing to compute from
+
+
+def test_distance_bad_input(tmp_path, tiny_model, tokenizer):
+    from cptlab.analysis.distance import write_distance
+    from cptlab.errors import UserError
+
+    run = _run_dir(tmp_path, tiny_model, tokenizer)
+    for domains, prompts, needle in ((["arithmetic", "astrology"], None, "astrology"),
+                                     (["arithmetic"], None, "at least 2"), (None, 1, "--prompts")):
+        with pytest.raises(UserError, match=needle):
+            write_distance(run, domains, prompts=prompts)
+    assert not (run / "distance.json").exists()
+    missing = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "not a run directory" in missing.stderr
+
+
+def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
+    from test_report import PNG_MAGIC, images, make_run
+
+    from cptlab.report import write_compare
+
+    runs = [make_run(tmp_path / n, name=n, seed=s) for n, s in (("grpo-s0", 0), ("grpo-s1", 1))]
+    before = write_compare(runs, tmp_path / "before.html").read_text()
+    assert "Forgetting against domain distance" not in before  # no distance.json and no base model
+    table = {"domains": ["arithmetic", "sorting", "arithmetic_ood"],
+             "mmd2": [[0.0, 0.4, 0.1], [0.4, 0.0, 0.5], [0.1, 0.5, 0.0]]}
+    for run in runs:
+        (run / "distance.json").write_text(json.dumps(table))
+    text = write_compare(runs, tmp_path / "after.html").read_text()
+    assert "Forgetting against domain distance" in text
+    pngs = images(text)
+    assert len(pngs) == len(images(before)) + 1 and all(p.startswith(PNG_MAGIC) for p in pngs)
