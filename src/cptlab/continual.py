@@ -14,7 +14,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
-from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
+from .config import Config, eval_domains, from_dict, general_probe_enabled, stage_method, to_dict, validate
 from .errors import NumericalFault, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
@@ -127,8 +127,23 @@ class Driver:
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
+        if general_probe_enabled(cfg):
+            fields.update({f"general/{k}": v for k, v in self.general_probe().items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
+
+    def general_probe(self) -> dict:
+        """The general-ability probe; the base's answers are generated once per process and kept."""
+        from .analysis.general import general_probe, load_probe
+        from .prompts import student_prompt
+
+        prompts, text = load_probe()
+        rendered = [student_prompt(self.cfg.prompt, p, self.tokenizer) for p in prompts]
+        r = self.cfg.rollout
+        out, self.general_base_answers = general_probe(
+            self.model, self.base, self.tokenizer, rendered, text, base_answers=self.general_base_answers,
+            batch_size=r.batch_size, engine=r.engine, cuda_graphs=r.cuda_graphs)
+        return out
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, teacher=None) -> None:
         if not self.cfg.run.checkpoint:
@@ -156,6 +171,7 @@ class Driver:
         self.base_state = snapshot(self.base)
         self.prev_state = None
         self.base_subspaces: dict[str, torch.Tensor] = {}  # the base weights' top singular vectors, for drift
+        self.general_base_answers = None  # the base model's greedy answers to the general probe
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)

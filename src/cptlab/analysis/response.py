@@ -7,6 +7,8 @@ the answers and lengths).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -59,6 +61,22 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
     return torch.cat(lps), torch.cat(base_lps), torch.cat(entropies)
 
 
+@contextlib.contextmanager
+def analysis_mode(model, base_model):
+    """Both models in eval mode and the global RNG forked, all restored afterwards: generate() seeds
+    the RNG, and a mid-run analysis must leave training's stream and modes alone."""
+    modes = (model.training, base_model.training)
+    model.eval()
+    base_model.eval()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            model.train(modes[0])
+            base_model.train(modes[1])
+
+
 @torch.no_grad()
 def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int,
                    batch_size: int = 256, engine: str = "auto", cuda_graphs: bool = True) -> dict[str, float]:
@@ -77,22 +95,13 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_
         nan = float("nan")
         return dict(kl_to_base=nan, kl_to_base_k3=nan, entropy=nan, sampled_mean_length=nan,
                     answer_changed_frac=nan, mean_length=nan, base_mean_length=nan)
-    modes = (model.training, base_model.training)
-    model.eval()
-    base_model.eval()
-    device = next(model.parameters()).device
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
-    # generate() seeds the global RNG; fork it so that a mid-run analysis leaves training's stream alone
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            sampled = generate(model, tokenizer, prompts, seed=seed, **gen)
-            lp, lp_base, entropy = _logits_stats(model, sampled, base_model, batch_size)
-            mask = sampled.completion_mask
-            greedy = generate(model, tokenizer, prompts, greedy=True, **gen)
-            base_greedy = generate(base_model, tokenizer, prompts, greedy=True, **gen)
-        finally:
-            model.train(modes[0])
-            base_model.train(modes[1])
+    with analysis_mode(model, base_model):
+        sampled = generate(model, tokenizer, prompts, seed=seed, **gen)
+        lp, lp_base, entropy = _logits_stats(model, sampled, base_model, batch_size)
+        mask = sampled.completion_mask
+        greedy = generate(model, tokenizer, prompts, greedy=True, **gen)
+        base_greedy = generate(base_model, tokenizer, prompts, greedy=True, **gen)
     return {
         "kl_to_base": token_kl(lp, lp_base, mask),
         "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),

@@ -58,7 +58,7 @@ def _stage_collapse(train: list[dict]) -> dict | None:
 
 
 def _headline(s: int, method: str, domain: str, gain: float, ood: float, drop: tuple[str | None, float]) -> str:
-    g = _points(gain)
+    g = 0 if math.isnan(gain) else _points(gain)
     if math.isnan(gain):
         text = f"Stage {s}: {method} on {domain} (no evaluation of {domain})"
     elif g > 0:
