@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cptlab.analysis.general import (
-    first_line_agreement, general_probe, load_probe, normalize_first_line, text_perplexity,
+    first_line_agreement, general_probe, load_probe, normalize_first_line, render_prompt, text_perplexity,
 )
 from cptlab.config import general_probe_enabled, load_config
 from cptlab.errors import ConfigError
@@ -27,6 +27,14 @@ def test_first_line_normalisation_and_agreement_by_hand():
     assert normalize_first_line("The  Early\tbird!") == "the early bird"
     assert first_line_agreement(["Paris.", "red, blue", "x\ny"], ["paris", "Red, blue, green", " X \nz"]) == 2 / 3
     assert math.isnan(first_line_agreement([], []))
+
+
+def test_probe_prompts_ignore_the_task_templates(tokenizer):
+    assert render_prompt("Name a colour.", tokenizer, use_chat_template=True) == "Q: Name a colour.\nA:"
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "<user>{{ messages[0]['content'] }}</user>{% if add_generation_prompt %}<bot>{% endif %}"
+    assert render_prompt("Name a colour.", chat, use_chat_template=True) == "<user>Name a colour.</user><bot>"
+    assert render_prompt("Name a colour.", chat, use_chat_template=False) == "Q: Name a colour.\nA:"
 
 
 def test_perplexity_equals_a_hand_computation(tiny_model, tokenizer):

@@ -134,11 +134,10 @@ class Driver:
 
     def general_probe(self) -> dict:
         """The general-ability probe; the base's answers are generated once per process and kept."""
-        from .analysis.general import general_probe, load_probe
-        from .prompts import student_prompt
+        from .analysis.general import general_probe, load_probe, render_prompt
 
         prompts, text = load_probe()
-        rendered = [student_prompt(self.cfg.prompt, p, self.tokenizer) for p in prompts]
+        rendered = [render_prompt(p, self.tokenizer, self.cfg.prompt.use_chat_template) for p in prompts]
         r = self.cfg.rollout
         out, self.general_base_answers = general_probe(
             self.model, self.base, self.tokenizer, rendered, text, base_answers=self.general_base_answers,

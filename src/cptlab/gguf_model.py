@@ -101,7 +101,8 @@ def dequantize(file: Path, out: Path, sha256: str, shown: str) -> None:
     # The GGUF-loaded model refuses save_pretrained (it carries a GGUF quantizer): copy its weights
     # into a plain model of the same class, whose config no longer points at the GGUF file.
     config = loaded.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config

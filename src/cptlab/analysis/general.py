@@ -8,7 +8,7 @@ cptlab) asks the base model once for its greedy answers, then scores the model a
   first_line_agreement  share of prompts whose greedy answer has the base's first line (normalised:
                         case, runs of whitespace and punctuation at either end ignored)
   token_agreement       share of the base answers' tokens that are the current model's top-1 token
-                        there, teacher-forced on the base's answer
+                        there, teacher-forced on the base's answer (answers are MAX_NEW_TOKENS long)
   kl_to_base            mean per-token KL(base || current) over the full vocabulary, teacher-forced on
                         the base's answers (forward KL: where the base puts its mass, how much the
                         current model lost; unlike response/kl_to_base, which is measured on the
@@ -37,16 +37,28 @@ from ..losses import forward_kl, gather_logprobs, masked_sum
 from ..rollout import Rollout, autocast, completion_logits, generate
 from .response import analysis_mode
 
-MAX_NEW_TOKENS = 32
-"""Greedy answer budget of the probe: the prompts ask for a word, a phrase or one sentence."""
+MAX_NEW_TOKENS = 16
+"""Greedy answer budget: the prompts ask for a word, a phrase or one sentence, and 16 tokens show
+whether an answer changed. Generation dominates the probe's cost: for SmolLM2-135M on the 2-core CPU
+dev box, 16 prompts x 32 tokens took 35-50 s of CPU time."""
 LOGITS_ROWS = 8
-"""Probe answers scored per forward: two [rows, 32, V] float logits tensors (about 50 MB each at V=49k)."""
+"""Probe answers scored per forward: two [rows, 16, V] float logits tensors (25 MB each at V=49k)."""
 
 
 def load_probe() -> tuple[list[str], str]:
     """(prompts, text) of the packaged probe."""
     data = json.loads((resources.files("cptlab") / "data" / "general_probe.json").read_text())
     return list(data["prompts"]), data["text"]
+
+
+def render_prompt(prompt: str, tokenizer, use_chat_template: bool) -> str:
+    """A probe prompt as a user would send it: through the tokenizer's chat template where the run uses
+    one, else as 'Q: ...\nA:'. Not through the task prompt templates, which may ask for an answer
+    format: the probe must read the same in runs whose task formats differ."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Q: {prompt}\nA:"
 
 
 def normalize_first_line(text: str) -> str:
@@ -88,6 +100,7 @@ def text_perplexity(model, tokenizer, text: str, max_len: int | None = None) -> 
     return math.exp(nll / count) if count else float("nan")
 
 
+@torch.no_grad()
 def _teacher_forced(model, base_model, answers: Rollout) -> tuple[float, float]:
     """(mean KL(base || current), top-1 agreement) per token of the base's answers."""
     kl_sum = agree_sum = count = 0.0
