@@ -4,9 +4,9 @@
 or a short name of a packaged file (`smollm2`). transformers' GGUF reader dequantizes the weights once
 to float32; they are saved as an ordinary safetensors Hugging Face directory in a cache keyed by the
 file's content (`model.gguf_cache_dir/<sha256[:16]>/`) and loaded from there by `models.load_model`,
-so a GGUF base trains, checkpoints and drifts like any other model. Measured on the 2-core CPU dev box:
-SmolLM2-135M-Instruct (Q4_1, 98 MB) dequantizes in ~18 s; later loads hash the file (~0.3 s) and read
-the cached directory.
+so a GGUF base trains, checkpoints and drifts like any other model. Measured on the 2-core CPU dev box
+shared with other jobs (load average ~10): SmolLM2-135M-Instruct (Q4_1, 98 MB) dequantized and saved
+in 46 s; a later load (hash the file, read the cached directory) took 0.8-6.6 s.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def dequantize(file: Path, out: Path, sha256: str, shown: str) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # gguf/transformers raise many types for a bad or unsupported file
-        raise UserError(f"model.path = '{shown}': transformers cannot dequantize {file.name} ({_first_line(e)})") from None
+        raise UserError(f"model.path = '{shown}': transformers cannot dequantize {file.name} "
+                        f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     # The GGUF-loaded model refuses save_pretrained (it carries a GGUF quantizer): copy its weights

@@ -34,8 +34,9 @@ DRIFT_SECTIONS = [("param", "Parameter drift", "Distance of the weights from the
                   ("general", "General ability", "48 fixed general prompts (facts, instructions, completions) "
                    "against the base model's own greedy answers, and the perplexity of a fixed English paragraph "
                    "(analysis/general.py); stage 0 is the base itself.")]
-GENERAL_NAMES = {"first_line_agreement": "same first line as the base", "token_agreement": "same next token as the base",
-                 "kl_to_base": "token KL to the base (its answers)", "text_ppl": "perplexity of a fixed text"}
+GENERAL_NAMES = {"first_line_agreement": "same first line as the base",  # panel titles of the general/ fields
+                 "token_agreement": "same next token as the base", "kl_to_base": "token KL to the base (its answers)",
+                 "text_ppl": "perplexity of a fixed text"}
 DRIFT_SKIP = {"num_tensors", "char_level"}  # bookkeeping fields of the drift records, not measurements
 SAMPLES_PER_STAGE = 6
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
