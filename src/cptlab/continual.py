@@ -16,13 +16,14 @@ import torch
 from . import distributed as dist
 from .analysis import per_prompt
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
-from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
+from .config import Config, eval_domains, from_dict, general_probe_enabled, stage_method, to_dict, validate
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
 from .methods import MethodContext, build_method
 from .models import (
-    build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model, weights_sha256,
+    build_tiny_model, build_tokenizer, count_parameters, load_model, load_pretrained, resolve_device, save_model,
+    weights_sha256,
 )
 from .optim import make_optimizer
 from .rollout import SamplingSpec
@@ -34,10 +35,10 @@ from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
 
 
 def base_model(cfg: Config, device: torch.device, store: RunStore | None = None):
-    """(model, tokenizer, info): a local HF directory, the warm-up cache, or built and warmed up now."""
+    """(model, tokenizer, info): `model.path` (an HF directory or a GGUF file), the warm-up cache, or
+    built and warmed up now."""
     if cfg.model.path:
-        model, tokenizer = load_model(cfg.model.path, cfg.model, device)
-        return model, tokenizer, {"source": "path", "path": cfg.model.path}
+        return load_pretrained(cfg.model.path, cfg.model, device)
     if store is not None and (store.root / "base" / "config.json").exists():
         model, tokenizer = load_model(str(store.root / "base"), cfg.model, device)
         return model, tokenizer, {"source": "run_dir"}
@@ -134,8 +135,22 @@ class Driver:
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
+        if general_probe_enabled(cfg):
+            fields.update({f"general/{k}": v for k, v in self.general_probe().items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
+
+    def general_probe(self) -> dict:
+        """The general-ability probe; the base's answers are generated once per process and kept."""
+        from .analysis.general import general_probe, load_probe, render_prompt
+
+        prompts, text = load_probe()
+        rendered = [render_prompt(p, self.tokenizer, self.cfg.prompt.use_chat_template) for p in prompts]
+        r = self.cfg.rollout
+        out, self.general_base_answers = general_probe(
+            self.model, self.base, self.tokenizer, rendered, text, base_answers=self.general_base_answers,
+            SamplingSpec.for_eval(self.cfg.eval, r))
+        return out
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, method=None) -> None:
         if not self.cfg.run.checkpoint:
@@ -152,6 +167,8 @@ class Driver:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
             if info["source"] == "built" or (info["source"] == "cache" and not (self.store.root / "base").exists()):
                 save_model(self.model, self.tokenizer, self.store.root / "base")  # drift analyses read it
+            elif info["source"] == "gguf":  # the weights stay in the GGUF cache; base/ says which they are
+                self.store.write_json("base/source.json", info)
         dist.barrier()
         if not self.info.is_main:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
@@ -162,6 +179,7 @@ class Driver:
         self.prev_state = None
         self.base_subspaces: dict[str, torch.Tensor] = {}  # the base weights' top singular vectors, for drift
         self.base_geometry: dict[str, tuple] = {}  # the base weights' spectra and principal masks, for drift
+        self.general_base_answers = None  # the base model's greedy answers to the general probe
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)

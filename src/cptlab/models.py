@@ -1,5 +1,6 @@
 """Models: the tiny decoder built from a config, its character-level tokenizer, and loading any
-Hugging Face causal LM from a local directory (safetensors only, nothing fetched from a hub)."""
+Hugging Face causal LM from a local directory (safetensors only, nothing fetched from a hub) or from a
+GGUF file (gguf_model.py)."""
 
 from __future__ import annotations
 
@@ -137,6 +138,18 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device):
     tokenizer.padding_side = "left"
     set_compute_dtype(model, cfg.compute_dtype)
     return model.to(device), tokenizer
+
+
+def load_pretrained(path: str, cfg: ModelConfig, device: torch.device):
+    """(model, tokenizer, info) of anything `model.path` takes: a Hugging Face directory, a .gguf file,
+    a directory holding one, or a packaged short name (gguf_model.py); `info` says where it came from."""
+    from .gguf_model import find_gguf, load_gguf
+
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return load_gguf(path, gguf_file, cfg, device)
+    model, tokenizer = load_model(path, cfg, device)
+    return model, tokenizer, {"source": "path", "path": path}
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:

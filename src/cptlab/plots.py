@@ -113,7 +113,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def drift_table(records: list[dict], summary_drift=None) -> tuple[dict[str, tuple[list, list]], bool]:
-    """key -> (x, values) of each numeric param/, response/ and artifacts/ quantity of the drift records
+    """key -> (x, values) of each numeric param/, response/, artifacts/ and general/ quantity of the drift records
     (else of summary.json's per-stage `drift` list), and whether x is the global step (some stage has
     several drift records) rather than the stage."""
     rows = [_flatten(r) for r in records if r.get("event") == "drift" and isinstance(r.get("stage"), int)]
@@ -124,7 +124,7 @@ def drift_table(records: list[dict], summary_drift=None) -> tuple[dict[str, tupl
     table: dict[str, tuple[list, list]] = {}
     for row in rows:
         for k, v in row.items():
-            if k.split("/")[0] in ("param", "response", "artifacts") and not math.isnan(_finite(v)):
+            if k.split("/")[0] in ("param", "response", "artifacts", "general") and not math.isnan(_finite(v)):
                 xs, ys = table.setdefault(k, ([], []))
                 xs.append(row["global_step"] if by_step else row.get("stage"))
                 ys.append(_finite(v))

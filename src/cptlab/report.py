@@ -29,7 +29,13 @@ SDPO_CURVES = {"sdpo/divergence": "SDPO divergence", "sdpo/top1_agreement": "tea
                "teacher/feedback_only_frac": "reprompts with feedback only"}
 DRIFT_SECTIONS = [("param", "Parameter drift", "Distance of the weights from the base model, after each stage."),
                   ("response", "Response drift", "How the model's outputs differ from the base model's."),
-                  ("artifacts", "Artifact rates", "Fraction of evaluation responses showing each artifact.")]
+                  ("artifacts", "Artifact rates", "Fraction of evaluation responses showing each artifact."),
+                  ("general", "General ability", "48 fixed general prompts (facts, instructions, completions) "
+                   "against the base model's own greedy answers, and the perplexity of a fixed English paragraph "
+                   "(analysis/general.py); stage 0 is the base itself.")]
+GENERAL_NAMES = {"first_line_agreement": "same first line as the base",  # panel titles of the general/ fields
+                 "token_agreement": "same next token as the base", "kl_to_base": "token KL to the base (its answers)",
+                 "text_ppl": "perplexity of a fixed text"}
 DRIFT_SKIP = {"num_tensors", "char_level"}  # bookkeeping fields of the drift records, not measurements
 SAMPLES_PER_STAGE = 6
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
@@ -384,7 +390,8 @@ def build_report(run: Run) -> str:
         for key, xy in drift.items():
             head, metric, sub = (key.split("/", 2) + [""])[:3]
             if head == prefix and metric not in DRIFT_SKIP:
-                part.setdefault(metric, {})[sub or "all"] = xy
+                name = GENERAL_NAMES.get(metric, metric) if head == "general" else metric
+                part.setdefault(name, {})[sub or "all"] = xy
         part = {m: ({"": lines["all"]} if list(lines) == ["all"] else lines) for m, lines in part.items()}
         if part:
             figure = plots.curve_grid(part, bounds, ncols=3) if by_step else plots.stage_grid(part, labels)
@@ -501,6 +508,9 @@ _COMPARE_DRIFT = [
     ("artifacts/malformed_rate", "malformed answers"),
     ("artifacts/repetition_rate", "repetition rate"),
     ("artifacts/distinct_2", "distinct-2"),
+    ("general/first_line_agreement", "general prompts: same first line as base"),
+    ("general/kl_to_base", "general prompts: token KL to base"),
+    ("general/text_ppl", "perplexity of a fixed text"),
 ]
 
 
@@ -613,8 +623,10 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
     body += ["<h2>Average accuracy after each stage</h2>",
              img(plots.lines_by_run(lines, "stage (0 = base)", "mean greedy accuracy (%)"), "average accuracy")]
     drift_panels: dict[str, list] = {}
+    general_rows = []
     for i, r in enumerate(runs):
         table_i, by_step = plots.drift_table(r.records, r.summary.get("drift"))
+        general_rows += [_general_row(swatch(i), table_i)] if any(k.startswith("general/") for k in table_i) else []
         if by_step:
             continue  # several drift records per stage: not comparable stage by stage
         for key, title in _COMPARE_DRIFT:
@@ -625,11 +637,29 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
         body += ["<h2>Drift and artifacts after each stage</h2>",
                  '<p class="note">Parameter drift (relative L2 distance to the base and to the previous stage\'s '
                  "weights), response drift on the probe set (token KL to the base on the model's own samples, share "
-                 "of probe prompts whose greedy answer changed), and formatting artifacts / repetition in the "
-                 "evaluation responses.</p>",
+                 "of probe prompts whose greedy answer changed), formatting artifacts / repetition in the "
+                 "evaluation responses, and general ability (runs of pretrained models: agreement with the base's "
+                 "answers to 48 general prompts, token KL to the base on them, perplexity of a fixed text).</p>",
                  img(plots.runs_grid(drift_panels, "stage (0 = base)"), "drift comparison")]
+    if general_rows:
+        body += ["<h2>General ability after the last stage</h2>",
+                 table(["run", "same first line as base", "same next token as base", "token KL to base",
+                        "perplexity of a fixed text (base → last)"], general_rows),
+                 '<p class="note">48 fixed general prompts answered greedily, against the base model\'s own answers '
+                 "(analysis/general.py).</p>"]
     body += _distance_section(runs, labels, colours)
     return page(f"cptlab comparison of {len(runs)} runs", body)
+
+
+def _general_row(name: str, drift: dict) -> list[str]:
+    """A compare-table row: the last drift record's general/ numbers, perplexity from stage 0 to it."""
+    def last(key: str, first: bool = False) -> float:
+        ys = drift.get(f"general/{key}", ([], []))[1]
+        return ys[0 if first else -1] if ys else math.nan
+
+    kl, ppl0, ppl = last("kl_to_base"), last("text_ppl", first=True), last("text_ppl")
+    return [name, pct(last("first_line_agreement")), pct(last("token_agreement")),
+            "–" if math.isnan(kl) else f"{kl:.3f}", "–" if math.isnan(ppl) else f"{ppl0:.1f} → {ppl:.1f}"]
 
 
 def write_compare(run_dirs: list[Path | str], out: Path | str, baseline: str | None = None) -> Path:

@@ -140,10 +140,12 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
     import os
 
     from .continual import base_model
+    from .gguf_model import find_gguf
     from .models import resolve_device
 
     first = load_config(study.preset, pending[0][1])
-    if not first.model.path:  # build and cache the base model once, not once per process
+    # build and cache the base model (or dequantize the GGUF file) once, not once per process
+    if not first.model.path or find_gguf(first.model.path):
         import gc
 
         import torch

@@ -94,7 +94,8 @@ def warmup_seed(cfg: Config) -> int:
 
 def base_model_key(cfg: Config) -> str:
     """Hash of everything that determines the warmed-up base model."""
-    model = {k: v for k, v in asdict(cfg.model).items() if k != "lora"}  # adapters come after the base
+    # adapters come after the base; the GGUF cache only concerns model.path (and must not move old keys)
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("lora", "gguf_cache_dir")}
     blob = json.dumps(dict(model=model, warmup={k: v for k, v in asdict(cfg.warmup).items()
                                                             if k not in ("cache_dir", "seed")},
                            prompt=asdict(cfg.prompt), seed=warmup_seed(cfg), version=1), sort_keys=True)

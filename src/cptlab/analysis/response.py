@@ -7,6 +7,7 @@ the answers and lengths).
 
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 
