@@ -146,10 +146,9 @@ class Driver:
 
         prompts, text = load_probe()
         rendered = [render_prompt(p, self.tokenizer, self.cfg.prompt.use_chat_template) for p in prompts]
-        r = self.cfg.rollout
         out, self.general_base_answers = general_probe(
-            self.model, self.base, self.tokenizer, rendered, text, base_answers=self.general_base_answers,
-            SamplingSpec.for_eval(self.cfg.eval, r))
+            self.model, self.base, self.tokenizer, rendered, text, SamplingSpec.for_eval(self.cfg.eval, self.cfg.rollout),
+            base_answers=self.general_base_answers)
         return out
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, method=None) -> None:
@@ -254,10 +253,12 @@ def check_paths(cfg: Config, run_dir: Path | None = None) -> None:
     """What can be checked on disk before a run directory is created: the model directory, and the
     warm-up cache directory where a base model will be written into it (else a bad one is found only
     after the whole warm-up ran)."""
+    from .gguf_model import find_gguf
     from .models import check_model_dir
 
     if cfg.model.path:
-        check_model_dir(cfg.model.path)
+        if find_gguf(cfg.model.path) is None:  # a GGUF file (or short name) is checked by find_gguf itself
+            check_model_dir(cfg.model.path)
         return
     cached = cache_path(cfg)
     if cached is None or (cached / "config.json").exists() or (run_dir and (run_dir / "base" / "config.json").exists()):

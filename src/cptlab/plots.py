@@ -353,6 +353,7 @@ def lines_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel:
     return data_uri(fig)
 
 
+@_plain_text
 def band_lines(series: list[tuple[str, str, list, list, list, list]], xlabel: str, ylabel: str,
                ylim: tuple[float, float] | None = (-3, 103)) -> str:
     """series: (label, colour, x, mean, low, high) per group: the mean as a line, [low, high] (e.g. a 95%
@@ -374,6 +375,7 @@ def band_lines(series: list[tuple[str, str, list, list, list, list]], xlabel: st
     return data_uri(fig)
 
 
+@_plain_text
 def scatter_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel: str, bins: int = 6) -> str:
     """series: (label, colour, x, y) per run, one dot per point; a dark line joins the mean y of all
     points within each of `bins` equal-count bins of x (pooled over runs), and a thin line marks y = 0."""
