@@ -17,7 +17,7 @@ import torch
 
 from cptlab.analysis import drift as D
 from cptlab.analysis.response import response_drift
-from cptlab.config import eval_domains, load_config
+from cptlab.config import eval_domains, load_config, resolve_eval
 from cptlab.continual import snapshot
 from cptlab.lora import base_reference
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, set_compute_dtype
@@ -71,8 +71,8 @@ def main() -> None:
     _, t_warm = timed(device, lambda: D.parameter_drift(base, current, base, device=device, base_subspaces=cache))
     (ref_rank, ref_overlap), t_svd = timed(device, lambda: svd_reference(base, current, names, device))
     probes = [student_prompt(cfg.prompt, ex.question, tok) for d in eval_domains(cfg)
-              for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style)]
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, seed=0, batch_size=cfg.rollout.batch_size)
+              for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style, answer_format=cfg.prompt.answer_format)]
+    gen = dict(max_new_tokens=resolve_eval(cfg).max_new_tokens, seed=0, batch_size=cfg.rollout.batch_size)
     timed(device, lambda: response_drift(model, base_model, tok, probes, **gen))  # engine build, graph capture
     _, t_resp = timed(device, lambda: response_drift(model, base_model, tok, probes, **gen))
     result = {

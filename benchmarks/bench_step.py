@@ -48,7 +48,7 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
                         teacher=teacher)
     strategy = METHODS[method](m, ctx)
     optimizer = make_optimizer(model, m.lr, m.weight_decay)
-    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt.style)
+    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt)
     n = examples_per_step(m, cfg.rollout.group_size)
     rollout_s, step_s, tokens = [], [], 0.0
     if device.type == "cuda":

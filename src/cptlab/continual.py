@@ -14,7 +14,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
-from .config import Config, eval_domains, from_dict, stage_method, to_dict, validate
+from .config import Config, eval_domains, from_dict, resolve_eval, stage_method, to_dict, validate
 from .errors import NumericalFault, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
@@ -85,7 +85,7 @@ class Driver:
         cfg = self.cfg
         t0 = time.perf_counter()
         with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
-            results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
+            results = evaluate_all(self.model, self.tokenizer, self.domains, resolve_eval(cfg), cfg.prompt,
                                    batch_size=cfg.rollout.batch_size, seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
                                    on_domain=lambda name: advance(info=name))
@@ -112,20 +112,23 @@ class Driver:
         from .prompts import student_prompt
         from .tasks import make_split
 
-        cfg = self.cfg
+        cfg, p = self.cfg, self.cfg.prompt
         t0 = time.perf_counter()
         current = snapshot(self.model)
         drift = parameter_drift(self.base_state, current, self.prev_state, device=self.device,
                                 base_subspaces=self.base_subspaces)
         fields = {f"param/{k}": v for k, v in drift.items()}
-        probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
-                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
-        resp = response_drift(self.model, self.base, self.tokenizer, probes, max_new_tokens=cfg.eval.max_new_tokens,
+        probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
+                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=p.style,
+                                       answer_format=p.answer_format, format_example=p.format_example)]
+        resp = response_drift(self.model, self.base, self.tokenizer, probes,
+                              max_new_tokens=resolve_eval(cfg).max_new_tokens,
                               seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size,
-                              engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs)
+                              engine=cfg.rollout.engine, cuda_graphs=cfg.rollout.cuda_graphs,
+                              answer_format=p.answer_format)
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
-        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
+        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts, answer_format=p.answer_format).items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
 
@@ -199,7 +202,7 @@ class Driver:
         track_base = mcfg.grpo.beta > 0 or mcfg.track_base_kl
         ctx = MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device,
                             base=self.base if track_base else None, teacher=teacher)
-        sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt.style)
+        sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt)
         t0 = time.perf_counter()
 
         def on_step_end(step_done: int, gstep: int) -> None:

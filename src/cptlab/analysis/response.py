@@ -61,8 +61,10 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
 
 @torch.no_grad()
 def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int,
-                   batch_size: int = 256, engine: str = "auto", cuda_graphs: bool = True) -> dict[str, float]:
-    """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered).
+                   batch_size: int = 256, engine: str = "auto", cuda_graphs: bool = True,
+                   answer_format: str = "tags") -> dict[str, float]:
+    """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered); answers are
+    read in `answer_format` (tasks/answer.py).
 
     Keys:
       kl_to_base           per-token KL(current || base), token_kl on the current policy's samples
@@ -98,8 +100,8 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], *, max_new_
         "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),
         "entropy": float(masked_mean(entropy, mask)),
         "sampled_mean_length": float(sampled.lengths.float().mean()),
-        "answer_changed_frac": answer_change_rate([parse_answer(t).answer for t in base_greedy.texts],
-                                                  [parse_answer(t).answer for t in greedy.texts]),
+        "answer_changed_frac": answer_change_rate([parse_answer(t, answer_format).answer for t in base_greedy.texts],
+                                                  [parse_answer(t, answer_format).answer for t in greedy.texts]),
         "mean_length": float(greedy.lengths.float().mean()),
         "base_mean_length": float(base_greedy.lengths.float().mean()),
     }
