@@ -154,3 +154,38 @@ def test_evaluation_reports_strict_lenient_and_format_rates(monkeypatch, tiny_mo
     assert len(r.samples) == 2  # the smoke preset saves 2
     with pytest.raises(ValueError, match="resolve_eval"):
         E.evaluate_domain(tiny_model, tokenizer, "gcd", EvalConfig(), cfg.prompt)
+
+
+def test_show_prints_model_text_literally():
+    from cptlab.ui import console, print_samples
+
+    row = dict(prompt="Q: [bold]hi[/bold]\n", completion="<b>x</b> [red]y[/red] \x1b[31mred :smile:",
+               answer="[i]5[/i]", lenient_answer=None, correct=False, lenient_correct=True, well_formed=False)
+    with console.capture() as cap:
+        print_samples("gcd", [row, row], 1)
+    out = cap.get()
+    assert "[bold]hi[/bold]" in out and "<b>x</b> [red]y[/red]" in out and ":smile:" in out
+    assert "\\x1b[31mred" in out and "\x1b" not in out  # the escape is spelled out, never sent
+    assert "'[i]5[/i]'" in out and "wrong (malformed); lenient: right" in out
+    assert out.count("completion:") == 1  # one sample asked for
+
+
+def test_eval_command_shows_samples_with_the_rollout_budget(tmp_path, tiny_model, tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    from cptlab.models import save_model
+
+    save_model(tiny_model, tokenizer, tmp_path / "m")
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, "-m", "cptlab.cli", "eval", str(tmp_path / "m"), "--domains", "gcd,sorting",
+                           "--show", "2", "--out", str(out), "rollout.max_new_tokens=3", "eval.num_prompts=3",
+                           "eval.num_samples=0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("completion:") == 4 and proc.stdout.count("verdict:") == 4
+    data = json.loads(out.read_text())
+    for name in ("gcd", "sorting"):
+        assert data["results"][name]["mean_length"] <= 3  # eval.max_new_tokens unset: the rollout's 3
+        assert data["results"][name]["num_prompts"] == 3 and len(data["samples"][name]) == 2
+        assert data["samples"][name][0]["prompt"].startswith("Q: ")
