@@ -5,7 +5,7 @@ import torch
 
 from cptlab.config import ConfigError, EvalConfig, PromptConfig, load_config, resolve_eval
 from cptlab.tasks import all_domain_names, make_split, verify
-from cptlab.tasks.answer import FORMATS, format_answer, get_format, instruction, parse_answer
+from cptlab.tasks.answer import FORMATS, format_answer, get_format, parse_answer
 from cptlab.teacher import _demo_text
 
 B = "\\boxed"
@@ -54,12 +54,34 @@ def test_every_format_round_trips_and_its_example_is_well_formed(name):
     for value in ("7", "-3", "a b c", "\\frac{1}{2}" if name == "boxed" else "1 2"):
         parsed = fmt.parse(" 1+6=7 " + fmt.render(value))
         assert parsed.answer == value and parsed.well_formed
-    example = fmt.parse(fmt.example)
-    assert example.well_formed and example.answer == "cow"
-    assert instruction(name).startswith(fmt.instruction) and fmt.example not in instruction(name)
-    assert instruction(name, with_example=True).endswith(fmt.example)
+    example = fmt.parse(fmt.example_answer)
+    assert example.well_formed and example.answer == "7"
+    for domain in all_domain_names():  # the example's question is asked by no domain
+        assert not any(fmt.example_question in ex.question for ex in make_split(domain, "eval", 64, style="full"))
     with pytest.raises(KeyError, match="tags, boxed"):
         get_format("xml")
+
+
+def test_format_example_is_a_prior_exchange_in_either_layout():
+    from cptlab.models import build_tokenizer
+    from cptlab.prompts import student_prompt, teacher_prompt
+
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    p = PromptConfig(style="full", answer_format="boxed", format_example=True, use_chat_template=True,
+                     answer_prefix="")
+    assert student_prompt(p, "What is 6 * 7?", tok) == (
+        "<user>How many days are in a week?\nPut your final answer within \\boxed{}.\n"
+        "<assistant>A week has 7 days, so the answer is \\boxed{7}.\n<user>Q: What is 6 * 7?\n\n<assistant>")
+    plain = PromptConfig(style="full", format_example=True)
+    assert student_prompt(plain, "What is 6 * 7?") == (
+        "Q: How many days are in a week?\nGive your final answer inside <answer></answer>.\n"
+        "A: A week has 7 days. <answer>7</answer>\nQ: What is 6 * 7?\nA:")
+    assert teacher_prompt(plain, "q", " d", None).startswith("Q: How many days are in a week?")
+    assert student_prompt(PromptConfig(style="full"), "q") == "Q: q\nA:"
+    with pytest.raises(ConfigError, match="prompt.format_example"):
+        load_config("smoke", ["prompt.format_example=true"])  # compact prompts have no instruction to show
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

@@ -72,8 +72,10 @@ class PromptConfig:
     model's tokenizer has the tags as tokens) or 'boxed' (\\boxed{X}, the study's format). The reward
     reads only a correctly wrapped answer; evaluation also reports a lenient accuracy (see README)."""
     format_example: bool = False
-    """Append a one-line worked example of the answer format (on a neutral question that no domain
-    asks) to the full-style instruction, for a base that does not follow the format by itself."""
+    """Start every prompt with one worked exchange in the answer format on a neutral question that no
+    domain asks ("How many days are in a week?" -> "... \\boxed{7}."): a prior user/assistant turn in
+    the chat template, else a Q/A pair. For a base that does not follow the format by itself; needs
+    style 'full' (the instruction it demonstrates)."""
     question_template: str = "Q: {question}\n"
     answer_prefix: str = "A:"
     """Appended after the question (or the reprompt); the completion starts right after it."""
@@ -524,6 +526,8 @@ def validate(cfg: Config) -> None:
            cfg.prompt.question_template, "a template containing {question}")
     _check(cfg.prompt.answer_format in FORMATS, "prompt.answer_format", cfg.prompt.answer_format,
            "one of " + ", ".join(repr(f) for f in FORMATS))
+    _check(not cfg.prompt.format_example or cfg.prompt.style == "full", "prompt.format_example", True,
+           "false unless prompt.style is 'full' (the example demonstrates the full-style instruction)")
     _check(r.group_size >= 2, "rollout.group_size", r.group_size, "an integer >= 2 (groups need siblings)")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "an integer >= 1")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature")

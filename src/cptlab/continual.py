@@ -120,7 +120,7 @@ class Driver:
         fields = {f"param/{k}": v for k, v in drift.items()}
         probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
                   for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=p.style,
-                                       answer_format=p.answer_format, format_example=p.format_example)]
+                                       answer_format=p.answer_format)]
         resp = response_drift(self.model, self.base, self.tokenizer, probes,
                               max_new_tokens=resolve_eval(cfg).max_new_tokens,
                               seed=derive_seed(cfg.run.seed, stage, "probe"), batch_size=cfg.rollout.batch_size,

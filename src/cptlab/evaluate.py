@@ -40,8 +40,7 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     if ecfg.max_new_tokens is None or ecfg.temperature is None or ecfg.save_samples is None:
         raise ValueError("evaluate_domain: resolve the eval section first (cptlab.config.resolve_eval)")
     gen = dict(batch_size=batch_size, engine=engine, cuda_graphs=cuda_graphs)
-    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style, answer_format=pcfg.answer_format,
-                          format_example=pcfg.format_example)
+    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style, answer_format=pcfg.answer_format)
     prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
     greedy = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, greedy=True, **gen)
     verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]

@@ -33,7 +33,7 @@ class TrainSampler:
 
     def __init__(self, domain: str, seed: int, stage_index: int, prompt: PromptConfig, pool_size: int = 2048):
         self.pool: list[Example] = make_split(domain, "train", pool_size, seed=seed, style=prompt.style,
-                                              answer_format=prompt.answer_format, format_example=prompt.format_example)
+                                              answer_format=prompt.answer_format)
         self.seed, self.stage_index = seed, stage_index
 
     def batch(self, step: int, n: int) -> list[Example]:

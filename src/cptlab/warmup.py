@@ -38,8 +38,7 @@ def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
         if w.ood_fraction > 0 and ood in all_domain_names() and ood not in sizes:
             sizes[ood] = max(1, round(w.examples_per_domain * w.ood_fraction))
     for domain, size in sizes.items():
-        examples = make_split(domain, "train", size, seed=seed, style=p.style, answer_format=p.answer_format,
-                              format_example=p.format_example)
+        examples = make_split(domain, "train", size, seed=seed, style=p.style, answer_format=p.answer_format)
         for ex in examples:
             target = ex.solution()
             if rng.random() >= w.reprompt_fraction:

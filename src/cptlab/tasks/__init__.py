@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConfigError, UserError
-from .answer import FORMATS, format_answer, get_format, instruction, parse_answer
+from .answer import FORMATS, format_answer, get_format, parse_answer
 from .domains import BUILTIN, EVAL_POOL, Domain, _identity
 
 _BUILTIN: dict[str, Domain] = {d.name: d for d in BUILTIN}
@@ -138,10 +138,9 @@ def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def _render(domain: Domain, entry: dict, style: str, answer_format: str = "tags",
-            format_example: bool = False) -> Example:
+def _render(domain: Domain, entry: dict, style: str, answer_format: str = "tags") -> Example:
     if style == "full" or not domain.has_compact:
-        question = entry["question"] + "\n" + instruction(answer_format, format_example)
+        question = entry["question"] + "\n" + get_format(answer_format).instruction
         return Example(domain.name, question, "", str(entry["answer"]), entry, answer_format)
     return Example(domain.name, domain.compact_question(entry), domain.compact_reasoning(entry),
                    domain.compact_answer(entry), entry, answer_format)
@@ -171,16 +170,15 @@ def _eval_pool(name: str) -> tuple[dict, ...]:
     return _pool(name, repr((d.task, sorted(d.task_config.items()), d.eval_pool)))
 
 
-def make_split(name: str, split: str, n: int, seed: int = 0, style: str = "compact", answer_format: str = "tags",
-               format_example: bool = False) -> list[Example]:
+def make_split(name: str, split: str, n: int, seed: int = 0, style: str = "compact",
+               answer_format: str = "tags") -> list[Example]:
     """n examples of domain `name`; split 'eval' is fixed, 'train' depends on `seed`.
 
-    style, answer_format and format_example are the prompt section's: how the question is shown
-    (domains without a compact rendering are always shown in full) and which answer format it asks for.
+    style and answer_format are the prompt section's: how the question is shown (domains without a
+    compact rendering are always shown in full, with the format's instruction) and which format it asks for.
     An eval split is at most the domain's held-out pool (EVAL_POOL, or the smaller eval_pool it sets)."""
     domain = get_domain(name)
-    render = functools.partial(_render, domain, style=style, answer_format=answer_format,
-                               format_example=format_example)
+    render = functools.partial(_render, domain, style=style, answer_format=answer_format)
     if split == "eval":
         if n > EVAL_POOL:
             raise ConfigError("eval.num_prompts", n, f"at most {EVAL_POOL}")

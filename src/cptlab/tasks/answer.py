@@ -158,23 +158,25 @@ class AnswerFormat:
     """answer -> the answer in its wrapper (reference solutions, answer-only demonstrations)."""
     instruction: str
     """Asks for the format; appended to reasoning-gym's question when prompt.style = full."""
-    example: str
-    """A worked example of the format on a neutral question (no stage domain asks it), for
-    prompt.format_example."""
+    example_question: str
+    """A neutral question that no domain asks, and its answer in the format: the worked example that
+    prompt.format_example shows as an exchange before the real question (prompts.py)."""
+    example_answer: str
     markers: tuple[str, ...]
     """Wrapper pieces that count as one token in character-level artifact statistics."""
     describe: str
     """How the feedback names the wrapper."""
 
 
+_EXAMPLE_QUESTION = "How many days are in a week?"
 FORMATS: dict[str, AnswerFormat] = {f.name: f for f in (
     AnswerFormat("tags", parse_tags, lambda a: f"{OPEN}{a}{CLOSE}",
                  "Give your final answer inside <answer></answer>.",
-                 "For example: Which animal says moo? A cow says moo. <answer>cow</answer>",
+                 _EXAMPLE_QUESTION, "A week has 7 days. <answer>7</answer>",
                  (CLOSE, OPEN), "<answer></answer>"),
     AnswerFormat("boxed", parse_boxed, lambda a: f"{BOX}{{{a}}}",
                  "Put your final answer within \\boxed{}.",
-                 "For example: Which animal says moo? A cow says moo, so the answer is \\boxed{cow}.",
+                 _EXAMPLE_QUESTION, "A week has 7 days, so the answer is \\boxed{7}.",
                  (BOX + "{", "}"), "\\boxed{}"),
 )}
 
@@ -185,11 +187,6 @@ def get_format(name: str) -> AnswerFormat:
         return FORMATS[name]
     except KeyError:
         raise KeyError(f"answer format {name!r}: expected one of {', '.join(FORMATS)}") from None
-
-
-def instruction(name: str, with_example: bool = False) -> str:
-    fmt = get_format(name)
-    return fmt.instruction + (" " + fmt.example if with_example else "")
 
 
 def parse_answer(text: str, fmt: str = "tags") -> ParsedAnswer:
