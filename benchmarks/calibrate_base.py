@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from cptlab.config import (Config, apply_overrides, deep_merge, eval_domains, from_dict, load_source, resolve_eval,
@@ -30,8 +29,9 @@ from cptlab.evaluate import evaluate_domain
 from cptlab.models import count_parameters, resolve_device
 from cptlab.store import atomic_write_json
 
-COMMON = ["prompt.style=full", "prompt.use_chat_template=true", "prompt.answer_prefix=", "eval.num_samples=0",
-          "eval.drift=false"]
+# reasoning-gym's question and the format's instruction as the user's message, nothing around it
+COMMON = ["prompt.style=full", "prompt.use_chat_template=true", "prompt.question_template='{question}'",
+          "prompt.answer_prefix=", "eval.num_samples=0", "eval.drift=false"]
 VARIANTS = {
     "boxed": ["prompt.answer_format=boxed", "prompt.format_example=false"],
     "boxed_example": ["prompt.answer_format=boxed", "prompt.format_example=true"],
@@ -132,5 +132,4 @@ def print_table(cells: list[dict], domains: list[str], variants: list[str]) -> N
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main(sys.argv[1:])

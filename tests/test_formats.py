@@ -72,7 +72,7 @@ def test_format_example_is_a_prior_exchange_in_either_layout():
     p = PromptConfig(style="full", answer_format="boxed", format_example=True, use_chat_template=True,
                      answer_prefix="")
     assert student_prompt(p, "What is 6 * 7?", tok) == (
-        "<user>How many days are in a week?\nPut your final answer within \\boxed{}.\n"
+        "<user>Q: How many days are in a week?\nPut your final answer within \\boxed{}.\n\n"
         "<assistant>A week has 7 days, so the answer is \\boxed{7}.\n<user>Q: What is 6 * 7?\n\n<assistant>")
     plain = PromptConfig(style="full", format_example=True)
     assert student_prompt(plain, "What is 6 * 7?") == (
@@ -211,3 +211,27 @@ def test_eval_command_shows_samples_with_the_rollout_budget(tmp_path, tiny_model
         assert data["results"][name]["mean_length"] <= 3  # eval.max_new_tokens unset: the rollout's 3
         assert data["results"][name]["num_prompts"] == 3 and len(data["samples"][name]) == 2
         assert data["samples"][name][0]["prompt"].startswith("Q: ")
+
+
+@pytest.mark.slow
+def test_calibrate_base_script_writes_a_cell_per_domain_and_variant(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    candidates = tmp_path / "c.yaml"
+    candidates.write_text("domains:\n  p: {task: products, config: {min_digits: 1, max_digits: 1}, eval_pool: 40}\n")
+    script = Path(__file__).parents[1] / "benchmarks" / "calibrate_base.py"
+    out = tmp_path / "cal.json"
+    proc = subprocess.run([sys.executable, str(script), "smoke", "warmup.steps=2", "--domains-file", str(candidates),
+                           "--domains", "p,gcd", "--n", "3", "--max-new-tokens", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    cells = {(c["domain"], c["variant"]): c for c in data["cells"]}
+    assert set(cells) == {(d, v) for d in ("p", "gcd") for v in ("boxed", "boxed_example")}
+    for c in cells.values():
+        assert c["num_prompts"] == 3 and 0 <= c["greedy_acc"] <= c["lenient_acc"] <= 1 and c["mean_length"] <= 4
+        assert "\\boxed{}" in c["samples"][0]["question"]
+    assert data["domains"]["p"]["eval_pool"] == 40 and "boxed_example" in proc.stdout

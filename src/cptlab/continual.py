@@ -22,6 +22,7 @@ from .methods import MethodContext
 from .models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device, save_model
 from .optim import make_optimizer
 from .store import FollowerStore, RunStore
+from .tasks import install_domains
 from .teacher import Teacher
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
@@ -70,6 +71,7 @@ class Driver:
 
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
         self.cfg, self.store = cfg, store
+        install_domains(cfg.domains)  # this run's domains, whichever config the process loaded last
         self.info = info or dist.DistInfo(0, 1, 0, resolve_device(cfg.run.device), None)
         self.device = self.info.device
         self.domains = eval_domains(cfg)

@@ -16,12 +16,12 @@ from .tasks.answer import get_format
 
 
 def _example(cfg: PromptConfig) -> tuple[str, str] | None:
-    """(question, answer) of the worked example, or None; the question carries the instruction as
-    every full-style question does."""
+    """(question, answer) of the worked example, or None; the question is laid out like every
+    full-style question: question_template around the question and the format's instruction."""
     if not cfg.format_example:
         return None
     fmt = get_format(cfg.answer_format)
-    return f"{fmt.example_question}\n{fmt.instruction}", fmt.example_answer
+    return cfg.question_template.format(question=f"{fmt.example_question}\n{fmt.instruction}"), fmt.example_answer
 
 
 def _wrap(cfg: PromptConfig, text: str, tokenizer=None) -> str:
@@ -32,7 +32,7 @@ def _wrap(cfg: PromptConfig, text: str, tokenizer=None) -> str:
         return tokenizer.apply_chat_template([*turns, {"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) + cfg.answer_prefix
     if example is not None:
-        text = f"{cfg.question_template.format(question=example[0])}{cfg.answer_prefix} {example[1]}\n{text}"
+        text = f"{example[0]}{cfg.answer_prefix} {example[1]}\n{text}"
     return text + cfg.answer_prefix
 
 
