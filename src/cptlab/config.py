@@ -222,6 +222,7 @@ class DomainSpec:
     ood_of: str | None = None
     """The domain this one is a partially related variant of (same skill, other size), or null."""
     description: str = ""
+    """One line for `cptlab domains` (empty: the built-in's own, or the task's name)."""
     eval_pool: int | None = None
     """Size of the held-out pool (null: 512). Set it below the number of distinct questions of a small
     domain (two 1-digit factors: 99), so that training has questions left; eval sets are capped at it."""
