@@ -4,7 +4,7 @@ A format is one registry entry (`FORMATS`, chosen by `prompt.answer_format`):
   tags   `<answer>X</answer>`, the tiny model's format (its tokenizer has the tags as tokens)
   boxed  `\\boxed{X}`, the format of the study and of most math-tuned instruct models
 Each entry owns its parser, its renderer (reference solutions), its instruction (`prompt.style=full`)
-and a one-line worked example of the format (`prompt.format_example`).
+and a worked example, a neutral question and its answer in the format (`prompt.format_example`).
 
 Reading a completion gives three things (see `ParsedAnswer`): the strict answer (the content of the
 last complete wrapper; the reward reads only this), whether the wrapper rules hold (`well_formed`),
@@ -15,7 +15,7 @@ be told apart from a wrong answer. Parsing never raises, whatever the text: it r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 OPEN, CLOSE = "<answer>", "</answer>"
@@ -49,7 +49,7 @@ class ParsedAnswer:
     """The last wrapper holds a placeholder copied from an instruction ('ANSWER', '...')."""
     trailing_text: bool = False
     """Text other than whitespace/closing punctuation follows the last wrapper."""
-    lenient: tuple[str, ...] = field(default=())
+    lenient: tuple[str, ...] = ()
     """Values a lenient reader tries, in order (see `lenient_candidates`)."""
 
 
