@@ -19,7 +19,7 @@ import torch
 
 from cptlab.analysis import drift as D
 from cptlab.analysis.response import response_drift
-from cptlab.config import eval_domains, load_config
+from cptlab.config import eval_domains, load_config, resolve_eval
 from cptlab.continual import snapshot
 from cptlab.lora import base_reference
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, set_compute_dtype
@@ -78,8 +78,8 @@ def main() -> None:
     geo, t_geo_warm = timed(device, lambda: D.principal_drift(base, current, device=device, cache=geometry))
     (ref_rank, ref_overlap), t_svd = timed(device, lambda: svd_reference(base, current, names, device))
     probes = [student_prompt(cfg.prompt, ex.question, tok) for d in eval_domains(cfg)
-              for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style)]
-    spec = SamplingSpec.for_eval(cfg.eval, cfg.rollout)
+              for ex in make_split(d, "eval", a.probes, style=cfg.prompt.style, answer_format=cfg.prompt.answer_format)]
+    spec = SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout)
     t_resp = float("nan")
     if not a.no_response:
         timed(device, lambda: response_drift(model, base_model, tok, probes, spec, seed=0))  # engine build, graph capture

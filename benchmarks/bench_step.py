@@ -45,7 +45,7 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
     ctx = MethodContext(tok, cfg.prompt, cfg.rollout, device, base=base_reference(model))
     strategy = build_method(m, ctx, model)
     optimizer = make_optimizer(model, m.lr, m.weight_decay)
-    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt.style)
+    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt)
     n = examples_per_step(m, cfg.rollout.group_size)
     rollout_s, step_s, tokens = [], [], 0.0
     if device.type == "cuda":

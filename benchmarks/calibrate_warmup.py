@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from cptlab.config import load_config
+from cptlab.config import load_config, resolve_eval
 from cptlab.evaluate import evaluate_all
 from cptlab.rollout import SamplingSpec
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, resolve_device
@@ -33,7 +33,8 @@ def main(argv: list[str]) -> None:
     cfg.eval.num_samples = 0
     domains = cfg.warmup.domains + [f"{d}_ood" for d in cfg.warmup.domains]
     t0 = time.perf_counter()
-    results = evaluate_all(model, tokenizer, domains, cfg.eval, cfg.prompt, SamplingSpec.for_eval(cfg.eval, cfg.rollout))
+    ecfg = resolve_eval(cfg)
+    results = evaluate_all(model, tokenizer, domains, ecfg, cfg.prompt, SamplingSpec.for_eval(ecfg, cfg.rollout))
     eval_s = time.perf_counter() - t0
     acc = {name: r.greedy_acc for name, r in results.items()}
     prior = [acc[d] for d in cfg.warmup.domains]

@@ -15,3 +15,14 @@ def tiny_model(tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     return build_tiny_model(cfg, tokenizer, seed=0).eval()
+
+
+@pytest.fixture(autouse=True)
+def builtin_domains_only():
+    """A config with a `domains` section installs its domains process-wide; each test starts and ends
+    with the built-in ones only."""
+    from cptlab.tasks import install_domains
+
+    install_domains({})
+    yield
+    install_domains({})

@@ -229,12 +229,33 @@ def test_tag_rates():
              "<answer>3",                                 # unbalanced, no answer
              "<answer>4</answer> trailing"]               # not at the end
     out = artifact_stats(texts)
-    assert out["repeated_tag_rate"] == 0.25
-    assert out["unbalanced_tag_rate"] == 0.25
+    assert out["multiple_answer_rate"] == 0.25
+    assert out["unclosed_answer_rate"] == 0.25
+    assert out["text_after_answer_rate"] == 0.25
     assert out["malformed_rate"] == 0.75
     assert out["no_answer_rate"] == 0.25
+    assert out["empty_answer_rate"] == out["placeholder_answer_rate"] == 0.0
     assert out["char_level"] == 1.0
     assert tokenize("<answer>7</answer>", "char") == ["<answer>", "7", "</answer>"]
+
+
+def test_boxed_artifact_rates_read_the_boxed_format():
+    texts = ["2 + 3 = 5, so \\boxed{5}.",               # well formed (closing punctuation allowed)
+             "\\boxed{4} or \\boxed{5}",                 # two boxes
+             "The answer is \\boxed{ANSWER}",             # placeholder copied from the instruction
+             "\\boxed{} 5",                              # empty box, text after it
+             "\\boxed{5} because five is",               # text after the box
+             "so \\boxed{5"]                            # never closed
+    out = artifact_stats(texts, answer_format="boxed")
+    assert out["malformed_rate"] == 5 / 6
+    assert out["no_answer_rate"] == 3 / 6  # placeholder, empty, unclosed
+    assert out["multiple_answer_rate"] == 1 / 6
+    assert out["placeholder_answer_rate"] == 1 / 6
+    assert out["empty_answer_rate"] == 1 / 6
+    assert out["text_after_answer_rate"] == 2 / 6  # ' 5' and ' because five is'; '.' may close a box
+    assert out["unclosed_answer_rate"] == 1 / 6
+    assert artifact_stats(texts)["malformed_rate"] == 1.0  # read as tags, nothing is an answer
+    assert tokenize("\\boxed{7}", "char") == ["\\boxed{", "7", "}"]
 
 
 def test_distinct_and_repetition():

@@ -23,7 +23,7 @@ def test_saved_model_loads_back_and_evaluates_identically(tmp_path, tiny_model, 
     text = "Q: sort asc: 3 1\nA: 1 3 <answer>1 3</answer>"
     assert tok2(text)["input_ids"] == tokenizer(text)["input_ids"]  # spaces and newlines survive a reload
     assert tok2.decode(tok2(text)["input_ids"]) == text
-    ecfg = EvalConfig(num_prompts=8, num_samples=2, max_new_tokens=12)
+    ecfg = EvalConfig(num_prompts=8, num_samples=2, max_new_tokens=12, temperature=1.0, save_samples=4)
     spec = SamplingSpec.for_eval(ecfg, RolloutConfig())
     a = evaluate_domain(tiny_model, tokenizer, "sorting", ecfg, PromptConfig(), spec, seed=1)
     b = evaluate_domain(loaded, tok2, "sorting", ecfg, PromptConfig(), spec, seed=1)

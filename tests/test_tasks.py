@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from cptlab.errors import ConfigError
 from cptlab.tasks import EVAL_POOL, all_domain_names, get_domain, make_split, verify
-from cptlab.tasks.answer import parse_answer
+from cptlab.tasks.answer import FORMATS, parse_answer
 
 
 def test_at_least_six_families_each_with_an_ood_variant():
@@ -63,8 +63,11 @@ def test_parse_answer_cases():
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_extraction_never_crashes_on_arbitrary_text(text):
-    parsed = parse_answer(text)
-    assert parsed.answer is None or isinstance(parsed.answer, str)
+    for fmt in FORMATS:
+        for t in (text, f"\\boxed{{{text}", f"<answer>{text}</answer>{text}"):
+            parsed = parse_answer(t, fmt)
+            assert parsed.answer is None or isinstance(parsed.answer, str)
+            assert all(isinstance(c, str) and c for c in parsed.lenient)
 
 
 @settings(max_examples=100, deadline=None)

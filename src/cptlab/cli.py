@@ -106,30 +106,39 @@ def eval_cmd(
                                     "runs/NAME/base), a .gguf file, or 'smollm2'."),
     domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: all)."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the results as JSON here."),
+    show: int = typer.Option(0, "--show", help="Print N samples per domain (prompt, completion, answer, verdict)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Preset or YAML file to start from (default tiny)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value config overrides"),
 ) -> None:
     """Evaluate a model (directory, GGUF file or short name) on held-out sets of the given domains."""
-    from .config import eval_domains, load_config
+    from .config import ConfigError, eval_domains, load_config, resolve_eval
     from .evaluate import evaluate_all
     from .models import load_pretrained, resolve_device
     from .rollout import SamplingSpec
     from .store import atomic_write_json
     from .tasks import check_domain
-    from .ui import console, eval_table
+    from .ui import console, eval_table, print_samples
 
+    if show < 0:
+        raise ConfigError("--show", show, "a number of samples >= 0")
     _configure_threads()
     extra = [f"eval.domains=[{domains}]"] if domains else []
-    cfg = load_config(None, [f"model.path={model_dir}", *extra, *(overrides or [])])
+    cfg = load_config(config, [f"model.path={model_dir}", *extra, *(overrides or [])])
     names = eval_domains(cfg)
     for n in names:
         check_domain(n, "--domains")
     model, tokenizer, _ = load_pretrained(model_dir, cfg.model, resolve_device(cfg.run.device))
-    results = evaluate_all(model, tokenizer, names, cfg.eval, cfg.prompt, SamplingSpec.for_eval(cfg.eval, cfg.rollout),
+    ecfg = resolve_eval(cfg)
+    results = evaluate_all(model, tokenizer, names, ecfg, cfg.prompt, SamplingSpec.for_eval(ecfg, cfg.rollout),
                            seed=cfg.run.seed)
+    for name, r in results.items():
+        if show:
+            print_samples(name, r.rows or [], show)
     rows = {n: r.metrics() for n, r in results.items()}
     console.print(eval_table(f"evaluation of {model_dir}", rows))
     if out:
-        atomic_write_json(Path(out), {"model": model_dir, "results": rows})
+        atomic_write_json(Path(out), {"model": model_dir, "results": rows,
+                                      "samples": {n: r.rows[:show] for n, r in results.items()} if show else {}})
 
 
 @app.command()
@@ -221,14 +230,20 @@ def studies_cmd() -> None:
 
 @app.command("domains")
 @friendly
-def domains_cmd() -> None:
-    """List the built-in domains with an example each."""
+def domains_cmd(
+    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]: also list the "
+                                               "domains its `domains` section defines or changes"),
+) -> None:
+    """List the domains (built-in, and those of a config's `domains` section) with an example each."""
     from rich.table import Table
 
+    from .config import load_config
     from .tasks import domain_table
     from .ui import console, safe_text
 
-    table = Table(title="built-in domains (reasoning-gym tasks)")
+    if args:
+        load_config(*_split_args(args))  # installs the config's domains
+    table = Table(title="domains (reasoning-gym tasks)")
     for col in ("name", "family", "ood_of", "task", "example", "solution"):
         table.add_column(col, overflow="fold", no_wrap=col == "name")
     for r in domain_table():

@@ -88,8 +88,18 @@ class PromptConfig:
     """How questions, demonstrations and feedback are rendered into prompt text."""
 
     style: Literal["compact", "full"] = "compact"
-    """compact: short prompts for tiny models; full: reasoning-gym's own question plus an answer-tag
-    instruction, for real pretrained models."""
+    """compact: short prompts for tiny models; full: reasoning-gym's own question plus the answer
+    format's instruction, for real pretrained models. Domains without a compact rendering (new ones
+    from the `domains` section) are always shown in full."""
+    answer_format: str = "tags"
+    """How the final answer is wrapped, asked for and read back: 'tags' (<answer>X</answer>; the tiny
+    model's tokenizer has the tags as tokens) or 'boxed' (\\boxed{X}, the study's format). The reward
+    reads only a correctly wrapped answer; evaluation also reports a lenient accuracy (see README)."""
+    format_example: bool = False
+    """Start every prompt with one worked exchange in the answer format on a neutral question that no
+    domain asks ("How many days are in a week?" -> "... \\boxed{7}."): a prior user/assistant turn in
+    the chat template, else a Q/A pair. For a base that does not follow the format by itself; needs
+    style 'full' (the instruction it demonstrates)."""
     question_template: str = "Q: {question}\n"
     """The student's prompt; slot {question} (the domain's question text)."""
     answer_prefix: str = "A:"
@@ -287,23 +297,44 @@ class StageConfig:
 
 
 @dataclass
+class DomainSpec:
+    """One entry of the top-level `domains` section: a new domain, or changes to a built-in one."""
+
+    task: str = ""
+    """reasoning-gym task of a new domain (any name in reasoning_gym.factory.DATASETS); for a built-in
+    domain's name: empty (or its own task)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """reasoning-gym generator settings (e.g. {min_digits: 1, max_digits: 1}); for a built-in domain
+    they are merged over its own. Checked against reasoning-gym when the config is loaded."""
+    ood_of: str | None = None
+    """The domain this one is a partially related variant of (same skill, other size), or null."""
+    description: str = ""
+    """One line for `cptlab domains` (empty: the built-in's own, or the task's name)."""
+    eval_pool: int | None = None
+    """Size of the held-out pool (null: 512). Set it below the number of distinct questions of a small
+    domain (two 1-digit factors: 99), so that training has questions left; eval sets are capped at it."""
+
+
+@dataclass
 class EvalConfig:
     """Evaluation of every configured domain after each stage (and every `every` steps)."""
 
     domains: list[str] = field(default_factory=lambda: ["all"])
-    """Domains evaluated after every stage; 'all' = every built-in domain and its OOD variant."""
+    """Domains evaluated after every stage; 'all' = every built-in domain and its OOD variant, plus
+    the new domains of the `domains` section."""
     num_prompts: int = 64
-    """Held-out prompts per domain (a fixed prefix of the domain's eval pool)."""
+    """Held-out prompts per domain (at most 512, or the domain's smaller eval_pool)."""
     num_samples: int = 4
     """k samples per prompt for sampled accuracy (pass@1 averaged over k); 0 skips sampling."""
-    temperature: float = 1.0
-    """Temperature of the sampled evaluation (greedy accuracy is argmax decoding)."""
-    max_new_tokens: int = 48
-    """Completion budget of evaluation and drift probes."""
+    temperature: float | None = None
+    """Sampling temperature of the sampled accuracy; null: rollout.temperature."""
+    max_new_tokens: int | None = None
+    """Completion budget of every evaluation; null: rollout.max_new_tokens (what training samples)."""
     every: int = 0
     """Also evaluate every N training steps inside a stage (0: only at stage ends)."""
-    save_samples: int = 4
-    """Responses per domain written to samples/ at each evaluation."""
+    save_samples: int | None = None
+    """Responses per domain written to samples/ at each evaluation; null: 4 for the built tiny model,
+    32 when model.path is set (a real model's answers are worth reading after the fact)."""
     drift: bool = True
     """At each stage end, log parameter drift (vs base and previous stage), response drift on a probe
     set and formatting-artifact rates (a `drift` record in metrics.jsonl)."""
@@ -355,6 +386,8 @@ class Config:
     """The training method (each stage may override it)."""
     stages: list[StageConfig] = field(default_factory=list)
     """The continual sequence of stages."""
+    domains: dict[str, DomainSpec] = field(default_factory=dict)
+    """New domains (name -> reasoning-gym task and settings) and changes to built-in ones; see DomainSpec."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation and drift analyses."""
     run: RunSettings = field(default_factory=RunSettings)
@@ -407,7 +440,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(where, value, "a mapping")
-        return dict(value)
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
@@ -496,19 +530,23 @@ def _read_yaml(text: str, source: str) -> dict:
 
 
 def load_source(preset_or_file: str | None) -> dict:
-    """Raw mapping of a preset name or a YAML file path (None -> preset 'tiny')."""
+    """Raw mapping of a preset name or a YAML file path (None -> preset 'tiny'); `extends: OTHER` at
+    its top level starts from preset (or file) OTHER and merges this one over it."""
     name = preset_or_file or "tiny"
     if name.endswith((".yaml", ".yml")) or "/" in name:
         path = Path(name)
         if not path.is_file():
             raise UserError(f"config file '{name}' not found: expected a readable YAML file")
-        return _read_yaml(path.read_text(), name)
-    if name not in preset_names():
+        data = _read_yaml(path.read_text(), name)
+    elif name not in preset_names():
         raise ConfigError("preset", name, "one of " + ", ".join(preset_names()) + " or a .yaml file")
-    text = (resources.files("cptlab") / "presets" / f"{name}.yaml").read_text()
-    data = _read_yaml(text, f"preset {name}")
+    else:
+        data = _read_yaml((resources.files("cptlab") / "presets" / f"{name}.yaml").read_text(), f"preset {name}")
     base = data.pop("extends", None)
     if base:
+        if isinstance(base, str) and base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() \
+                and (name.endswith((".yaml", ".yml")) or "/" in name):
+            base = str(Path(name).parent / base)  # a file extends a file beside it
         data = deep_merge(load_source(base), data)
     return data
 
@@ -637,8 +675,11 @@ def _validate_method(m: MethodConfig, where: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from .tasks import check_domain
+    """Range checks; also installs the config's `domains` section into the domain registry, so that
+    everything after it (and every process that loads this config) sees those domains."""
+    from .tasks import FORMATS, check_domain, install_domains
 
+    install_domains(cfg.domains)
     m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
     _check_finite(cfg, "")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
@@ -660,6 +701,10 @@ def validate(cfg: Config) -> None:
                cfg.prompt.reprompt_template, f"a template containing {slot}")
     _check("{question}" in cfg.prompt.question_template, "prompt.question_template",
            cfg.prompt.question_template, "a template containing {question}")
+    _check(cfg.prompt.answer_format in FORMATS, "prompt.answer_format", cfg.prompt.answer_format,
+           "one of " + ", ".join(repr(f) for f in FORMATS))
+    _check(not cfg.prompt.format_example or cfg.prompt.style == "full", "prompt.format_example", True,
+           "false unless prompt.style is 'full' (the example demonstrates the full-style instruction)")
     _check(r.group_size >= 2, "rollout.group_size", r.group_size, "an integer >= 2 (groups need siblings)")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "an integer >= 1")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature")
@@ -668,9 +713,12 @@ def validate(cfg: Config) -> None:
     _check(e.num_prompts >= 1, "eval.num_prompts", e.num_prompts, "an integer >= 1")
     _check(e.num_samples >= 0, "eval.num_samples", e.num_samples, "an integer >= 0")
     _check(e.every >= 0, "eval.every", e.every, "an integer >= 0")
-    _check(e.temperature > 0, "eval.temperature", e.temperature, "a positive temperature")
-    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "an integer >= 1")
-    _check(e.save_samples >= 0, "eval.save_samples", e.save_samples, "an integer >= 0")
+    _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature,
+           "a positive temperature or null (rollout.temperature)")
+    _check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens,
+           "an integer >= 1 or null (rollout.max_new_tokens)")
+    _check(e.save_samples is None or e.save_samples >= 0, "eval.save_samples", e.save_samples,
+           "an integer >= 0 or null (4, or 32 with model.path)")
     _check(e.probe_per_domain >= (1 if e.drift else 0), "eval.probe_per_domain", e.probe_per_domain,
            "an integer >= 1 (response drift needs probe prompts; eval.drift=false turns it off)")
     _check(len(e.domains) >= 1, "eval.domains", e.domains, "a non-empty list of domains (or [all])")
@@ -709,11 +757,22 @@ def general_probe_enabled(cfg: Config) -> bool:
 
 
 def eval_domains(cfg: Config) -> list[str]:
-    from .tasks import all_domain_names
+    from .tasks import builtin_domain_names
 
     if "all" in cfg.eval.domains:
-        return all_domain_names()
+        builtin = builtin_domain_names()
+        return builtin + [name for name in cfg.domains if name not in builtin]
     return list(dict.fromkeys(cfg.eval.domains))
+
+
+def resolve_eval(cfg: Config) -> EvalConfig:
+    """The eval section with its nulls filled: budget and temperature from the rollout section,
+    saved samples 4 for the built tiny model and 32 for a model loaded from model.path."""
+    e = cfg.eval
+    return dataclasses.replace(
+        e, max_new_tokens=cfg.rollout.max_new_tokens if e.max_new_tokens is None else e.max_new_tokens,
+        temperature=cfg.rollout.temperature if e.temperature is None else e.temperature,
+        save_samples=(32 if cfg.model.path else 4) if e.save_samples is None else e.save_samples)
 
 
 # ----------------------------------------------------------------------------------------------

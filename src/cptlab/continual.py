@@ -16,7 +16,9 @@ import torch
 from . import distributed as dist
 from .analysis import per_prompt
 from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
-from .config import Config, eval_domains, from_dict, general_probe_enabled, stage_method, to_dict, validate
+from .config import (
+    Config, eval_domains, from_dict, general_probe_enabled, resolve_eval, stage_method, to_dict, validate,
+)
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_all
 from .lora import apply_lora, base_reference, effective_state_dict
@@ -28,7 +30,7 @@ from .models import (
 from .optim import make_optimizer
 from .rollout import SamplingSpec
 from .store import FollowerStore, RunStore
-from .tasks import eval_set_identity
+from .tasks import eval_set_identity, install_domains
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
 from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
@@ -76,6 +78,7 @@ class Driver:
 
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
         self.cfg, self.store = cfg, store
+        install_domains(cfg.domains)  # this run's domains, whichever config the process loaded last
         self.info = info or dist.DistInfo(0, 1, 0, resolve_device(cfg.run.device), None)
         self.device = self.info.device
         self.domains = eval_domains(cfg)
@@ -91,8 +94,9 @@ class Driver:
         cfg = self.cfg
         t0 = time.perf_counter()
         with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
-            results = evaluate_all(self.model, self.tokenizer, self.domains, cfg.eval, cfg.prompt,
-                                   SamplingSpec.for_eval(cfg.eval, cfg.rollout),
+            ecfg = resolve_eval(cfg)
+            results = evaluate_all(self.model, self.tokenizer, self.domains, ecfg, cfg.prompt,
+                                   SamplingSpec.for_eval(ecfg, cfg.rollout),
                                    seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    on_domain=lambda name: advance(info=name))
         seconds = time.perf_counter() - t0
@@ -100,7 +104,8 @@ class Driver:
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
                            final=final, domain=name, eval_seconds=seconds, **r.metrics())
         self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
-        identities = {n: eval_set_identity(n, cfg.eval.num_prompts, cfg.prompt.style) for n in results}
+        identities = {n: eval_set_identity(n, cfg.eval.num_prompts, cfg.prompt.style,
+                                                cfg.prompt.answer_format) for n in results}
         self.store.write_once(per_prompt.file_name(stage, step), per_prompt.encode(
             stage, stage_name, step, global_step, final, results, identities, cfg.eval.num_samples))
         if final:
@@ -121,20 +126,23 @@ class Driver:
         from .prompts import student_prompt
         from .tasks import make_split
 
-        cfg = self.cfg
+        cfg, p = self.cfg, self.cfg.prompt
         t0 = time.perf_counter()
         current = snapshot(self.model)
         drift = parameter_drift(self.base_state, current, self.prev_state, device=self.device,
                                 base_subspaces=self.base_subspaces)
         drift.update(principal_drift(self.base_state, current, device=self.device, cache=self.base_geometry))
         fields = {f"param/{k}": v for k, v in drift.items()}
-        probes = [student_prompt(cfg.prompt, ex.question, self.tokenizer) for d in self.domains
-                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=cfg.prompt.style)]
-        resp = response_drift(self.model, self.base, self.tokenizer, probes, SamplingSpec.for_eval(cfg.eval, cfg.rollout),
-                              seed=derive_seed(cfg.run.seed, stage, "probe"))
+        p = cfg.prompt
+        probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
+                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=p.style,
+                                       answer_format=p.answer_format)]
+        resp = response_drift(self.model, self.base, self.tokenizer, probes,
+                              SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout),
+                              seed=derive_seed(cfg.run.seed, stage, "probe"), answer_format=p.answer_format)
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
-        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts).items()})
+        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts, answer_format=p.answer_format).items()})
         if general_probe_enabled(cfg):
             fields.update({f"general/{k}": v for k, v in self.general_probe().items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
@@ -146,9 +154,9 @@ class Driver:
 
         prompts, text = load_probe()
         rendered = [render_prompt(p, self.tokenizer, self.cfg.prompt.use_chat_template) for p in prompts]
-        out, self.general_base_answers = general_probe(
-            self.model, self.base, self.tokenizer, rendered, text, SamplingSpec.for_eval(self.cfg.eval, self.cfg.rollout),
-            base_answers=self.general_base_answers)
+        spec = SamplingSpec.for_eval(resolve_eval(self.cfg), self.cfg.rollout)
+        out, self.general_base_answers = general_probe(self.model, self.base, self.tokenizer, rendered, text, spec,
+                                                       base_answers=self.general_base_answers)
         return out
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, method=None) -> None:
@@ -228,7 +236,7 @@ class Driver:
         if state["path"] is not None and state["stage"] == index and not state["stage_done"]:
             load_checkpoint(state["path"], self.model, optimizer, method)
             start_step = state["step"]
-        sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt.style)
+        sampler = TrainSampler(stage.domain, cfg.run.seed, index, cfg.prompt)
         t0 = time.perf_counter()
 
         def on_step_end(step_done: int, gstep: int) -> None:

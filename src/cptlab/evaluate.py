@@ -1,5 +1,5 @@
-"""Evaluation on fixed held-out sets: greedy accuracy, sampled accuracy (pass@1 over k samples),
-format compliance and mean response length, per domain."""
+"""Evaluation on fixed held-out sets: greedy accuracy (strict and lenient), sampled accuracy (pass@1
+over k samples), format compliance and mean response length, per domain."""
 
 from __future__ import annotations
 
@@ -19,30 +19,36 @@ class DomainResult:
     format_rate: float
     mean_length: float
     samples: list[dict]
+    """The first eval.save_samples rows of `rows` (what samples/ keeps)."""
     texts: list[str]
     """Every greedy completion (for artifact analysis)."""
     per_prompt: list[int] = field(default_factory=list)
     """Greedy correctness of each held-out prompt (1/0), in eval-set order (for paired tests)."""
     sampled_hits: list[int] | None = None
     """Correct samples out of eval.num_samples for each prompt; None when no samples were drawn."""
+    lenient_acc: float = float("nan")
+    """Greedy accuracy when the right value counts without the right wrapper (>= greedy_acc)."""
+    rows: list[dict] | None = None
+    """One row per prompt: prompt, question, completion, answer, lenient_answer, correct,
+    lenient_correct, well_formed (for `cptlab eval --show`)."""
 
     def metrics(self) -> dict:
-        return dict(greedy_acc=self.greedy_acc, sampled_acc=self.sampled_acc, format_rate=self.format_rate,
-                    mean_length=self.mean_length)
+        return dict(greedy_acc=self.greedy_acc, lenient_acc=self.lenient_acc, sampled_acc=self.sampled_acc,
+                    format_rate=self.format_rate, mean_length=self.mean_length, num_prompts=len(self.texts))
 
 
 def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,
                     seed: int = 0) -> DomainResult:
-    """spec: greedy decoding on the run's engine (SamplingSpec.for_eval); its `.sampled()` draws the k
-    samples per prompt, from a generator seeded with `seed`."""
-    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style)
+    """ecfg: a resolved eval section (config.resolve_eval: no nulls). spec: greedy decoding on the run's
+    engine (SamplingSpec.for_eval); its `.sampled()` draws the k samples per prompt, from a generator
+    seeded with `seed`."""
+    if ecfg.max_new_tokens is None or ecfg.temperature is None or ecfg.save_samples is None:
+        raise ValueError("evaluate_domain: resolve the eval section first (cptlab.config.resolve_eval)")
+    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style, answer_format=pcfg.answer_format)
     prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
     greedy = generate(model, tokenizer, prompts, spec.as_greedy())
     verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]
     n = len(examples)
-    greedy_acc = sum(v.correct for v in verdicts) / n
-    format_rate = sum(v.well_formed for v in verdicts) / n
-    mean_length = float(greedy.lengths.mean())
     sampled_acc, sampled_hits = None, None
     if ecfg.num_samples > 0:
         device = next(model.parameters()).device
@@ -54,9 +60,14 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
         sampled_hits = [0] * n
         for g, hit in zip(groups, hits):
             sampled_hits[g] += int(hit)
-    samples = [dict(question=ex.question, completion=text, correct=v.correct, well_formed=v.well_formed)
-               for ex, text, v in list(zip(examples, greedy.texts, verdicts))[: ecfg.save_samples]]
-    return DomainResult(domain, greedy_acc, sampled_acc, format_rate, mean_length, samples, greedy.texts,
+    rows = [dict(prompt=prompt, question=ex.question, completion=text, answer=v.answer,
+                 lenient_answer=v.lenient_answer, correct=v.correct, lenient_correct=v.lenient_correct,
+                 well_formed=v.well_formed)
+            for prompt, ex, text, v in zip(prompts, examples, greedy.texts, verdicts)]
+    return DomainResult(domain, greedy_acc=sum(v.correct for v in verdicts) / n, sampled_acc=sampled_acc,
+                        format_rate=sum(v.well_formed for v in verdicts) / n,
+                        mean_length=float(greedy.lengths.mean()), samples=rows[: ecfg.save_samples],
+                        texts=greedy.texts, lenient_acc=sum(v.lenient_correct for v in verdicts) / n, rows=rows,
                         per_prompt=[int(v.correct) for v in verdicts], sampled_hits=sampled_hits)
 
 

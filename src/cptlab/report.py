@@ -313,10 +313,11 @@ def _samples_section(run: Run) -> list[str]:
         per_domain = max(1, SAMPLES_PER_STAGE // max(1, len(data)))  # spread the handful over the domains
         rows = [[esc(d), f"<pre>{esc(it.get('question', ''))}</pre>", f"<pre>{esc(it.get('completion', ''))}</pre>",
                  '<span class="ok">✓</span>' if it.get("correct") else '<span class="bad">✗</span>',
+                 "-" if "lenient_correct" not in it else "yes" if it["lenient_correct"] else "no",
                  "yes" if it.get("well_formed") else "no"] for d, items in data.items() for it in items[:per_domain]]
         is_open = " open" if s in (min(files), max(files)) or len(files) <= 3 else ""  # base and last stage
         out += [f"<details{is_open}><summary>after stage {esc(run.stage_label(s))} (step {step})</summary>",
-                table(["domain", "question", "completion", "correct", "well-formed"], rows[:SAMPLES_PER_STAGE],
+                table(["domain", "question", "completion", "correct", "lenient", "well-formed"], rows[:SAMPLES_PER_STAGE],
                       None, "samples"), "</details>"]
     return ["<h2>Sample responses</h2>", '<p class="note">A few evaluation samples from the last evaluation of '
             'each stage, verbatim (escaped; control characters spelled out).</p>', *out] if out else []

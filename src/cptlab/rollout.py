@@ -52,8 +52,10 @@ class SamplingSpec:
     @classmethod
     def for_eval(cls, ecfg: EvalConfig, rcfg: RolloutConfig) -> "SamplingSpec":
         """Evaluation: greedy with the eval budget on the rollout section's engine; `.sampled()` for the
-        k samples at `eval.temperature`."""
-        return cls(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, greedy=True,
+        k samples at `eval.temperature`. A null eval budget or temperature is the rollout's (as
+        config.resolve_eval fills it)."""
+        return cls(max_new_tokens=rcfg.max_new_tokens if ecfg.max_new_tokens is None else ecfg.max_new_tokens,
+                   temperature=rcfg.temperature if ecfg.temperature is None else ecfg.temperature, greedy=True,
                    engine=rcfg.engine, cuda_graphs=rcfg.cuda_graphs, batch_size=rcfg.batch_size)
 
     def sampled(self, temperature: float | None = None) -> "SamplingSpec":

@@ -30,7 +30,7 @@ class Reprompts:
 
 def _demo_text(completion: str, verdict: Verdict, content: str) -> str:
     if content == "answer_only" and verdict.answer is not None:
-        return " " + format_answer(verdict.answer)
+        return " " + format_answer(verdict.answer, verdict.answer_format)
     return completion
 
 

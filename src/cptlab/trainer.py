@@ -20,7 +20,7 @@ import torch
 
 from . import distributed as dist
 from .analysis.artifacts import rollout_repetition
-from .config import MethodConfig, StageConfig
+from .config import MethodConfig, PromptConfig, StageConfig
 from .errors import NumericalFault
 from .methods import Method
 from .optim import lr_factor, set_lr
@@ -36,8 +36,9 @@ def derive_seed(*parts: object) -> int:
 class TrainSampler:
     """Deterministic prompts for (stage, step): resuming at step k draws what step k drew before."""
 
-    def __init__(self, domain: str, seed: int, stage_index: int, style: str, pool_size: int = 2048):
-        self.pool: list[Example] = make_split(domain, "train", pool_size, seed=seed, style=style)
+    def __init__(self, domain: str, seed: int, stage_index: int, prompt: PromptConfig, pool_size: int = 2048):
+        self.pool: list[Example] = make_split(domain, "train", pool_size, seed=seed, style=prompt.style,
+                                              answer_format=prompt.answer_format)
         self.seed, self.stage_index = seed, stage_index
 
     def batch(self, step: int, n: int) -> list[Example]:

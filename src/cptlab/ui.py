@@ -41,9 +41,33 @@ def progress(description: str, total: int):
 
 def eval_table(title: str, rows: dict[str, dict]) -> Table:
     table = Table(title=title)
-    for col in ("domain", "greedy acc", "sampled acc", "format", "mean len"):
+    for col in ("domain", "greedy acc", "lenient acc", "sampled acc", "format", "mean len"):
         table.add_column(col, justify="right" if col != "domain" else "left")
+
+    def pct(value) -> str:
+        return "-" if value is None or value != value else f"{value:.1%}"
+
     for name, r in rows.items():
-        table.add_row(name, f"{r['greedy_acc']:.1%}", "-" if r.get("sampled_acc") is None else f"{r['sampled_acc']:.1%}",
-                      f"{r['format_rate']:.1%}", f"{r['mean_length']:.1f}")
+        table.add_row(name, pct(r["greedy_acc"]), pct(r.get("lenient_acc")), pct(r.get("sampled_acc")),
+                      pct(r["format_rate"]), f"{r['mean_length']:.1f}")
     return table
+
+
+def _verdict(row: dict) -> str:
+    strict = "correct" if row.get("correct") else "wrong"
+    lenient = "right" if row.get("lenient_correct") else "wrong"
+    formed = "well-formed" if row.get("well_formed") else "malformed"
+    return f"{strict} ({formed}); lenient: {lenient}"
+
+
+def print_samples(domain: str, rows: list[dict], n: int) -> None:
+    """The first n evaluation rows of a domain: prompt, completion, extracted answers and verdict, all
+    model and prompt text printed literally (markup, HTML and control characters cannot act)."""
+    for i, row in enumerate(rows[:n], start=1):
+        console.rule(f"{safe_text(domain)} sample {i}/{min(n, len(rows))}")
+        for label, key in (("prompt", "prompt"), ("completion", "completion")):
+            console.print(f"[bold]{label}:[/bold]")
+            console.print(safe_text(str(row.get(key, ""))))
+        console.print(f"[bold]answer:[/bold] {safe_text(repr(row.get('answer')))}   "
+                      f"[bold]lenient answer:[/bold] {safe_text(repr(row.get('lenient_answer')))}")
+        console.print(f"[bold]verdict:[/bold] {_verdict(row)}")

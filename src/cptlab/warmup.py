@@ -38,7 +38,7 @@ def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
         if w.ood_fraction > 0 and ood in all_domain_names() and ood not in sizes:
             sizes[ood] = max(1, round(w.examples_per_domain * w.ood_fraction))
     for domain, size in sizes.items():
-        examples = make_split(domain, "train", size, seed=seed, style=p.style)
+        examples = make_split(domain, "train", size, seed=seed, style=p.style, answer_format=p.answer_format)
         for ex in examples:
             target = ex.solution()
             if rng.random() >= w.reprompt_fraction:
@@ -96,9 +96,15 @@ def base_model_key(cfg: Config) -> str:
     """Hash of everything that determines the warmed-up base model."""
     # adapters come after the base; the GGUF cache only concerns model.path (and must not move old keys)
     model = {k: v for k, v in asdict(cfg.model).items() if k not in ("lora", "gguf_cache_dir")}
-    blob = json.dumps(dict(model=model, warmup={k: v for k, v in asdict(cfg.warmup).items()
-                                                            if k not in ("cache_dir", "seed")},
-                           prompt=asdict(cfg.prompt), seed=warmup_seed(cfg), version=1), sort_keys=True)
+    prompt = asdict(cfg.prompt)
+    for key, default in (("answer_format", "tags"), ("format_example", False)):
+        if prompt[key] == default:  # keys added later count only when set, so cached base models stay valid
+            del prompt[key]
+    parts = dict(model=model, warmup={k: v for k, v in asdict(cfg.warmup).items() if k not in ("cache_dir", "seed")},
+                 prompt=prompt, seed=warmup_seed(cfg), version=1)
+    if cfg.domains:  # changed generator settings change the warm-up corpus
+        parts["domains"] = {name: asdict(spec) for name, spec in cfg.domains.items()}
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

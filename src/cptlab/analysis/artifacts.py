@@ -1,10 +1,11 @@
-"""Artifacts of post-training in completions: broken answer tags, repetition, lost diversity, collapse.
+"""Artifacts of post-training in completions: broken answer wrappers, repetition, lost diversity, collapse.
 
 Pure functions of strings and number series. Units: completions of the tiny character-level models
 are short ("3+4=7 <answer>7</answer>"), so n-grams over whitespace tokens would be almost empty.
 With unit="auto" a corpus uses whitespace tokens ("word") when its median text has at least
 MIN_WORDS of them, and characters ("char") otherwise; in char mode whitespace is dropped and each
-answer tag is one token. The choice is made once per corpus, so numbers stay comparable inside a call.
+piece of the answer wrapper (`<answer>`, `\\boxed{`) is one token. The choice is made once per corpus, so numbers stay comparable inside a call. The wrapper rules are
+those of the run's answer format (tasks/answer.py), passed as `answer_format`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import re
 from statistics import median
 from typing import Sequence
 
-from ..tasks.answer import CLOSE, OPEN, parse_answer
+from ..tasks.answer import FORMATS, get_format
 
 MIN_WORDS = 8
-_CHAR_TOKEN = re.compile(re.escape(CLOSE) + "|" + re.escape(OPEN) + r"|\S")
+# every format's wrapper pieces, longest first, then any other visible character
+_CHAR_TOKEN = re.compile("|".join(re.escape(m) for m in sorted({m for f in FORMATS.values() for m in f.markers},
+                                                               key=len, reverse=True)) + r"|\S")
 
 
 def choose_unit(texts: Sequence[str], unit: str = "auto") -> str:
@@ -75,34 +78,46 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4) -> dict[str, float]:
-    """Artifact rates over a list of completions. Keys:
+_KEYS = ("malformed_rate", "no_answer_rate", "multiple_answer_rate", "unclosed_answer_rate", "empty_answer_rate",
+         "placeholder_answer_rate", "text_after_answer_rate", "distinct_1", "distinct_2", "distinct_3",
+         "longest_repeated_ngram", "repetition_rate", "mean_tokens", "char_level")
 
-      malformed_rate        no single well-formed <answer>...</answer> at the end (parse_answer)
-      no_answer_rate        no complete answer tag at all
-      repeated_tag_rate     an answer tag (opening or closing) occurs more than once
-      unbalanced_tag_rate   count of <answer> != count of </answer>
-      distinct_1/2/3        corpus distinct-n
+
+def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4, answer_format: str = "tags") -> dict[str, float]:
+    """Artifact rates over a list of completions, the wrapper read in `answer_format`. Keys:
+
+      malformed_rate          not exactly one closed wrapper with a real answer and nothing after it
+      no_answer_rate          no usable answer: no closed wrapper, or the last one empty or a placeholder
+      multiple_answer_rate    more than one wrapper (tags: an opening or closing tag occurs twice)
+      unclosed_answer_rate    a wrapper opened and never closed (tags: unbalanced tags)
+      empty_answer_rate       the last wrapper is empty (`\\boxed{}`)
+      placeholder_answer_rate the last wrapper holds a placeholder copied from the instruction (`\\boxed{ANSWER}`)
+      text_after_answer_rate  text follows the last wrapper
+      distinct_1/2/3          corpus distinct-n
       longest_repeated_ngram  mean over texts of the longest n-gram occurring twice
-      repetition_rate       mean over texts of rep-`rep_n` (texts shorter than rep_n left out)
-      mean_tokens           mean text length in the chosen unit
-      char_level            1.0 if characters were the unit, 0.0 for whitespace tokens
+      repetition_rate         mean over texts of rep-`rep_n` (texts shorter than rep_n left out)
+      mean_tokens             mean text length in the chosen unit
+      char_level              1.0 if characters were the unit, 0.0 for whitespace tokens
     Every rate is NaN for an empty list.
     """
     if not texts:
-        nan = float("nan")
-        keys = ("malformed_rate", "no_answer_rate", "repeated_tag_rate", "unbalanced_tag_rate", "distinct_1",
-                "distinct_2", "distinct_3", "longest_repeated_ngram", "repetition_rate", "mean_tokens", "char_level")
-        return {k: nan for k in keys}
+        return {k: float("nan") for k in _KEYS}
     unit = choose_unit(texts, unit)
     tokens = [tokenize(t, unit) for t in texts]
-    parsed = [parse_answer(t) for t in texts]
+    parsed = [get_format(answer_format).parse(t) for t in texts]
     n = len(texts)
+
+    def rate(flag) -> float:
+        return sum(bool(flag(p)) for p in parsed) / n
+
     return {
-        "malformed_rate": sum(not p.well_formed for p in parsed) / n,
-        "no_answer_rate": sum(p.answer is None for p in parsed) / n,
-        "repeated_tag_rate": sum(t.count(OPEN) > 1 or t.count(CLOSE) > 1 for t in texts) / n,
-        "unbalanced_tag_rate": sum(t.count(OPEN) != t.count(CLOSE) for t in texts) / n,
+        "malformed_rate": rate(lambda p: not p.well_formed),
+        "no_answer_rate": rate(lambda p: p.answer is None),
+        "multiple_answer_rate": rate(lambda p: p.wrappers > 1),
+        "unclosed_answer_rate": rate(lambda p: p.unclosed),
+        "empty_answer_rate": rate(lambda p: p.empty),
+        "placeholder_answer_rate": rate(lambda p: p.placeholder),
+        "text_after_answer_rate": rate(lambda p: p.trailing_text),
         "distinct_1": distinct_n(tokens, 1),
         "distinct_2": distinct_n(tokens, 2),
         "distinct_3": distinct_n(tokens, 3),

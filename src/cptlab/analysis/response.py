@@ -62,9 +62,10 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
 
 @torch.no_grad()
 def response_drift(model, base_model, tokenizer, prompts: list[str], spec: SamplingSpec, *,
-                   seed: int) -> dict[str, float]:
+                   seed: int, answer_format: str = "tags") -> dict[str, float]:
     """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered), sampled with
-    `spec` (its budget and engine; the samples at temperature 1 from a generator seeded with `seed`).
+    `spec` (its budget and engine; the samples at temperature 1 from a generator seeded with `seed`);
+    answers are read in `answer_format` (tasks/answer.py).
 
     Keys:
       kl_to_base           per-token KL(current || base), token_kl on the current policy's samples
@@ -92,8 +93,8 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], spec: Sampl
         "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),
         "entropy": float(masked_mean(entropy, mask)),
         "sampled_mean_length": float(sampled.lengths.float().mean()),
-        "answer_changed_frac": answer_change_rate([parse_answer(t).answer for t in base_greedy.texts],
-                                                  [parse_answer(t).answer for t in greedy.texts]),
+        "answer_changed_frac": answer_change_rate([parse_answer(t, answer_format).answer for t in base_greedy.texts],
+                                                  [parse_answer(t, answer_format).answer for t in greedy.texts]),
         "mean_length": float(greedy.lengths.float().mean()),
         "base_mean_length": float(base_greedy.lengths.float().mean()),
     }

@@ -4,6 +4,8 @@ A domain is a reasoning-gym task with a fixed generator config, a *compact* rend
 short reasoning, answer) that a tiny character-level model can learn, and the verifier's
 `score_answer`. Each in-distribution domain has a partially related `<name>_ood` variant: the same
 skill on another size, which the study uses to measure transfer and harm to related domains.
+A run's config can add domains (any reasoning-gym task, without a compact rendering) or change a
+built-in's generator settings: its `domains` section, installed by `cptlab.tasks.install_domains`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any, Callable
 
 Entry = dict[str, Any]
 
+EVAL_POOL = 512
+"""Default size of a domain's held-out pool; eval sets are its prefixes, train never draws from it."""
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -21,14 +26,22 @@ class Domain:
     task: str
     """reasoning-gym dataset name."""
     task_config: dict[str, Any]
-    compact_question: Callable[[Entry], str]
-    compact_answer: Callable[[Entry], str]
-    compact_reasoning: Callable[[Entry], str]
+    compact_question: Callable[[Entry], str] | None
+    """None: no compact rendering; the domain is always shown in reasoning-gym's own words (full)."""
+    compact_answer: Callable[[Entry], str] | None
+    compact_reasoning: Callable[[Entry], str] | None
     to_verifier: Callable[[str], str]
     """Compact answer text -> the string reasoning-gym's score_answer expects."""
     ood_of: str | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    eval_pool: int = EVAL_POOL
+    """Size of the held-out pool (smaller for domains with few distinct questions, so some are left
+    to train on)."""
+
+    @property
+    def has_compact(self) -> bool:
+        return self.compact_question is not None
 
 
 # --- arithmetic: chain sums --------------------------------------------------------------------
