@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cptlab.rollout import SamplingSpec
 from cptlab.config import ConfigError, EvalConfig, PromptConfig, load_config, resolve_eval
 from cptlab.tasks import all_domain_names, make_split, verify
 from cptlab.tasks.answer import FORMATS, format_answer, get_format, parse_answer
@@ -160,14 +161,15 @@ def test_evaluation_reports_strict_lenient_and_format_rates(monkeypatch, tiny_mo
 
     seen = {}
 
-    def fake_generate(model, tok, prompts, *, max_new_tokens, **kw):
-        seen["max_new_tokens"] = max_new_tokens
+    def fake_generate(model, tok, prompts, spec, **kw):
+        seen["max_new_tokens"] = spec.max_new_tokens
         return Fake(texts)
 
     monkeypatch.setattr(E, "generate", fake_generate)
     cfg = load_config("smoke", ["prompt.style=full", "prompt.answer_format=boxed", "eval.num_prompts=4",
                                 "eval.num_samples=0", "rollout.max_new_tokens=9", "eval.max_new_tokens=null"])
-    r = E.evaluate_domain(tiny_model, tokenizer, "gcd", resolve_eval(cfg), cfg.prompt)
+    ecfg = resolve_eval(cfg)
+    r = E.evaluate_domain(tiny_model, tokenizer, "gcd", ecfg, cfg.prompt, SamplingSpec.for_eval(ecfg, cfg.rollout))
     assert seen["max_new_tokens"] == 9
     m = r.metrics()
     assert (m["greedy_acc"], m["lenient_acc"], m["format_rate"], m["num_prompts"]) == (0.5, 0.75, 0.25, 4)
@@ -175,7 +177,8 @@ def test_evaluation_reports_strict_lenient_and_format_rates(monkeypatch, tiny_mo
     assert r.rows[2]["answer"] is None and r.rows[1]["lenient_answer"] == examples[1].answer
     assert len(r.samples) == 2  # the smoke preset saves 2
     with pytest.raises(ValueError, match="resolve_eval"):
-        E.evaluate_domain(tiny_model, tokenizer, "gcd", EvalConfig(), cfg.prompt)
+        E.evaluate_domain(tiny_model, tokenizer, "gcd", EvalConfig(), cfg.prompt,
+                          SamplingSpec.for_eval(ecfg, cfg.rollout))
 
 
 def test_show_prints_model_text_literally():

@@ -136,7 +136,7 @@ def test_ema_teacher_updates_once_per_rollout_batch_after_its_updates():
     method = build_method(mcfg, ctx, model)
     logged = []
     run = StageRun(1, StageConfig(domain="gcd", steps=1), mcfg, model, torch.optim.SGD(model.parameters(), lr=1e-2),
-                   method, TrainSampler("gcd", 0, 1, "compact", pool_size=8), 0,
+                   method, TrainSampler("gcd", 0, 1, PromptConfig(), pool_size=8), 0,
                    lambda event, **f: logged.append(f), lambda step, gstep: None)
     train_stage(run, 0, 0)
     moved = [float((p - p0).abs().max()) for p, p0 in zip(model.parameters(), initial)]
