@@ -27,6 +27,7 @@ from cptlab.config import (Config, apply_overrides, deep_merge, eval_domains, fr
 from cptlab.continual import base_model
 from cptlab.evaluate import evaluate_domain
 from cptlab.models import count_parameters, resolve_device
+from cptlab.rollout import SamplingSpec
 from cptlab.store import atomic_write_json
 
 # reasoning-gym's question and the format's instruction as the user's message, nothing around it
@@ -94,9 +95,8 @@ def main(argv: list[str]) -> None:
         vcfg = build_config(a, file_domains, VARIANTS[variant])
         for domain in domains:
             t = time.perf_counter()
-            r = evaluate_domain(model, tokenizer, domain, resolve_eval(vcfg), vcfg.prompt,
-                                batch_size=vcfg.rollout.batch_size, engine=vcfg.rollout.engine,
-                                cuda_graphs=vcfg.rollout.cuda_graphs)
+            ecfg = resolve_eval(vcfg)
+            r = evaluate_domain(model, tokenizer, domain, ecfg, vcfg.prompt, SamplingSpec.for_eval(ecfg, vcfg.rollout))
             seconds = time.perf_counter() - t
             cell = dict(domain=domain, variant=variant, **r.metrics(), seconds=seconds,
                         distinct=len({row["question"] for row in r.rows}),

@@ -119,7 +119,13 @@ class WarmupConfig:
     """SFT that turns a random tiny model into a base model with prior capabilities."""
 
     enabled: bool = True
-    """Warm up a built model (ignored for a model loaded from `model.path`)."""
+    """Warm up a built model (a model loaded from `model.path` only with `pretrained: true`)."""
+    pretrained: bool = False
+    """Also warm up a model loaded from `model.path`: a short SFT on `domains` in the run's prompt and
+    answer format (a format warm-up: a real instruct model may not follow the answer format, e.g.
+    never write \\boxed{}, which leaves GRPO without reward and SDPO without demonstrations). Its
+    domains must not include any stage domain (checked), so that no stage starts trained on its own
+    task. Cached under `cache_dir` by a hash of the loaded weights and this section."""
     domains: list[str] = field(
         default_factory=lambda: ["arithmetic", "counting", "sorting", "reversal", "filtering", "gcd"]
     )
@@ -743,6 +749,12 @@ def validate(cfg: Config) -> None:
         if d != "all":
             check_domain(d, f"eval.domains[{i}]")
     _validate_method(cfg.method, "method")
+    if cfg.model.path and w.pretrained and w.enabled:
+        stage_domains = {stage.domain for stage in cfg.stages}
+        overlap = [d for d in w.domains if d in stage_domains]
+        _check(not overlap, "warmup.domains", w.domains,
+               f"no stage domain in a pretrained model's format warm-up (found {', '.join(overlap)})")
+        _check(len(w.domains) >= 1, "warmup.domains", w.domains, "a non-empty list (warmup.pretrained is true)")
     _check(len(cfg.stages) >= 1, "stages", cfg.stages, "a non-empty list of stages, e.g. [{domain: gcd, steps: 50}]")
     for i, stage in enumerate(cfg.stages):
         check_domain(stage.domain, f"stages[{i}].domain")

@@ -292,10 +292,24 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     return logits if temperature == 1.0 else logits / temperature
 
 
+SCORE_LOGIT_ELEMENTS = 1 << 28
+"""Upper bound on the logits of one scoring forward (rows x completion length x vocabulary; 1 GiB in
+float32): with a 49k vocabulary and 256-token completions, 256 rows at once held 13 GB of logits and
+the temporaries beside them ran an H200 out of memory."""
+
+
+def score_rows(model, completion_len: int, batch_size: int) -> int:
+    """Rows per no-grad scoring forward: at most `batch_size`, and few enough that the chunk's logits stay
+    under SCORE_LOGIT_ELEMENTS (all of them for a small vocabulary)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, min(batch_size, SCORE_LOGIT_ELEMENTS // max(1, completion_len * vocab)))
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, batch_size: int = 256, temperature: float = 1.0) -> Tensor:
     """Log-probs [N, C] of the completion tokens at `temperature` (chunked so full logits never pile up)."""
     parts = []
+    batch_size = score_rows(model, completion_ids.shape[1], batch_size)
     for s in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
         logits = completion_logits(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],

@@ -1,4 +1,5 @@
-"""Warm-up SFT: turns a random tiny model into a base model with prior capabilities.
+"""Warm-up SFT: turns a random tiny model into a base model with prior capabilities (or, with
+`warmup.pretrained`, teaches a loaded model the run's answer format on domains no stage trains).
 
 The corpus mixes plain (prompt -> reference solution) examples with *reprompted* ones: the prompt,
 then a demonstration and/or verifier feedback in the self-teacher layout, then the solution. Real LLMs
@@ -27,8 +28,9 @@ from .tasks import all_domain_names, make_split
 from .ui import progress
 
 
-def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs over the warm-up domains, shuffled."""
+def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs over the warm-up domains, shuffled. With a tokenizer, prompts are laid
+    out as the run will show them (its chat template where prompt.use_chat_template is set)."""
     w, p = cfg.warmup, cfg.prompt
     rng = random.Random(seed)
     pairs: list[tuple[str, str]] = []
@@ -42,16 +44,16 @@ def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
         for ex in examples:
             target = ex.solution()
             if rng.random() >= w.reprompt_fraction:
-                pairs.append((student_prompt(p, ex.question), target))
+                pairs.append((student_prompt(p, ex.question, tokenizer), target))
                 continue
             if rng.random() < 0.7:  # demonstration (full or answer-only, as the CoT experiment varies)
                 demo = ex.solution("answer_only" if rng.random() < 0.3 else "full")
-                pairs.append((teacher_prompt(p, ex.question, demo, None), target))
+                pairs.append((teacher_prompt(p, ex.question, demo, None, tokenizer), target))
             else:  # feedback on a wrong answer borrowed from another example of the domain
                 wrong = rng.choice(examples).answer
                 if wrong == ex.answer:
                     wrong = ex.answer + "0"
-                pairs.append((teacher_prompt(p, ex.question, None, f"answer {wrong} is wrong"), target))
+                pairs.append((teacher_prompt(p, ex.question, None, f"answer {wrong} is wrong", tokenizer), target))
     rng.shuffle(pairs)
     return pairs
 
@@ -59,7 +61,7 @@ def warmup_corpus(cfg: Config, seed: int) -> list[tuple[str, str]]:
 def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -> list[float]:
     """SFT on the warm-up corpus; returns the loss curve (one value per step)."""
     w = cfg.warmup
-    corpus = warmup_corpus(cfg, seed)
+    corpus = warmup_corpus(cfg, seed, tokenizer)
     optimizer = make_optimizer(model, w.lr, w.weight_decay)
     # plain random batches: sorting batches by length (less padding) trained far worse (measured)
     rng = random.Random(seed + 1)
@@ -92,8 +94,9 @@ def warmup_seed(cfg: Config) -> int:
     return cfg.run.seed if cfg.warmup.seed is None else cfg.warmup.seed
 
 
-def base_model_key(cfg: Config) -> str:
-    """Hash of everything that determines the warmed-up base model."""
+def base_model_key(cfg: Config, source: str | None = None) -> str:
+    """Hash of everything that determines the warmed-up base model; `source` identifies the weights it
+    started from when those were loaded (model.path: the sha256 of the loaded weights)."""
     # adapters come after the base; the GGUF cache only concerns model.path (and must not move old keys)
     model = {k: v for k, v in asdict(cfg.model).items() if k not in ("lora", "gguf_cache_dir")}
     prompt = asdict(cfg.prompt)
@@ -102,16 +105,18 @@ def base_model_key(cfg: Config) -> str:
             del prompt[key]
     parts = dict(model=model, warmup={k: v for k, v in asdict(cfg.warmup).items() if k not in ("cache_dir", "seed")},
                  prompt=prompt, seed=warmup_seed(cfg), version=1)
+    if source is not None:
+        parts["source"] = source
     if cfg.domains:  # changed generator settings change the warm-up corpus
         parts["domains"] = {name: asdict(spec) for name, spec in cfg.domains.items()}
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(cfg: Config) -> Path | None:
+def cache_path(cfg: Config, source: str | None = None) -> Path | None:
     if not cfg.warmup.cache_dir:
         return None
-    return Path(os.path.expanduser(cfg.warmup.cache_dir)) / base_model_key(cfg)
+    return Path(os.path.expanduser(cfg.warmup.cache_dir)) / base_model_key(cfg, source)
 
 
 def store_in_cache(model, tokenizer, path: Path, info: dict) -> None:

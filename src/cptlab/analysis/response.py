@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..losses import gather_logprobs, k3_kl, masked_mean, token_entropy
-from ..rollout import SamplingSpec, completion_logits, eval_mode, generate, make_generator
+from ..rollout import SamplingSpec, completion_logits, eval_mode, generate, make_generator, score_rows
 from ..tasks.answer import parse_answer
 
 
@@ -47,6 +47,7 @@ def answer_change_rate(base_answers: list[str | None], answers: list[str | None]
 def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(lp [N, C], lp_base [N, C], entropy [N, C]) of the rollout's tokens, chunked by `batch_size`."""
     lps, base_lps, entropies = [], [], []
+    batch_size = score_rows(model, rollout.completion_ids.shape[1], batch_size)
     for start in range(0, rollout.prompt_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         parts = (rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.completion_ids[sl],
