@@ -244,9 +244,10 @@ class SDPOConfig:
     demo_content: Literal["full", "answer_only"] = "full"
     """full: the demonstration's whole reasoning; answer_only: only its final answer tag."""
     remove_thinking: bool = True
-    """Strip thinking from demonstrations before the reprompt, as the reference and TRL do: every
-    <think>...</think> block, then everything up to a remaining lone </think> (a thinking model whose
-    template opens the block in the prompt emits no <think>), with the whitespace after each."""
+    """Strip thinking from demonstrations before the reprompt, as the reference's config does
+    (lasgroup/SDPO; TRL offers it, off by default): every <think>...</think> block, then everything
+    up to a remaining lone </think> (SDPO-CL's addition: a thinking model whose chat template opens
+    the block in the prompt emits no <think>), with the whitespace after each."""
     skip_self_success: bool = True
     """Never use a sample as its own demonstration."""
     success_threshold: float = 1.0

@@ -34,11 +34,11 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 def remove_thinking(text: str) -> str:
-    """`text` without its thinking, as the reference (lasgroup/SDPO, SDPO-CL) and TRL strip it from
-    demonstrations: every <think>...</think> block and the whitespace after it, then everything up to
-    and including a remaining </think> and the whitespace after it (a thinking model whose chat
-    template opens the block in the prompt emits only the closing tag). Text without a closing tag
-    is returned unchanged (an unclosed <think> included: the reference keeps it too)."""
+    """`text` without its thinking, as the reference strips it from demonstrations: every
+    <think>...</think> block and the whitespace after it (lasgroup/SDPO; TRL likewise), then
+    everything up to and including a remaining </think> and the whitespace after it (SDPO-CL: a
+    thinking model whose chat template opens the block in the prompt emits only the closing tag).
+    Text without a closing tag is returned unchanged (an unclosed <think> included, as there)."""
     text = _THINK_BLOCK.sub("", text)
     _, closing, answer = text.partition("</think>")
     return answer.lstrip() if closing else text
