@@ -40,6 +40,11 @@ def test_int_accepted_for_float_but_not_bool_for_int():
     ("method.name=ppo", "method.name"),
     ("eval.domains=[nosuchdomain]", "eval.domains[0]"),
     ("method.sdpo.teacher_mode=average", "method.sdpo.teacher_mode"),
+    ("method.sdpo.stable_gamma=1.2", "method.sdpo.stable_gamma"),
+    ("method.sdpo.stable_anchor=previous", "method.sdpo.stable_anchor"),
+    ("method.sdpo.stable_restart_every=-1", "method.sdpo.stable_restart_every"),
+    ("method.sdpo.stable_restart_at=[0.5,1.0]", "method.sdpo.stable_restart_at[1]"),
+    ("method.sdpo.stable_restart_at=[.nan]", "method.sdpo.stable_restart_at[0]"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:

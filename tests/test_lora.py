@@ -169,7 +169,37 @@ def test_frozen_teacher_from_base_scores_like_the_base():
     torch.testing.assert_close(teacher.logits(lambda m: m(IDS).logits), base_logits)
     ema = Teacher("ema", model, ema_rate=0.5, base=base_reference(model), source="base")
     torch.testing.assert_close(ema.logits(lambda m: m(IDS).logits), base_logits)  # adapters' B zeroed
-    assert ema.state_dict() and all(is_adapter_key(k) for k in ema.state_dict())
+    assert ema.state_dict()["teacher"] and all(is_adapter_key(k) for k in ema.state_dict()["teacher"])
+
+
+def test_stable_teacher_copies_adapters_only_and_mixes_the_merged_weights_exactly_with_the_base_anchor():
+    model, base_state, base_logits = lora_model()
+    train_one_step(model)  # B != 0: the student computes W0 + (alpha / r) B A
+    student = effective_state_dict(model)
+    teacher = Teacher("stable", model, gamma=0.4, anchor="base")
+    merged = effective_state_dict(teacher.copy)
+    for k, w0 in base_state.items():  # (1 - gamma) W0 + gamma (W0 + delta) = W0 + gamma delta, every matrix
+        torch.testing.assert_close(merged[k], 0.6 * w0 + 0.4 * student[k])
+    assert any(not torch.equal(student[k], w0) for k, w0 in base_state.items())
+    assert all(is_adapter_key(k) for k in teacher.state_dict()["teacher"])
+    shared = {id(p) for p in model.parameters()}
+    assert all(id(p) in shared for n, p in teacher.copy.named_parameters() if not is_adapter_key(n))
+    torch.testing.assert_close(Teacher("stable", model, gamma=0.0, anchor="base").logits(lambda m: m(IDS).logits),
+                               base_logits)
+
+
+def test_stable_teacher_with_the_stage_start_anchor_mixes_each_adapter_tensor():
+    model, _, _ = lora_model()
+    train_one_step(model)
+    start = adapter_tensors(model)
+    teacher = Teacher("stable", model, gamma=0.25, anchor="stage_start", restart_after=frozenset({1}))
+    train_one_step(model)
+    teacher.update()
+    now, mixed = adapter_tensors(model), adapter_tensors(teacher.copy)
+    for name, (A, B) in mixed.items():  # A and B each 0.75 * start + 0.25 * now (not the merged mix: BA is bilinear)
+        torch.testing.assert_close(A, 0.75 * start[name][0] + 0.25 * now[name][0])
+        torch.testing.assert_close(B, 0.75 * start[name][1] + 0.25 * now[name][1])
+    assert all(is_adapter_key(k) for k in teacher.state_dict()["teacher_anchor"])
 
 
 def sdpo_method(model):

@@ -300,15 +300,40 @@ def test_sdpo_loss_top_k_with_tail_by_hand():
     teacher = logits_of([[[0.7, 0.2, 0.1]]])
     mask = torch.ones(1, 1)
     # teacher's top-1 is id 0: buckets {0, rest}: student (0.2, 0.8), teacher (0.7, 0.3)
-    loss, stats = sdpo_loss(student, teacher, mask, top_k=1)
+    loss, stats = sdpo_loss(student, teacher, mask, top_k=1, top_k_from="teacher")
     assert loss.item() == pytest.approx(0.2 * ln(0.2 / 0.7) + 0.8 * ln(0.8 / 0.3), abs=1e-9)
     assert stats["teacher_topk_mass"] == pytest.approx(0.7)
-    # the reference's choice, the student's top-1 (id 1): student (0.5, 0.5), teacher (0.2, 0.8)
-    loss, _ = sdpo_loss(student, teacher, mask, top_k=1, top_k_from="student")
+    # the reference's choice and the default, the student's top-1 (id 1): student (0.5, 0.5), teacher (0.2, 0.8)
+    loss, stats = sdpo_loss(student, teacher, mask, top_k=1)
     assert loss.item() == pytest.approx(0.5 * ln(0.5 / 0.2) + 0.5 * ln(0.5 / 0.8), abs=1e-9)
+    assert stats["teacher_topk_mass"] == pytest.approx(0.2)
     # top-2 of the teacher {0, 1} without tail, renormalised: student (2/7, 5/7), teacher (7/9, 2/9)
-    loss, _ = sdpo_loss(student, teacher, mask, top_k=2, add_tail=False, divergence="forward_kl")
+    loss, _ = sdpo_loss(student, teacher, mask, top_k=2, add_tail=False, divergence="forward_kl",
+                        top_k_from="teacher")
     assert loss.item() == pytest.approx(kl_by_hand([7 / 9, 2 / 9], [2 / 7, 5 / 7]), abs=1e-9)
+
+
+def test_sdpo_loss_top_k_support_is_the_students_or_the_teachers_jsd_by_hand():
+    """Disjoint top-2 supports over 4 tokens (the student ranks ids 0, 1 first, the teacher 3, 2), the
+    reference's JSD 0.5 with a tail bucket, two tokens of which one is masked out."""
+    student = logits_of([[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]])
+    teacher = logits_of([[[0.1, 0.15, 0.25, 0.5], [0.7, 0.1, 0.1, 0.1]]])
+    mask = torch.tensor([[1.0, 0.0]])
+
+    def jsd(s, t):
+        m = [(a + b) / 2 for a, b in zip(s, t)]
+        return 0.5 * kl_by_hand(s, m) + 0.5 * kl_by_hand(t, m)
+
+    # the student's ids {0, 1} + tail: student (0.4, 0.3, 0.3), teacher (0.1, 0.15, 0.75)
+    by_student, stats = sdpo_loss(student, teacher, mask, divergence="jsd", top_k=2, top_k_from="student")
+    assert by_student.item() == pytest.approx(jsd([0.4, 0.3, 0.3], [0.1, 0.15, 0.75]), abs=1e-7)
+    assert stats["teacher_topk_mass"] == pytest.approx(0.25)
+    # the teacher's ids {3, 2} + tail: student (0.1, 0.2, 0.7), teacher (0.5, 0.25, 0.25)
+    by_teacher, stats = sdpo_loss(student, teacher, mask, divergence="jsd", top_k=2, top_k_from="teacher")
+    assert by_teacher.item() == pytest.approx(jsd([0.1, 0.2, 0.7], [0.5, 0.25, 0.25]), abs=1e-7)
+    assert stats["teacher_topk_mass"] == pytest.approx(0.75)
+    assert sdpo_loss(student, teacher, mask, divergence="jsd", top_k=2)[0].item() == by_student.item()  # default
+    assert abs(by_student.item() - by_teacher.item()) > 0.01  # the two supports give different losses here
 
 
 def test_sdpo_loss_tail_is_finite_when_top_k_holds_all_mass():

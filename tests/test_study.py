@@ -13,6 +13,7 @@ SIX = {"teacher_stability", "cot", "ood", "continual", "drift", "collapse"}
 def test_every_study_question_has_a_cpu_and_a_gpu_preset():
     names = set(study_names())
     assert SIX <= names and {f"{n}_gpu" for n in SIX} <= names
+    assert {"stable_gamma", "stable_gamma_gpu"} <= names  # StableSDPO's gamma sweep (issue 15)
     for name in names:
         study = load_study(name)  # validates every cell's config
         assert study.question and len(study.variants) >= 2

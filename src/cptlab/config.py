@@ -215,7 +215,9 @@ class SDPOConfig:
     top_k: int | None = 100
     """Distil over the top-k tokens plus a tail bucket; None: full vocabulary."""
     top_k_from: Literal["student", "teacher"] = "student"
-    """Whose top-k ids form the support: the student's (the reference and TRL) or the teacher's."""
+    """Whose top-k ids form the support: the student's (the reference and TRL: the support is where
+    the student puts its mass, so the loss covers the tokens it samples) or the teacher's (covers the
+    tokens the teacher would pick, which a student may not yet rank in its own top-k)."""
     add_tail: bool = True
     """With top_k: one extra bucket holding the rest of each distribution's mass (else the top-k
     probabilities are renormalised)."""
@@ -224,9 +226,11 @@ class SDPOConfig:
     temperature: float = 1.0
     """Distillation temperature: both distributions are softened by it inside the divergence, on top
     of the sampling temperature the forwards already use; 1: none."""
-    teacher_mode: Literal["current", "ema", "frozen", "trust_region"] = "ema"
+    teacher_mode: Literal["current", "ema", "frozen", "trust_region", "stable"] = "ema"
     """Teacher weights: current (the student itself, no copy), ema (a copy following the student at
-    ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current, mix_coef))."""
+    ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current, mix_coef)),
+    stable (StableSDPO, our reading: a copy set to (1 - stable_gamma) * anchor + stable_gamma *
+    student at the stage start and at each scheduled restart, frozen in between; see README)."""
     ema_rate: float = 0.05
     """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S, once per rollout batch after its
     updates_per_batch optimizer steps (as the reference does)."""
@@ -235,6 +239,22 @@ class SDPOConfig:
     frozen_source: Literal["stage_start", "base"] = "stage_start"
     """Where a teacher copy starts: the stage's starting weights or the base model. A frozen teacher
     (and the trust-region reference) keeps those weights; an EMA teacher starts there and follows."""
+    stable_gamma: float = 0.4
+    """teacher_mode=stable: the student's weight gamma in theta_T = (1 - gamma) * theta_anchor + gamma *
+    theta_student, set at each (re)start. 0.4 matches the freshness of an EMA-0.05 teacher 10 updates
+    after it started (1 - 0.95^10 = 0.40); 0 is a frozen anchor, 1 a frozen copy of the student.
+    (SDPO-CL's teacher_init_alpha is 1 - gamma.) In [0, 1]."""
+    stable_anchor: Literal["base", "stage_start"] = "base"
+    """teacher_mode=stable: theta_anchor, the base model or the stage's starting weights. With
+    stage_start the stage-start build is the student itself (gamma has no effect until a restart),
+    which is why base is the default."""
+    stable_restart_every: int = 0
+    """teacher_mode=stable: also rebuild the teacher from the current student and the anchor after
+    every K rollout batches of the stage that updated the student (a batch skipped by nan_policy=skip
+    does not count); 0: never."""
+    stable_restart_at: list[float] = field(default_factory=list)
+    """teacher_mode=stable: also rebuild it after these fractions of the stage's steps (e.g. [0.5]: after
+    round(0.5 * steps) batches), each in (0, 1); empty: never. Combines with stable_restart_every."""
     demo_source: Literal["sibling", "reference", "none"] = "sibling"
     """The demonstration in the reprompt: a successful sibling sample of the same prompt, the task's
     reference solution, or none (feedback only)."""
@@ -244,6 +264,11 @@ class SDPOConfig:
     """Use the verifier's feedback only when no demonstration is available (reference default)."""
     demo_content: Literal["full", "answer_only"] = "full"
     """full: the demonstration's whole reasoning; answer_only: only its final answer tag."""
+    remove_thinking: bool = True
+    """Strip thinking from demonstrations before the reprompt, as the reference's config does
+    (lasgroup/SDPO; TRL offers it, off by default): every <think>...</think> block, then everything
+    up to a remaining lone </think> (SDPO-CL's addition: a thinking model whose chat template opens
+    the block in the prompt emits no <think>), with the whitespace after each."""
     skip_self_success: bool = True
     """Never use a sample as its own demonstration."""
     success_threshold: float = 1.0
@@ -678,6 +703,11 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
     _check(0 <= s.mix_coef <= 1, f"{where}.sdpo.mix_coef", s.mix_coef, "a value in [0, 1]")
     _check(0 <= s.blend_lambda <= 1, f"{where}.sdpo.blend_lambda", s.blend_lambda, "a value in [0, 1]")
+    _check(0 <= s.stable_gamma <= 1, f"{where}.sdpo.stable_gamma", s.stable_gamma, "a value in [0, 1]")
+    _check(s.stable_restart_every >= 0, f"{where}.sdpo.stable_restart_every", s.stable_restart_every,
+           "an integer >= 0 (0: never)")
+    for i, f in enumerate(s.stable_restart_at):
+        _check(0 < f < 1, f"{where}.sdpo.stable_restart_at[{i}]", f, "a fraction of the stage in (0, 1)")
 
 
 def validate(cfg: Config) -> None:

@@ -256,8 +256,8 @@ class Driver:
         cfg = self.cfg
         mcfg = stage_method(cfg, stage, index - 1)
         optimizer = make_optimizer(self.model, mcfg.lr, mcfg.weight_decay)
-        method = build_method(mcfg, MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device, base=self.base),
-                              self.model)
+        method = build_method(mcfg, MethodContext(self.tokenizer, cfg.prompt, cfg.rollout, self.device, base=self.base,
+                                                  stage_steps=stage.steps), self.model)
         start_step = 0
         if state["path"] is not None and state["stage"] == index and not state["stage_done"]:
             load_checkpoint(state["path"], self.model, optimizer, method)

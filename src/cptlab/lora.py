@@ -38,6 +38,12 @@ def is_adapter_key(name: str) -> bool:
     return any(part.startswith(_ADAPTER_PREFIX) for part in name.split("."))
 
 
+def is_output_adapter_key(name: str) -> bool:
+    """Whether an adapter tensor is an output factor B (lora_B, lora_embedding_B): zeroing every B
+    leaves a peft model computing exactly like its base, whatever its A."""
+    return any(part in ("lora_B", "lora_embedding_B") for part in name.split("."))
+
+
 def _peft():
     try:
         import peft
@@ -103,7 +109,7 @@ def copy_at_base(model, base):
     with torch.no_grad():
         if is_peft_model(copy_):
             for name, p in copy_.named_parameters():
-                if any(part in ("lora_B", "lora_embedding_B") for part in name.split(".")):
+                if is_output_adapter_key(name):
                     p.zero_()
         else:
             copy_.load_state_dict(base.state_dict())

@@ -411,7 +411,7 @@ def sdpo_loss(
     temperature: float = 1.0,
     alpha: float | None = None,
     add_tail: bool = True,
-    top_k_from: str = "teacher",
+    top_k_from: str = "student",
     sampled_logprobs: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     is_clip: float | None = None,
@@ -424,9 +424,10 @@ def sdpo_loss(
       divergence: "reverse_kl" KL(S||T) | "forward_kl" KL(T||S) | "jsd" (0.5/0.5), or
       alpha: generalized_jsd with M = (1-alpha) S + alpha T; 0 -> forward KL, 1 -> reverse KL;
              overrides `divergence` (reference default 0.5).
-      top_k: the divergence runs over the top_k ids of `top_k_from` ("teacher", or "student" as in
-             lasgroup/SDPO) plus, if add_tail, one bucket log(1 - sum_k p) for the rest of the mass;
-             without the tail both top-k vectors are renormalised. top_k >= V is the full vocabulary.
+      top_k: the divergence runs over the top_k ids of `top_k_from` ("student", as lasgroup/SDPO
+             and TRL do, or "teacher") plus, if add_tail, one bucket log(1 - sum_k p) for the rest of
+             the mass; without the tail both top-k vectors are renormalised. top_k >= V is the full
+             vocabulary.
       is_clip: importance weight w_t = min(exp(sampled_logprobs - old_logprobs), is_clip), detached,
              multiplies d_t (both [B, T], sampled-token log-probs under pi_theta and pi_theta_old at
              the same temperature). None disables it, as in the reference (math.inf: unclipped).

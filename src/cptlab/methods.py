@@ -27,7 +27,7 @@ from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss
 from .prompts import student_prompt
 from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
 from .tasks import Example, Verdict, verify
-from .teacher import Teacher, build_reprompts
+from .teacher import Teacher, build_reprompts, restart_points
 
 
 @dataclass
@@ -70,7 +70,10 @@ class MethodContext:
     device: torch.device
     base: object | None = None
     """The base model, frozen: the method uses it as its reference (GRPO's KL term, KL-to-base
-    logging, a teacher sourced from the base) where its config asks for one."""
+    logging, a teacher sourced from or anchored at the base) where its config asks for one."""
+    stage_steps: int = 0
+    """The stage's rollout batches, for schedules given as fractions of the stage (a stable
+    teacher's `stable_restart_at`); 0 for a stage of no steps."""
 
 
 class Method:
@@ -194,7 +197,9 @@ class SDPO(OnPolicyMethod):
         super().__init__(cfg, ctx, model)
         s = cfg.sdpo
         self.teacher = Teacher(s.teacher_mode, model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=ctx.base,
-                               source=s.frozen_source)
+                               source=s.frozen_source, gamma=s.stable_gamma, anchor=s.stable_anchor,
+                               restart_after=restart_points(ctx.stage_steps, s.stable_restart_every,
+                                                            s.stable_restart_at))
 
     def make_batch(self, model, examples, generator):
         batch = super().make_batch(model, examples, generator)
@@ -242,12 +247,10 @@ class SDPO(OnPolicyMethod):
         self.teacher.update()
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        teacher = self.teacher.state_dict()
-        return {} if teacher is None else {"teacher": teacher}
+        return self.teacher.state_dict()
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
-        if "teacher" in state:
-            self.teacher.load_state_dict(state["teacher"])
+        self.teacher.load_state_dict(state)
 
 
 class SFT(Method):

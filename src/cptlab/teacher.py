@@ -1,19 +1,21 @@
 """The SDPO self-teacher: reprompt building and the teacher's weights (current, EMA, frozen,
-trust-region).
+trust-region, stable).
 
 The teacher is the same network reading a reprompt: the question, a successful sibling's completion
-(the demonstration) and/or the verifier's feedback on the student's own attempt; the student's
-completion is then scored token by token under that context.
+(the demonstration, its thinking removed) and/or the verifier's feedback on the student's own
+attempt; the student's completion is then scored token by token under that context.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .config import PromptConfig, SDPOConfig
-from .lora import checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, load_checkpoint_state
+from .lora import (checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, is_output_adapter_key,
+                   is_peft_model, load_checkpoint_state)
 from .prompts import teacher_prompt
 from .tasks import Example, Verdict
 from .tasks.answer import format_answer
@@ -26,6 +28,20 @@ class Reprompts:
     distill: list[bool]
     """Whether sample i takes part in the distillation loss."""
     stats: dict[str, float]
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def remove_thinking(text: str) -> str:
+    """`text` without its thinking, as the reference strips it from demonstrations: every
+    <think>...</think> block and the whitespace after it (lasgroup/SDPO; TRL likewise), then
+    everything up to and including a remaining </think> and the whitespace after it (SDPO-CL: a
+    thinking model whose chat template opens the block in the prompt emits only the closing tag).
+    Text without a closing tag is returned unchanged (an unclosed <think> included, as there)."""
+    text = _THINK_BLOCK.sub("", text)
+    _, closing, answer = text.partition("</think>")
+    return answer.lstrip() if closing else text
 
 
 def _demo_text(completion: str, verdict: Verdict, content: str) -> str:
@@ -43,7 +59,7 @@ def build_reprompts(examples: list[Example], completions: list[str], verdicts: l
     for i, g in enumerate(group_ids):
         siblings.setdefault(int(g), []).append(i)
     texts, distill = [], []
-    counts = dict(with_demo=0, feedback_only=0, dropped=0, self_success=0)
+    counts = dict(with_demo=0, feedback_only=0, dropped=0, self_success=0, thinking_removed=0)
     for i in range(n):
         ex, verdict = examples[i], verdicts[i]
         demo = None
@@ -56,6 +72,10 @@ def build_reprompts(examples: list[Example], completions: list[str], verdicts: l
                     break  # the first success, as the reference does (batch order is random)
         elif cfg.demo_source == "reference":
             demo = ex.solution(cfg.demo_content)
+        if demo is not None and cfg.remove_thinking:
+            stripped = remove_thinking(demo)
+            counts["thinking_removed"] += stripped != demo
+            demo = stripped
         counts["self_success"] += verdict.reward >= cfg.success_threshold
         feedback = None
         if cfg.include_feedback and verdict.feedback and (demo is None or not cfg.feedback_only_without_solution):
@@ -72,6 +92,16 @@ def build_reprompts(examples: list[Example], completions: list[str], verdicts: l
     return Reprompts(texts, distill, stats)
 
 
+def restart_points(steps: int, every: int, at: list[float]) -> frozenset[int]:
+    """The batch counts k, 0 < k < steps, after which a stable teacher is rebuilt: every `every`
+    batches (0: never) and after round(f * steps) batches for each fraction f in `at` (the nearest
+    step, not the floor: 0.29 * 100 is 28.999... in floating point). The build at the stage start is
+    not among them, nor a restart after the last batch (no step would use it)."""
+    points = set(range(every, steps, every)) if every > 0 else set()
+    points.update(round(f * steps) for f in at)
+    return frozenset(k for k in points if 0 < k < steps)
+
+
 class Teacher:
     """The self-teacher's weights for a stage; `logits(forward)` scores reprompts with them.
 
@@ -81,15 +111,29 @@ class Teacher:
     lerp(reference, current, mix_coef) with a frozen reference copy. `source` is where a copy starts:
     the stage's starting weights (the student now) or the base model (`base`, the stage's frozen
     reference); an EMA teacher starts there and then follows the student.
+
+    stable (StableSDPO, our reading of it; README, "Methods"): a copy set by `restart()` to
+    theta_T = (1 - gamma) * theta_anchor + gamma * theta_S, now (the stage start) and after each
+    count of updating batches in `restart_after`, frozen in between. `anchor`: "base" (the base
+    model) or "stage_start" (the student's weights now, kept for the restarts). With LoRA only the
+    adapters are mixed: with the base anchor that is exact (A from the student, B scaled by gamma:
+    W0 + gamma * (alpha / r) * B A), with the stage-start anchor it mixes A and B separately, which
+    is not the mix of the merged weights (B A is bilinear).
     """
 
     def __init__(self, mode: str, student, *, ema_rate: float = 0.05, mix_coef: float = 0.05, base=None,
-                 source: str = "stage_start"):
+                 source: str = "stage_start", gamma: float = 0.4, anchor: str = "base",
+                 restart_after: frozenset[int] = frozenset()):
         self.mode, self.ema_rate, self.mix_coef = mode, ema_rate, mix_coef
         self.student = student
         self.copy = None
         self._owns_copy = False
+        self.batches = 0  # rollout batches that updated the student this stage: the restart clock
+        self.anchor: dict[str, torch.Tensor] | None = None  # stable, stage_start: name -> each owned tensor
         if mode == "current":
+            return
+        if mode == "stable":
+            self._init_stable(base, gamma, anchor, restart_after)
             return
         if source == "base" and base is None:
             raise ValueError("Teacher: source='base' needs the base model")
@@ -100,6 +144,43 @@ class Teacher:
         self.copy = copy_sharing_base_weights(student) if source == "stage_start" else copy_at_base(student, base)
         self.copy.eval().requires_grad_(False)
         self._owns_copy = True
+
+    def _init_stable(self, base, gamma: float, anchor: str, restart_after: frozenset[int]) -> None:
+        if anchor == "base" and base is None and not is_peft_model(self.student):
+            raise ValueError("Teacher: anchor='base' needs the base model")
+        self.gamma, self.anchor_kind, self.base = gamma, anchor, base
+        self.restart_after = frozenset(restart_after)
+        self.copy = copy_sharing_base_weights(self.student).eval().requires_grad_(False)
+        self._owns_copy = True
+        if anchor == "stage_start":
+            self.anchor = {name: t.detach().clone() for name, t, _ in self._owned()}  # the copy is the student now
+        self.restart()
+        if not self.restart_after:
+            self.anchor = None  # no restart will read it: do not hold a second copy of the weights for nothing
+
+    def _owned(self):
+        """(name, teacher tensor, student tensor) for every parameter the copy does not share with the
+        student (all of them, or the adapters with LoRA)."""
+        for (name, t), s in zip(self.copy.named_parameters(), self.student.parameters()):
+            if t is not s:
+                yield name, t, s
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Stable mode: theta_T <- (1 - gamma) * theta_anchor + gamma * theta_S (buffers copied)."""
+        lora = is_peft_model(self.student)
+        base = dict(self.base.named_parameters()) if self.anchor_kind == "base" and not lora else {}
+        for name, t, s in self._owned():
+            s = s.detach().to(t.dtype)
+            if self.anchor_kind == "stage_start":
+                anchor = self.anchor[name]
+            elif lora:  # the base through this adapter: B zeroed (B = 0 computes W0 whatever A is)
+                anchor = torch.zeros_like(s) if is_output_adapter_key(name) else s
+            else:
+                anchor = base[name]
+            t.copy_(torch.lerp(anchor.to(t.dtype), s, self.gamma))
+        for t, s in zip(self.copy.buffers(), self.student.buffers()):
+            t.copy_(s)
 
     @torch.no_grad()
     def logits(self, forward) -> torch.Tensor:
@@ -114,16 +195,41 @@ class Teacher:
 
     @torch.no_grad()
     def update(self) -> None:
-        """The teacher's step, once per rollout batch: EMA toward the student (other modes: nothing)."""
+        """The teacher's step, once per rollout batch that updated the student: EMA toward the
+        student, or a stable teacher's scheduled restart (other modes: nothing)."""
+        self.batches += 1
         if self.mode == "ema":
             ema_update(self.copy, self.student, self.ema_rate)
+        elif self.mode == "stable" and self.batches in self.restart_after:
+            self.restart()
 
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """What a checkpoint must keep to resume the teacher (None: nothing, it is the student or base)."""
-        return checkpoint_state_dict(self.copy) if self._owns_copy else None
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint must keep to resume the teacher, name -> tensors: `teacher`, its weights
+        where it owns a copy (not for current, nor a copy that is the base); for stable also
+        `teacher_schedule`, the restart clock, and `teacher_anchor`, the stage-start anchor while a
+        restart will read it (the student has moved on from it by a mid-stage checkpoint)."""
+        state = {}
+        if self._owns_copy:
+            state["teacher"] = checkpoint_state_dict(self.copy)
+        if self.mode == "stable":
+            state["teacher_schedule"] = {"batches": torch.tensor(self.batches, dtype=torch.int64)}
+            if self.anchor is not None:
+                state["teacher_anchor"] = self.anchor
+        return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_checkpoint_state(self.copy, state)
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what `state_dict` gave (ValueError naming what does not fit)."""
+        if "teacher" in state:
+            load_checkpoint_state(self.copy, state["teacher"])
+        if "teacher_schedule" in state:
+            self.batches = int(state["teacher_schedule"]["batches"])
+        if self.anchor is not None:
+            saved = state.get("teacher_anchor", {})
+            if saved.keys() != self.anchor.keys():
+                raise ValueError(f"teacher anchor: {len(saved)} tensors, expected {len(self.anchor)}")
+            for name, t in self.anchor.items():
+                t.copy_(saved[name])
 
 
 @torch.no_grad()
