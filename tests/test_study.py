@@ -75,3 +75,31 @@ def test_parallel_study_runs_cells_as_processes_with_their_logs(tmp_path):
     assert not (root / "sft-s0").exists()  # only the variant asked for
     seeds = [json.loads((root / c / "metrics.jsonl").read_text().splitlines()[0]) for c in ("grpo-s0", "grpo-s1")]
     assert seeds[0]["name"] == "grpo-s0" and seeds[1]["name"] == "grpo-s1"
+
+
+def test_cells_are_spread_over_the_gpus_fewest_cells_first(tmp_path, monkeypatch):
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    from cptlab import study as S
+
+    started, hold = [], {"until": 3}
+
+    class FakeProc:
+        def __init__(self, cmd, stdout, stderr, env):
+            started.append(env.get("CUDA_VISIBLE_DEVICES"))
+            self.returncode = 0
+
+        def poll(self):  # every cell runs until `until` cells have started
+            return 0 if len(started) >= hold["until"] else None
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    queue = [(tmp_path / f"c{i}", ["method.name=grpo"]) for i in range(4)]
+    S._schedule(SimpleNamespace(preset="smoke"), "t", tmp_path, queue, [], [], 3, {}, ["0", "1"])
+    assert started == ["0", "1", "0", "0"]  # the 4th starts after all three ended: GPU 0 is free again
+    started.clear()
+    hold["until"] = 1
+    S._schedule(SimpleNamespace(preset="smoke"), "t", tmp_path, [(tmp_path / "d", [])], [], [], 2, {}, ["3"])
+    assert started == [None]  # one GPU: the environment is left alone

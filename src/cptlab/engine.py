@@ -134,14 +134,19 @@ class _State:
         """Output column of the token the step samples."""
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.noise = torch.ones(batch, w.lm_head.shape[0], dtype=torch.float32, device=device)
+        """Exp(1) draws for the next sampling step, refilled from the caller's generator before every
+        step (outside a captured graph, whose replays would otherwise draw from the device's default
+        generator whatever generator the caller passed)."""
         self.inv_temp = torch.ones(1, dtype=torch.float32, device=device)
         self.top_p = torch.ones(1, dtype=torch.float32, device=device)
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
 
-def _sample(logits: Tensor, mode: str, inv_temp: Tensor, top_p: Tensor) -> Tensor:
+def _sample(logits: Tensor, mode: str, inv_temp: Tensor, top_p: Tensor, noise: Tensor) -> Tensor:
     """Next tokens [B] from logits [B, V] (float32). Sampling is the exponential-race form of the
-    categorical draw (argmax p / E, E ~ Exp(1)): no host sync, so it lives inside a CUDA graph."""
+    categorical draw (argmax p / E, with `noise` E ~ Exp(1) drawn beforehand): no host sync, so it lives
+    inside a CUDA graph."""
     if mode == "greedy":
         return logits.argmax(-1)
     scaled = logits * inv_temp
@@ -151,7 +156,7 @@ def _sample(logits: Tensor, mode: str, inv_temp: Tensor, top_p: Tensor) -> Tenso
         drop = (probs.cumsum(-1) - probs) >= top_p
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = scaled.softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    return (probs / noise).argmax(-1)
 
 
 class DecodeEngine:
@@ -228,6 +233,8 @@ class DecodeEngine:
             h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
             gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
             h = _linear_residual(h, self.act(gate) * up, w.get(i, "w_down"))
+        h = h[:, -1:]  # only the last position's logits are ever sampled from (a prefill's full [B, P, V]
+        # logits held 3.3 GB for 256 prompts of a 49k-vocabulary model)
         return F.linear(_rms_norm(h, w.t["final_norm"], w.eps), self.w.lm_head).float()
 
     def _prefill(self, st: _State, ids: Tensor, mask: Tensor) -> Tensor:
@@ -257,7 +264,7 @@ class DecodeEngine:
 
         logits = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
                               lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1]
-        nxt = _sample(logits, mode, st.inv_temp, st.top_p)
+        nxt = _sample(logits, mode, st.inv_temp, st.top_p, st.noise)
         nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
         st.out.index_copy_(1, st.t, nxt[:, None])
         st.done.logical_or_(self._is_stop(nxt))
@@ -314,7 +321,7 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0) -> Tensor:
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Completion ids [N, C] (C <= max_new_tokens: the loop stops once every row emitted one of
         `stop_ids`, as transformers.generate stops at any of its eos_token_id list; after its stop
         token a row holds `pad_id`)."""
@@ -344,7 +351,10 @@ class DecodeEngine:
             self._capture(st, mode)
         st.inv_temp.fill_(1.0 / temperature)
         st.top_p.fill_(top_p)
-        first = _sample(self._prefill(st, ids, mask), mode, st.inv_temp, st.top_p)
+        draw = mode != "greedy"  # the noise of each step comes from `generator` (None: the default one)
+        if draw:
+            st.noise.exponential_(generator=generator)
+        first = _sample(self._prefill(st, ids, mask), mode, st.inv_temp, st.top_p, st.noise)
         st.valid.zero_()
         st.valid[:, :P] = mask
         st.out.fill_(pad_id)
@@ -356,6 +366,8 @@ class DecodeEngine:
         st.t.fill_(1)
         produced = 1
         while produced < max_new_tokens:
+            if draw:
+                st.noise.exponential_(generator=generator)
             self._run_step(st, mode)
             produced += 1
             if produced % _STOP_CHECK_EVERY == 0 and bool(st.done[:N].all()):

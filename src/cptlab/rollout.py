@@ -230,7 +230,8 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, *, genera
 
         def sample(ids, mask):
             return fast.generate(model, ids, mask, max_new_tokens=spec.max_new_tokens, stop_ids=stop_ids,
-                                 pad_id=pad_id, greedy=spec.greedy, temperature=spec.temperature, top_p=spec.top_p)
+                                 pad_id=pad_id, greedy=spec.greedy, temperature=spec.temperature, top_p=spec.top_p,
+                                 generator=generator)
     else:
         from transformers import GenerationConfig
 
@@ -244,7 +245,11 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, *, genera
             with autocast(model):
                 return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
     chunks = []
-    with eval_mode(model), _draw_from(generator, device):
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generate: the generator is on {generator.device}, the model on {device}")
+    # the fast engine draws from `generator` itself; transformers.generate takes none, so it is lent
+    lend = contextlib.nullcontext() if use_fast_engine(model, spec.engine) else _draw_from(generator, device)
+    with eval_mode(model), lend:
         for start in range(0, len(rows), spec.batch_size):
             ids, mask = encode_prompts(tokenizer, rows[start:start + spec.batch_size], device)
             comp = sample(ids, mask)

@@ -162,9 +162,9 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     queue, running, failed = list(pending), [], []
     try:
-        _schedule(study, study_name, root, queue, running, failed, jobs, env)
+        _schedule(study, study_name, root, queue, running, failed, jobs, env, _gpu_ids())
     except BaseException:  # Ctrl-C or an error here: do not leave orphaned runs behind
-        for _, proc, log in running:
+        for _, proc, log, _ in running:
             proc.terminate()
             proc.wait()
             log.close()
@@ -174,12 +174,29 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
                         "run the study again to resume them")
 
 
-def _schedule(study, study_name, root, queue, running, failed, jobs, env) -> None:
-    """Keep `jobs` cell processes running until the queue is empty and all have exited."""
+def _gpu_ids() -> list[str]:
+    """The GPUs cells may use: CUDA_VISIBLE_DEVICES's entries, else every device torch sees (none on CPU)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no CUDA build
+        return []
+
+
+def _schedule(study, study_name, root, queue, running, failed, jobs, env, gpus: list[str] | None = None) -> None:
+    """Keep `jobs` cell processes running until the queue is empty and all have exited. With several GPUs,
+    each new cell goes to the GPU that runs the fewest cells (its CUDA_VISIBLE_DEVICES names only it)."""
     import subprocess
     import sys
     import time
 
+    gpus = gpus or []
     while queue or running:
         while queue and len(running) < jobs:
             cell, overrides = queue.pop(0)
@@ -188,13 +205,21 @@ def _schedule(study, study_name, root, queue, running, failed, jobs, env) -> Non
             else:
                 args = ["run", study.preset, *overrides, "--out", str(cell), "--overwrite"]
             log = open(root / f"{cell.name}.log", "w")
+            cell_env = env
+            if len(gpus) > 1:
+                load = {g: sum(1 for item in running if item[3] == g) for g in gpus}
+                gpu = min(gpus, key=lambda g: (load[g], gpus.index(g)))
+                cell_env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
+            else:
+                gpu = None
             proc = subprocess.Popen([sys.executable, "-m", "cptlab.cli", *args], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            running.append((cell, proc, log))
-            _say(f"[study {study_name}] started {cell.name} (log: {root / (cell.name + '.log')})")
+                                    stderr=subprocess.STDOUT, env=cell_env)
+            running.append((cell, proc, log, gpu))
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            _say(f"[study {study_name}] started {cell.name}{where} (log: {root / (cell.name + '.log')})")
         time.sleep(1.0)
         for item in list(running):
-            cell, proc, log = item
+            cell, proc, log, _ = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
