@@ -163,6 +163,9 @@ class DecodeEngine:
 
     max_states = 4
     """Shapes (batch bucket, cache length) whose buffers and graphs are kept (least recently used out)."""
+    length_bucket = 64
+    """Cache lengths are multiples of this, batches powers of two (at least 8): few distinct shapes, so
+    that a step's buffers and captured graph are reused whatever its prompts' length."""
 
     def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True):
         self.dtype, self.device = dtype, device
@@ -180,6 +183,9 @@ class DecodeEngine:
         self._stops: tuple[int, ...] | None = None
         self._stop_ids = torch.zeros(0, dtype=torch.long, device=device)
         self._pad = -1
+        self.counts = {"states": 0, "captures": 0, "calls": 0}
+        """Buffers built, CUDA graphs captured and generate calls so far: after the first steps of a
+        run only `calls` should grow (a capture costs a warm-up and a graph, a state a KV cache)."""
 
     # -- pieces --------------------------------------------------------------------------------
     def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
@@ -195,7 +201,8 @@ class DecodeEngine:
         return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def _layers(self, h: Tensor, pos: Tensor, write, keys, allowed: Tensor) -> Tensor:
-        """Run every layer on h [B, T, hidden] at positions pos [B, T]. `write(i, k, v)` stores the
+        """Run every layer on h [B, T, hidden] at positions pos [B, T]; returns the last layer's output
+        [B, T, hidden] (before the final norm). `write(i, k, v)` stores the
         new keys/values of layer i in the cache, `keys(i)` returns the (K, V) attended over
         ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see.
 
@@ -228,7 +235,11 @@ class DecodeEngine:
             h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
             gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
             h = _linear_residual(h, self.act(gate) * up, w.get(i, "w_down"))
-        return F.linear(_rms_norm(h, w.t["final_norm"], w.eps), self.w.lm_head).float()
+        return h
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """Next-token logits (float32) from the last layer's output h [..., hidden]."""
+        return F.linear(_rms_norm(h, self.w.t["final_norm"], self.w.eps), self.w.lm_head).float()
 
     def _prefill(self, st: _State, ids: Tensor, mask: Tensor) -> Tensor:
         """Fill cache columns [0, P) from the prompts; logits [B, V] at the last prompt column."""
@@ -242,9 +253,11 @@ class DecodeEngine:
             st.k[i][:, :, :P].copy_(k)
             st.v[i][:, :, :P].copy_(v)
 
-        logits = self._layers(self.w.t["embed"][ids], pos, write, lambda i: (st.k[i][:, :, :P], st.v[i][:, :, :P]),
-                              allowed)
-        return logits[:, -1]
+        h = self._layers(self.w.t["embed"][ids], pos, write, lambda i: (st.k[i][:, :, :P], st.v[i][:, :, :P]),
+                         allowed)
+        # only the last column predicts: the head over all P columns would be a [B, P, V] float32
+        # temporary (12 GB for 256 prompts of 250 tokens with a 49k vocabulary)
+        return self._logits(h[:, -1])
 
     def _step(self, st: _State, mode: str) -> None:
         """One decode step on the state's buffers only (what a CUDA graph captures): write `tok` at
@@ -255,8 +268,8 @@ class DecodeEngine:
             st.k[i].index_copy_(2, st.col, k)
             st.v[i].index_copy_(2, st.col, v)
 
-        logits = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
-                              lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1]
+        logits = self._logits(self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
+                                           lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1])
         nxt = _sample(logits, mode, st.inv_temp, st.top_p)
         nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
         st.out.index_copy_(1, st.t, nxt[:, None])
@@ -278,6 +291,7 @@ class DecodeEngine:
             while len(self.states) >= self.max_states:
                 self.states.pop(next(iter(self.states)))
             st = _State(self.w, batch, length, self.dtype, self.device)
+            self.counts["states"] += 1
         self.states[key] = st  # most recently used last
         return st
 
@@ -296,6 +310,7 @@ class DecodeEngine:
         afterwards, so nothing of it reaches the output."""
         st.col.zero_()
         st.t.zero_()
+        st.pos.zero_()  # a state used before holds its last positions: keep the warm-up's inside the tables
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -308,6 +323,7 @@ class DecodeEngine:
         with torch.cuda.graph(graph, pool=self.pool):
             self._step(st, mode)
         st.graphs[mode] = graph
+        self.counts["captures"] += 1
         return graph
 
     # -- public ---------------------------------------------------------------------------------
@@ -330,10 +346,8 @@ class DecodeEngine:
             self._positions = need
             self.cos, self.sin = self._rope_table(need)
             self.states.clear()  # captured graphs read the old tables
-        if self.cuda_graphs:  # few distinct shapes, so that captured graphs are reused
-            B, L = max(8, 1 << (N - 1).bit_length()), -(-need // 64) * 64
-        else:
-            B, L = N, need
+        self.counts["calls"] += 1
+        B, L = bucket(N, need, self.length_bucket)
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((B, P), dtype=torch.bool, device=self.device)
         ids[:N], mask[:N] = prompt_ids.to(self.device), prompt_mask.to(self.device).bool()
@@ -361,6 +375,13 @@ class DecodeEngine:
             if produced % _STOP_CHECK_EVERY == 0 and bool(st.done[:N].all()):
                 break
         return st.out[:N, :produced].clone()
+
+
+def bucket(rows: int, length: int, length_bucket: int) -> tuple[int, int]:
+    """(batch, cache length) of the state that serves `rows` sequences needing `length` cache columns:
+    the next power of two >= max(rows, 8), and `length` rounded up to a multiple of `length_bucket`.
+    The same rule with and without CUDA graphs, so the CPU tests exercise the reuse the GPU relies on."""
+    return max(8, 1 << (rows - 1).bit_length()), -(-length // length_bucket) * length_bucket
 
 
 _ENGINES: "weakref.WeakKeyDictionary[object, DecodeEngine]" = weakref.WeakKeyDictionary()
