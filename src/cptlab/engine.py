@@ -170,7 +170,10 @@ class DecodeEngine:
     def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True):
         self.dtype, self.device = dtype, device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        from .sharding import weights_version
+
         self.w = _Weights(model, dtype, device)
+        self._synced = weights_version(model)
         cfg = model.config
         from transformers.activations import ACT2FN
 
@@ -327,6 +330,17 @@ class DecodeEngine:
         return graph
 
     # -- public ---------------------------------------------------------------------------------
+    def refresh(self, model) -> None:
+        """Copy the model's current weights into the engine. A sharded (FSDP) model's are gathered (a
+        collective): only when its weights version changed since the last copy, so that once every rank
+        refreshed at the same point (rollout.prepare_generation), generate calls run no collective."""
+        from .sharding import weights_version
+
+        version = weights_version(model)
+        if version is None or version != self._synced:
+            self.w.sync(model)
+            self._synced = version
+
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
@@ -339,7 +353,7 @@ class DecodeEngine:
             self._stops, self._pad = stops, pad_id
             self._stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
             self.states.clear()
-        self.w.sync(model)
+        self.refresh(model)
         N, P = prompt_ids.shape
         need = P + max_new_tokens
         if need > self._positions:

@@ -161,6 +161,21 @@ def use_fast_engine(model, engine: str) -> bool:
     return reason is None
 
 
+def prepare_generation(model, spec: SamplingSpec) -> None:
+    """Refresh the fast engine's copy of a sharded (FSDP) model's weights, on every rank at the same
+    point (a collective), so that the generate calls after it (each rank evaluating its own domains)
+    run none. Nothing for an unsharded model, whose engine copies its weights on each call."""
+    from .sharding import weights_version
+
+    if weights_version(model) is None or not use_fast_engine(model, spec.engine):
+        return
+    from .engine import engine_for
+    from .models import compute_dtype
+
+    device = next(model.parameters()).device
+    engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs).refresh(model)
+
+
 def autocast(model):
     """Autocast to the model's compute dtype on CUDA (weights stay float32 for the optimizer); nothing
     on CPU or where the compute dtype is the weights' own."""
