@@ -153,6 +153,10 @@ class RolloutConfig:
     auto: fast where the architecture is supported, else plain."""
     cuda_graphs: bool = True
     """fast engine on CUDA: capture the decode step in a CUDA graph (replayed every token)."""
+    compile_decode: bool = False
+    """fast engine: compile the decode step's decoder layer with torch.compile (inductor fuses its
+    element-wise work, so a step launches fewer kernels); costs a compile per (batch, cache) bucket at
+    the first rollout of that shape. Off: the eager kernels (captured in a CUDA graph just the same)."""
     batch_size: int = 256
     """Sequences generated at once (memory bound)."""
 

@@ -63,6 +63,42 @@ def _linear_residual(h: Tensor, a: Tensor, weight: Tensor) -> Tensor:
     return torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), weight.t()).view(h.shape)
 
 
+def _layer(h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, K: Tensor, V: Tensor, col: Tensor | None,
+           w: tuple[Tensor | None, ...], shape: tuple[int, int, int, float], act) -> Tensor:
+    """One decoder layer on h [B, T, hidden]; a pure function of tensors (so that torch.compile traces
+    one layer and every layer reuses it) apart from the cache write. K, V [B, n_kv, L, D]: the layer's
+    cache; col None: a prefill (keys/values go into columns [0, T), attention over them), else a
+    decode step (T = 1; column `col` [1], attention over all L columns, `bias` masking the unused).
+
+    Written for few kernels (the decode step is bound by launches): fused norms, q and k rotated
+    together, attention as baddbmm (mask + scaled scores in one kernel) -> softmax -> bmm with
+    grouped-query heads read without repeating K/V, residual adds folded into addmm."""
+    norm_in, w_qkv, b_qkv, q_norm, k_norm, w_o, norm_post, w_gate_up, w_down = w
+    H, KV, D, eps = shape
+    B, T, _ = h.shape
+    G = H // KV
+    qkv = F.linear(_rms_norm(h, norm_in, eps), w_qkv, b_qkv).view(B, T, H + 2 * KV, D)
+    qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+    if q_norm is not None:
+        qk = torch.cat([_rms_norm(qk[:, :, :H], q_norm, eps), _rms_norm(qk[:, :, H:], k_norm, eps)], dim=2)
+    qk = _rotate(qk, cos, sin)
+    q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+    if col is None:
+        K[:, :, :T].copy_(k)
+        V[:, :, :T].copy_(v)
+        K, V = K[:, :, :T], V[:, :, :T]
+    else:  # an index_put_ into the cache (compiled: in place, no copy of the cache)
+        K[:, :, col] = k
+        V[:, :, col] = v
+    # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
+    qg = q.reshape(B * KV, G * T, D)
+    scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)
+    o = torch.bmm(scores.softmax(-1), V.reshape(B * KV, -1, D)).view(B, H, T, D)
+    h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w_o)
+    gate, up = F.linear(_rms_norm(h, norm_post, eps), w_gate_up).chunk(2, -1)
+    return _linear_residual(h, act(gate) * up, w_down)
+
+
 def _fused(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
     """The engine's tensors from a state dict with HF names: QKV and gate/up concatenated so that a
     layer is four matrix products. Missing optional tensors (biases, q/k norms, untied head) are left out."""
@@ -104,6 +140,15 @@ class _Weights:
 
     def get(self, layer: int, name: str) -> Tensor | None:
         return self.t.get(f"{layer}.{name}")
+
+    def layer(self, i: int) -> tuple[Tensor | None, ...]:
+        """Layer i's tensors in `_layer`'s order (None for what the model does not have)."""
+        return tuple(self.get(i, n) for n in ("norm_in", "w_qkv", "b_qkv", "q_norm", "k_norm", "w_o", "norm_post",
+                                              "w_gate_up", "w_down"))
+
+    @property
+    def shape(self) -> tuple[int, int, int, float]:
+        return self.n_heads, self.n_kv, self.head_dim, self.eps
 
     @torch.no_grad()
     def sync(self, model) -> None:
@@ -167,9 +212,14 @@ class DecodeEngine:
     """Cache lengths are multiples of this, batches powers of two (at least 8): few distinct shapes, so
     that a step's buffers and captured graph are reused whatever its prompts' length."""
 
-    def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True,
+                 compile: bool = False):
         self.dtype, self.device = dtype, device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.compiled = compile
+        # one decoder layer compiled once (every layer and step reuses it; a new cache shape recompiles):
+        # inductor fuses its element-wise work into fewer kernels, and a CUDA graph then captures them
+        self._decode_layer = torch.compile(_layer, dynamic=False) if compile else _layer
         from .sharding import weights_version
 
         self.w = _Weights(model, dtype, device)
@@ -203,41 +253,22 @@ class DecodeEngine:
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
-    def _layers(self, h: Tensor, pos: Tensor, write, keys, allowed: Tensor) -> Tensor:
+    def _layers(self, h: Tensor, pos: Tensor, allowed: Tensor, st: _State, col: Tensor | None) -> Tensor:
         """Run every layer on h [B, T, hidden] at positions pos [B, T]; returns the last layer's output
-        [B, T, hidden] (before the final norm). `write(i, k, v)` stores the
-        new keys/values of layer i in the cache, `keys(i)` returns the (K, V) attended over
-        ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see.
-
-        Written for few kernels per layer (the decode step is bound by launches): fused norms, q and k
-        rotated together, attention as baddbmm (mask + scaled scores in one kernel) -> softmax -> bmm
-        with grouped-query heads read without repeating K/V, residual adds folded into addmm."""
+        [B, T, hidden] (before the final norm). The new keys/values go into the state's cache: columns
+        [0, T) for a prefill (col None), column `col` for a decode step; `allowed` [B, T, S] says which
+        of the S keys each query may see. A decode step's layers run `self._decode_layer` (compiled
+        with rollout.compile_decode)."""
         w = self.w
         B, T, _ = h.shape
-        H, KV, D = w.n_heads, w.n_kv, w.head_dim
-        G, S = H // KV, allowed.shape[-1]
+        G, S = w.n_heads // w.n_kv, allowed.shape[-1]
         cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # [B, T, 1, D]
         # additive mask per (row, kv head) batch entry: [B * KV, G * T, S]
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
-        bias = bias[:, None, None].expand(B, KV, G, T, S).reshape(B * KV, G * T, S)
+        bias = bias[:, None, None].expand(B, w.n_kv, G, T, S).reshape(B * w.n_kv, G * T, S)
+        layer = _layer if col is None else self._decode_layer
         for i in range(w.n_layers):
-            a = _rms_norm(h, w.get(i, "norm_in"), w.eps)
-            qkv = F.linear(a, w.get(i, "w_qkv"), w.get(i, "b_qkv")).view(B, T, H + 2 * KV, D)
-            qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
-            if w.get(i, "q_norm") is not None:
-                qk = torch.cat([_rms_norm(qk[:, :, :H], w.get(i, "q_norm"), w.eps),
-                                _rms_norm(qk[:, :, H:], w.get(i, "k_norm"), w.eps)], dim=2)
-            qk = _rotate(qk, cos, sin)
-            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, D]
-            write(i, k, v.transpose(1, 2))
-            K, V = keys(i)
-            # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
-            qg = q.reshape(B * KV, G * T, D)
-            scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)
-            o = torch.bmm(scores.softmax(-1), V.reshape(B * KV, -1, D)).view(B, H, T, D)
-            h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
-            gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
-            h = _linear_residual(h, self.act(gate) * up, w.get(i, "w_down"))
+            h = layer(h, cos, sin, bias, st.k[i], st.v[i], col, w.layer(i), w.shape, self.act)
         return h
 
     def _logits(self, h: Tensor) -> Tensor:
@@ -252,12 +283,7 @@ class DecodeEngine:
         # a padding query sees itself, so that no row of the softmax is empty (its output is unused)
         allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
 
-        def write(i, k, v):
-            st.k[i][:, :, :P].copy_(k)
-            st.v[i][:, :, :P].copy_(v)
-
-        h = self._layers(self.w.t["embed"][ids], pos, write, lambda i: (st.k[i][:, :, :P], st.v[i][:, :, :P]),
-                         allowed)
+        h = self._layers(self.w.t["embed"][ids], pos, allowed, st, None)
         # only the last column predicts: the head over all P columns would be a [B, P, V] float32
         # temporary (12 GB for 256 prompts of 250 tokens with a 49k vocabulary)
         return self._logits(h[:, -1])
@@ -266,13 +292,8 @@ class DecodeEngine:
         """One decode step on the state's buffers only (what a CUDA graph captures): write `tok` at
         column `col`, sample the next token into out[:, t], advance the counters."""
         st.valid.index_fill_(1, st.col, True)
-
-        def write(i, k, v):
-            st.k[i].index_copy_(2, st.col, k)
-            st.v[i].index_copy_(2, st.col, v)
-
-        logits = self._logits(self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
-                                           lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1])
+        h = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], st.valid[:, None, :], st, st.col)
+        logits = self._logits(h[:, -1])
         nxt = _sample(logits, mode, st.inv_temp, st.top_p)
         nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
         st.out.index_copy_(1, st.t, nxt[:, None])
@@ -401,10 +422,12 @@ def bucket(rows: int, length: int, length_bucket: int) -> tuple[int, int]:
 _ENGINES: "weakref.WeakKeyDictionary[object, DecodeEngine]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool) -> DecodeEngine:
-    """The model's engine (built once per model object, dtype, device and graph setting)."""
+def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool,
+               compile: bool = False) -> DecodeEngine:
+    """The model's engine (built once per model object, dtype, device, graph and compile setting)."""
     eng = _ENGINES.get(model)
-    if eng is None or (eng.dtype, eng.device, eng.cuda_graphs) != (dtype, device, cuda_graphs and device.type == "cuda"):
-        eng = DecodeEngine(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs)
+    want = (dtype, device, cuda_graphs and device.type == "cuda", compile)
+    if eng is None or (eng.dtype, eng.device, eng.cuda_graphs, eng.compiled) != want:
+        eng = DecodeEngine(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs, compile=compile)
         _ENGINES[model] = eng
     return eng

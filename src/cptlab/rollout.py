@@ -40,6 +40,8 @@ class SamplingSpec:
     """'fast' (engine.py), 'plain' (`transformers.generate`) or 'auto' (fast where supported)."""
     cuda_graphs: bool = True
     """fast engine on CUDA: replay the decode step as a captured CUDA graph."""
+    compile_decode: bool = False
+    """fast engine: torch.compile the decode step's layer (fewer, fused kernels; a compile per shape)."""
     batch_size: int = 256
     """Sequences sampled at once (memory bound)."""
 
@@ -47,14 +49,16 @@ class SamplingSpec:
     def for_rollout(cls, cfg: RolloutConfig) -> "SamplingSpec":
         """Training rollouts: the `rollout` section."""
         return cls(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                   engine=cfg.engine, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size)
+                   engine=cfg.engine, cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode,
+                   batch_size=cfg.batch_size)
 
     @classmethod
     def for_eval(cls, ecfg: EvalConfig, rcfg: RolloutConfig) -> "SamplingSpec":
         """Evaluation: greedy with the eval budget on the rollout section's engine; `.sampled()` for the
         k samples at `eval.temperature`."""
         return cls(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, greedy=True,
-                   engine=rcfg.engine, cuda_graphs=rcfg.cuda_graphs, batch_size=rcfg.batch_size)
+                   engine=rcfg.engine, cuda_graphs=rcfg.cuda_graphs, compile_decode=rcfg.compile_decode,
+                   batch_size=rcfg.batch_size)
 
     def sampled(self, temperature: float | None = None) -> "SamplingSpec":
         """This spec sampling (not greedy), at `temperature` if given."""
@@ -173,7 +177,8 @@ def prepare_generation(model, spec: SamplingSpec) -> None:
     from .models import compute_dtype
 
     device = next(model.parameters()).device
-    engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs).refresh(model)
+    engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs,
+               compile=spec.compile_decode).refresh(model)
 
 
 def autocast(model):
@@ -239,7 +244,8 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, *, genera
         from .engine import engine_for
         from .models import compute_dtype
 
-        fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs)
+        fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs,
+                          compile=spec.compile_decode)
 
         def sample(ids, mask):
             return fast.generate(model, ids, mask, max_new_tokens=spec.max_new_tokens, stop_ids=stop_ids,
