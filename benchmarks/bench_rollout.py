@@ -1,5 +1,6 @@
 """Rollout throughput: generated tokens/s of the plain path (`transformers.generate`, dynamic cache),
-transformers' static cache (compiled decode step), and cptlab's fast engine, on one model and prompts.
+transformers' static cache (compiled decode step), and cptlab's fast engine (eager kernels, or "compiled": its
+decode layer compiled by torch.compile, rollout.compile_decode), on one model and prompts.
 
     python benchmarks/bench_rollout.py [--size gpu|tiny | --model-dir DIR] [--batch 256] [--prompt-len 64]
                                        [--new-tokens 128] [--engines plain,static,fast] [--repeats 3]
@@ -53,9 +54,9 @@ def hf_generate(model, ids, mask, new_tokens: int, static: bool):
 
 
 def time_engine(name: str, model, ids, mask, new_tokens: int, repeats: int, device) -> dict:
-    if name == "fast":
+    if name in ("fast", "compiled"):
         eng = engine_for(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
-                         cuda_graphs=True)
+                         cuda_graphs=True, compile=name == "compiled")
         run = lambda: eng.generate(model, ids, mask, max_new_tokens=new_tokens, stop_ids=(), pad_id=0)  # noqa: E731
     else:
         hf_model = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cuda" else model
@@ -76,7 +77,7 @@ def time_engine(name: str, model, ids, mask, new_tokens: int, repeats: int, devi
         times.append(time.perf_counter() - t0)
     assert out.shape == (ids.shape[0], new_tokens), out.shape
     best = sorted(times)[len(times) // 2]
-    extra = {"engine_counts": dict(eng.counts)} if name == "fast" else {}  # captures: one per shape and mode
+    extra = {"engine_counts": dict(eng.counts)} if name in ("fast", "compiled") else {}  # captures: one per shape and mode
     return dict(engine=name, tokens_per_second=ids.shape[0] * new_tokens / best, seconds=best, warmup_seconds=warmup_s,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None, **extra)
 
@@ -116,7 +117,7 @@ def main() -> None:
             continue
         peak = f"{r['peak_gib']:8.2f}" if r["peak_gib"] is not None else f"{'-':>8s}"
         print(f"{r['engine']:8s} {r['tokens_per_second']:12,.0f} {r['seconds']:8.3f} {r['warmup_seconds']:9.1f} {peak}")
-    fast = next((r for r in rows if r["engine"] == "fast" and "error" not in r), None)
+    fast = next((r for r in rows if r["engine"] == "fast" and "error" not in r), None)  # ratios against eager fast
     for r in rows:
         if fast is not None and r is not fast and "error" not in r:
             print(f"fast / {r['engine']}: {fast['tokens_per_second'] / r['tokens_per_second']:.2f}x")

@@ -51,7 +51,8 @@ one past its vocabulary), so both sides always generate C tokens per completion 
 also leaves out a sampled <pad> token, so its length column reads a little below C). With --model-dir
 the model may stop early; the table shows the mean length each side produced.
 
-Variants: cptlab:fast (cptlab's decode engine: static KV cache, CUDA graphs on GPU) and cptlab:plain
+Variants: cptlab:fast (cptlab's decode engine: static KV cache, CUDA graphs on GPU), cptlab:compiled (the
+same with its decode layer compiled by torch.compile, rollout.compile_decode) and cptlab:plain
 (transformers.generate); trl:default (TRL's default generation: transformers.generate with a dynamic
 cache), trl:static (cache_implementation="static"), trl:static_compile (static cache with the decode
 step compiled by transformers; TRL builds its GenerationConfig with disable_compile=True, so this
@@ -93,6 +94,7 @@ SIZES = {
 # every variant the bench knows, and what it generates with (cptlab's first, then TRL's)
 GENERATION = {
     "cptlab:fast": "cptlab engine (static KV cache, CUDA graphs on GPU)",
+    "cptlab:compiled": "cptlab engine, decode layer compiled (rollout.compile_decode)",
     "cptlab:plain": "transformers.generate",
     "trl:default": "transformers.generate (dynamic cache)",
     "trl:static": 'cache_implementation="static"',
@@ -167,7 +169,8 @@ def cptlab_config(a, engine: str = "fast"):
     P, G, C = a.prompts, a.group_size, a.max_new_tokens
     common = [
         f"rollout.group_size={G}", f"rollout.max_new_tokens={C}", f"rollout.batch_size={max(256, P * G)}",
-        f"rollout.engine={engine}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        f"rollout.engine={'fast' if engine == 'compiled' else engine}", f"rollout.compile_decode={engine == 'compiled'}",
+        "rollout.temperature=1.0", "rollout.top_p=1.0",
         f"method.prompts_per_step={P}", f"method.lr={a.lr}", "method.track_base_kl=false",
         "method.updates_per_batch=1", "method.micro_batch_size=0", "method.grad_clip=1.0",
         "method.grpo.beta=0.0", "method.grpo.loss_type=grpo", "method.grpo.scale_rewards=true",
@@ -227,9 +230,9 @@ def run_cptlab(name: str, a, w: Workload) -> dict:
         if batch.distill is not None:
             distilled.append(float(batch.distill.mean()))
     extra = {"distilled_fraction": sum(distilled[a.warmup_steps:]) / a.steps} if distilled else {}
-    if engine == "fast" and w.device.type == "cuda":
-        extra["engine_counts"] = dict(engine_for(model, dtype=compute_dtype(model), device=w.device,
-                                                 cuda_graphs=True).counts)
+    if engine in ("fast", "compiled") and w.device.type == "cuda":
+        extra["engine_counts"] = dict(engine_for(model, dtype=compute_dtype(model), device=w.device, cuda_graphs=True,
+                                                 compile=engine == "compiled").counts)
     return summarise(name, a, begin, end, tokens, w.device, **extra)
 
 

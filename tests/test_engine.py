@@ -267,3 +267,20 @@ def test_cuda_graph_is_captured_once_per_bucket_and_mode(tokenizer):
         generate(m, tokenizer, prompts, spec, generator=make_generator(0, "cuda"))
     eng = engine_for(m, dtype=torch.float32, device=torch.device("cuda"), cuda_graphs=True)
     assert eng.counts == {"states": 1, "captures": 1, "calls": 3}
+
+
+@pytest.mark.slow
+def test_compiled_decode_layer_gives_the_eager_tokens(tokenizer):
+    """rollout.compile_decode: the decode step's layer through torch.compile (its cache write an
+    index_put into the state's buffers) samples exactly the eager engine's greedy tokens, and a second
+    batch in the same bucket reuses the compiled layer and the state."""
+    m = noisy_model(tokenizer)
+    eager = generate(m, tokenizer, PROMPTS * 2, greedy(24, "fast"))
+    spec = SamplingSpec(max_new_tokens=24, greedy=True, engine="fast", compile_decode=True)
+    compiled = generate(m, tokenizer, PROMPTS * 2, spec)
+    assert torch.equal(compiled.completion_ids, eager.completion_ids) and compiled.texts == eager.texts
+    again = generate(m, tokenizer, PROMPTS[1:], spec)
+    assert again.texts == eager.texts[1:4]
+    from cptlab.engine import engine_for
+
+    assert engine_for(m, dtype=torch.float32, device=torch.device("cpu"), cuda_graphs=True, compile=True).counts["states"] == 1
