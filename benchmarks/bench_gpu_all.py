@@ -23,6 +23,8 @@ Sections (one GPU), in the order they run:
   smollm2_steps     bench_step.py on SmolLM2: GRPO, 32 x 8, 128 tokens, every step's time, phases,
                     allocator retries and engine captures (goal: every step as fast as the fastest)
   profile           bench_step.py --profile on the 76M model, GRPO and SDPO: where a step's time goes
+  sdpo_check        bench_vs_trl.py --check (on the CPU): cptlab's and TRL's SDPO loss on one batch, the tiny
+                    random model and SmolLM2 (whose trained attention shows what TRL's positions change)
 With --gpus 2 (a machine with two GPUs): dist, bench_dist.py under torchrun, 256 prompts x 8 per step,
 ddp and fsdp, and one process for reference.
 TRL comes from benchmarks/trl_requirements.txt (the caller installs it); without it the TRL variants
@@ -88,6 +90,10 @@ def sections(a) -> list[tuple[str, list[list[str]], float]]:
         ]
     out.append(("profile", [py + [str(HERE / "bench_step.py"), "--methods", "grpo,sdpo", "--profile", *STEP_76M,
                                   "--out", "{out}"]], 90))
+    check = [str(HERE / "bench_vs_trl.py"), "--check", "--prompts", "4", "--group-size", "4", "--max-new-tokens", "16"]
+    out.append(("sdpo_check", [py + check + ["--out", "{out}.tiny"]]
+                + ([py + check + ["--model-dir", a.smollm2, "--success-every", "4", "--out", "{out}.smollm2"]]
+                   if a.smollm2 else []), 120))
     return out
 
 
@@ -175,6 +181,12 @@ def summarise(out_dir: Path) -> dict:
                                                               if isinstance(v, float) and k != "tokens"},
             device_busy_seconds=row["profile"]["device_busy_seconds"], wall_seconds=row["profile"]["wall_seconds"],
             top_ops=row["profile"]["top_ops"][:8]) for row in r if row.get("profile")}
+    for model in ("tiny", "smollm2"):
+        r = _load(out_dir / f"sdpo_check.json.{model}")
+        if r and r.get("check"):
+            c = r["check"]
+            s[f"sdpo_check_{model}"] = {k: c[k] for k in ("rows", "distilled_rows", "ratio_same_maths",
+                                                          "ratio_as_each_side_runs", "ratio_positions_only")}
     dist = {k: _load(out_dir / f"dist.json.{k}") for k in ("one", "ddp", "fsdp")}
     if any(dist.values()):
         s["dist"] = {k: dict(steps_per_second=v["steps_per_second"], world_size=v["world_size"],
@@ -221,6 +233,13 @@ def print_summary(s: dict, runs: list[dict]) -> None:
         print(f"profile {method} (76M, 32x8x128): {f(x['steps_per_second'], '.2f')} steps/s; one step {f(x['wall_seconds'], '.3f')} s, "
               f"device busy {f(busy, '.3f')} s; phases {x['phases']}")
         print("  top device ops: " + "; ".join(f"{o['name'][:40]} {o['seconds']:.4f}s" for o in x["top_ops"]))
+    for model in ("tiny", "smollm2"):
+        x = s.get(f"sdpo_check_{model}")
+        if x:
+            print(f"SDPO loss check ({model}, CPU, {x['rows']} rows, {x['distilled_rows']} distilled): same maths "
+                  f"loss {f(x['ratio_same_maths']['loss'], '.6f')} grad {f(x['ratio_same_maths']['grad_norm'], '.6f')}; "
+                  f"as each side runs {f(x['ratio_as_each_side_runs']['loss'], '.4f')}; TRL positions "
+                  f"{f(x['ratio_positions_only']['loss'], '.4f')}")
     x = s.get("dist")
     if x:
         print("several GPUs, 256x8x128: " + "; ".join(f"{k} (x{v['world_size']}) {f(v['steps_per_second'], '.3f')} steps/s, "

@@ -28,9 +28,9 @@ the teacher's EMA step (rate 0.05) once per step. Both sides use the same templa
 "Q: {question}\nA:", the reprompt that prompt followed by "\nDemo:{demonstration}\nA:". A random-init
 model never solves a task, so (for a built model, or with --success-every N) a completion also counts
 as a success when crc32(text) % N == 0 (N = 4: about a quarter of the samples), the same rule on both
-sides, so that both distil on about the same number of reprompts. Prompts of a built model (character
-tokenizer) are left-padded with spaces to one length, so that TRL's compiled static cache sees one
-prompt shape (SDPOTrainer has no pad_to_multiple_of).
+sides, so that both distil on about the same number of reprompts. The questions of a built model
+(character tokenizer) are left-padded with spaces to one prompt length, so that TRL's compiled static
+cache sees one prompt shape (SDPOTrainer has no pad_to_multiple_of); both sides render the same strings.
 
 --check (SDPO, CPU): before any timing, that both compute the same loss on the same batch. cptlab samples
 one batch and builds its reprompts; TRL's SDPOTrainer.compute_loss gets exactly those tensors (prompt,
@@ -484,8 +484,9 @@ def make_workload(a, model_dir: Path, device: torch.device) -> Workload:
     prompts = [student_prompt(cfg.prompt, ex.question, tok) for ex in examples]
     built = not a.model_dir
     if a.method == "sdpo" and built:  # one prompt length (character tokenizer: one token per character)
-        width = max(len(p) for p in prompts)
-        prompts = [p.rjust(width) for p in prompts]
+        width = max(len(p) for p in prompts)  # questions padded, so that cptlab renders the same strings
+        examples = [replace(ex, question=" " * (width - len(p)) + ex.question) for ex, p in zip(examples, prompts)]
+        prompts = [student_prompt(cfg.prompt, ex.question, tok) for ex in examples]
     success_every = a.success_every if a.success_every is not None else (4 if built and a.method == "sdpo" else 0)
     return Workload(model_dir, examples, prompts, tok, cfg.prompt.style, device, success_every)
 
