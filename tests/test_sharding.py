@@ -314,8 +314,8 @@ def test_torchrun_fsdp_run_resumes_to_the_uninterrupted_run(tmp_path):
     import shutil
 
     full = tmp_path / "full"
-    _torchrun("smoke", "--out", str(full), "run.report=false", "run.keep_checkpoints=10",
-              "distributed.strategy=fsdp")
+    _torchrun("smoke", "--out", str(full), "run.report=false", "run.keep_checkpoints=10", "distributed.strategy=fsdp",
+              "warmup.steps=5", "eval.num_prompts=4", "eval.num_samples=1", "eval.probe_per_domain=2")
     records = _records(full)
     train = [(r["stage"], r["step"]) for r in records if r["event"] == "train"]
     assert train == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]

@@ -194,9 +194,8 @@ class GradientSync:
     produces their gradients). In the backward after `before_backward(last=True)`, gradient hooks
     launch each bucket's all-reduce asynchronously as soon as the bucket and every bucket before it are
     complete (launching in bucket order keeps the collectives in the same order on every rank), so
-    communication runs
-    while the backward computes the layers below; `finish()` launches what is left (parameters that
-    got no gradient on this rank), waits, and writes the means back. The result equals
+    communication runs while the backward computes the layers below; `finish()` launches what is left
+    (parameters that got no gradient on this rank), waits, and writes the means back. The result equals
     `all_reduce_grads` (same sums, same missing-gradient rule). Only the batch's last micro-batch
     reduces (`before_backward(last=True)`): earlier ones just accumulate. A no-op object in one
     process; bucket_mb = 0 reduces everything after the backward (`all_reduce_grads`).

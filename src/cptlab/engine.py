@@ -87,9 +87,9 @@ def _layer(h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, K: Tensor, V: Tens
         K[:, :, :T].copy_(k)
         V[:, :, :T].copy_(v)
         K, V = K[:, :, :T], V[:, :, :T]
-    else:  # an index_put_ into the cache (compiled: in place, no copy of the cache)
-        K[:, :, col] = k
-        V[:, :, col] = v
+    else:  # index_copy_ as transformers' static cache writes it, the form torch.compile keeps in place
+        K.index_copy_(2, col, k)
+        V.index_copy_(2, col, v)
     # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
     qg = q.reshape(B * KV, G * T, D)
     scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)

@@ -9,6 +9,7 @@ rollout.py (sampling and the training forwards). Evaluation and checkpoints are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -24,8 +25,8 @@ from .config import MethodConfig, StageConfig
 from .errors import NumericalFault
 from .methods import Method
 from .optim import lr_factor, set_lr
-from .sharding import weights_changed
 from .rollout import make_generator
+from .sharding import weights_changed
 from .tasks import Example, make_split
 from .ui import progress
 
@@ -134,9 +135,10 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
     n_examples = method.examples_per_step(m, method.ctx.rollout.group_size)
     device = next(run.model.parameters()).device
     skipped = 0
-    sync = dist.gradient_sync(run.model, run.bucket_mb)
     run.model.train()
-    with progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance:
+    # the gradient sync's hooks live as long as the stage (closing removes them, also on a fault)
+    with (progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance,
+          contextlib.closing(dist.gradient_sync(run.model, run.bucket_mb)) as sync):
         advance(start_step)
         for step in range(start_step, stage.steps):
             t0 = time.perf_counter()
@@ -180,6 +182,5 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                     skipped_batches=skipped, step_seconds=dt, rollout_seconds=t_rollout, tokens_per_second=tokens / dt)
             advance(info=f"reward {stats.get('reward', float('nan')):.2f} loss {stats.get('loss', float('nan')):.3f}")
             run.on_step_end(step + 1, global_step)
-    sync.close()
     run.model.eval()
     return global_step
