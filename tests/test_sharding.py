@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from cptlab import distributed as D
 from cptlab.config import GRPOConfig, MethodConfig, SDPOConfig
-from test_distributed import TwoDtypes, _batch, _free_port
+from test_distributed import TwoDtypes, _batch, _exit_quietly, _free_port
 from test_trainer import method_and_batch, tiny
 
 
@@ -27,6 +27,7 @@ def _entry(rank: int, world: int, port: int, body, args) -> None:
         body(info, *args)
     finally:
         D.destroy()
+    _exit_quietly()
 
 
 def _spawn(body, world: int, *args) -> None:
