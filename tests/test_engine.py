@@ -224,3 +224,63 @@ def test_cuda_graph_sampling_draws_from_its_generator_only(tokenizer):
     c = generate(m, tokenizer, PROMPTS * 2, spec, generator=make_generator(4, "cuda"))
     assert a.texts == b.texts and a.texts != c.texts
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_engine_state_is_reused_across_prompt_lengths_in_one_bucket(tokenizer):
+    """A run's steps have prompts of different lengths and batches of different sizes: the engine serves
+    them from one state per (power-of-two batch, 64-column cache) bucket, so on CUDA a decode graph is
+    captured once per bucket, not once per step (here on CPU, the same bucketing without graphs)."""
+    from cptlab.engine import bucket
+
+    assert bucket(4, 30, 64) == (8, 64) and bucket(9, 64, 64) == (16, 64) and bucket(256, 65, 64) == (256, 128)
+    m = noisy_model(tokenizer)
+    eng = DecodeEngine(m, dtype=torch.float32, device=torch.device("cpu"), cuda_graphs=False)
+    cpu = torch.device("cpu")
+
+    def run(prompts, new_tokens=20):
+        ids, mask = encode_prompts(tokenizer, prompts, cpu)
+        out = eng.generate(m, ids, mask, max_new_tokens=new_tokens, stop_ids=[tokenizer.eos_token_id],
+                           pad_id=tokenizer.pad_token_id, greedy=True)
+        return ids.shape[1], out
+
+    short, _ = run(PROMPTS[:1] * 4)  # 4 rows of 9 tokens
+    long, out = run(PROMPTS[1:2] * 5)  # 5 rows of 34 tokens: the same (8, 64) bucket
+    assert short < long and short + 20 <= 64 and long + 20 <= 64
+    assert eng.counts == {"states": 1, "captures": 0, "calls": 2}
+    # the bucket's filler rows and extra columns change nothing: the tokens are the plain engine's
+    plain = generate(m, tokenizer, PROMPTS[1:2] * 5, greedy(20, "plain"))
+    assert out[:, :plain.completion_ids.shape[1]].tolist() == plain.completion_ids.tolist()
+    run(PROMPTS * 3)  # 12 rows: batch bucket 16
+    run(PROMPTS[1:2], new_tokens=40)  # 74 columns: cache bucket 128
+    assert eng.counts == {"states": 3, "captures": 0, "calls": 4}
+    run(PROMPTS[:1] * 8)  # back in the first bucket: reused
+    assert eng.counts["states"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_is_captured_once_per_bucket_and_mode(tokenizer):
+    m = noisy_model(tokenizer, scale=0.1).cuda()
+    spec = sampled(16, "fast", cuda_graphs=True)
+    from cptlab.engine import engine_for
+
+    for prompts in (PROMPTS[:1] * 8, PROMPTS[1:2] * 8, PROMPTS * 2):  # three prompt lengths, one bucket
+        generate(m, tokenizer, prompts, spec, generator=make_generator(0, "cuda"))
+    eng = engine_for(m, dtype=torch.float32, device=torch.device("cuda"), cuda_graphs=True)
+    assert eng.counts == {"states": 1, "captures": 1, "calls": 3}
+
+
+@pytest.mark.slow
+def test_compiled_decode_layer_gives_the_eager_tokens(tokenizer):
+    """rollout.compile_decode: the decode step's layer through torch.compile (its cache write an
+    index_put into the state's buffers) samples exactly the eager engine's greedy tokens, and a second
+    batch in the same bucket reuses the compiled layer and the state."""
+    m = noisy_model(tokenizer)
+    eager = generate(m, tokenizer, PROMPTS * 2, greedy(24, "fast"))
+    spec = SamplingSpec(max_new_tokens=24, greedy=True, engine="fast", compile_decode=True)
+    compiled = generate(m, tokenizer, PROMPTS * 2, spec)
+    assert torch.equal(compiled.completion_ids, eager.completion_ids) and compiled.texts == eager.texts
+    again = generate(m, tokenizer, PROMPTS[1:], spec)
+    assert again.texts == eager.texts[1:4]
+    from cptlab.engine import engine_for
+
+    assert engine_for(m, dtype=torch.float32, device=torch.device("cpu"), cuda_graphs=True, compile=True).counts["states"] == 1

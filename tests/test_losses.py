@@ -420,3 +420,75 @@ def test_sft_loss_value():
 def test_generalized_jsd_rejects_alpha_out_of_range():
     with pytest.raises(ValueError):
         generalized_jsd(torch.zeros(3), torch.zeros(3), -0.1)
+
+
+# ------------------------------------------------------------------------ large vocabularies, in pieces
+
+
+def _as_pieces(monkeypatch, elements: int) -> None:
+    """Make `elements` the piece budget, so a test-sized vocabulary takes the large-vocabulary path."""
+    import cptlab.losses as L
+
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", elements)
+
+
+def test_gather_logprobs_in_pieces_equals_one_piece_values_and_gradient(monkeypatch):
+    torch.manual_seed(4)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 5))
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    whole = logits.clone().requires_grad_(True)
+    (gather_logprobs(whole, tokens) * weights).sum().backward()
+    _as_pieces(monkeypatch, 2 * 11)  # two rows of 11 at a time: 8 pieces for 15 rows
+    pieces = logits.clone().requires_grad_(True)
+    lp = gather_logprobs(pieces, tokens)
+    (lp * weights).sum().backward()
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp.detach(), expected)
+    torch.testing.assert_close(pieces.grad, whole.grad)
+    # d/dz_v of w log p(y) = w (1[v = y] - p_v): checked at one position by hand
+    p = torch.softmax(logits[1, 2], -1)
+    by_hand = -weights[1, 2] * p
+    by_hand[tokens[1, 2]] += weights[1, 2]
+    torch.testing.assert_close(pieces.grad[1, 2], by_hand)
+
+
+def test_gather_logprobs_in_pieces_keeps_the_logits_dtype_for_the_gradient(monkeypatch):
+    _as_pieces(monkeypatch, 7)
+    logits = torch.randn(2, 3, 7).bfloat16().requires_grad_(True)
+    lp = gather_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sdpo_loss_in_pieces_equals_one_piece_loss_stats_and_gradient(monkeypatch, top_k):
+    torch.manual_seed(5)
+    student = torch.randn(2, 4, 9, dtype=torch.float64)
+    teacher = torch.randn(2, 4, 9, dtype=torch.float64)
+    student[1, 3] = float("nan")  # garbage at a masked position never leaks, in pieces either
+    mask = torch.tensor([[1.0, 1, 0.5, 0], [1, 1, 1, 0]])
+    sampled = torch.randn(2, 4, dtype=torch.float64)
+    old = sampled - 0.3 * torch.randn(2, 4, dtype=torch.float64)
+    kw = dict(alpha=0.5, top_k=top_k, top_k_from="student", sampled_logprobs=sampled, old_logprobs=old, is_clip=1.2)
+    a = student.clone().requires_grad_(True)
+    loss_a, stats_a = sdpo_loss(a, teacher, mask, **kw)
+    loss_a.backward()
+    _as_pieces(monkeypatch, 2 * 9)
+    b = student.clone().requires_grad_(True)
+    loss_b, stats_b = sdpo_loss(b, teacher, mask, **kw)
+    loss_b.backward()
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-12)
+    assert stats_b == pytest.approx(stats_a, rel=1e-12)
+    assert torch.isfinite(b.grad).all() and b.grad[1, 3].abs().sum() == 0
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_token_entropy_in_pieces(monkeypatch):
+    torch.manual_seed(6)
+    logits = torch.randn(5, 3, 8)
+    whole = token_entropy(logits)
+    _as_pieces(monkeypatch, 30)
+    torch.testing.assert_close(token_entropy(logits), whole)
+    torch.testing.assert_close(token_entropy(logits[:, 0]), whole[:, 0])

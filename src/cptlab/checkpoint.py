@@ -49,20 +49,34 @@ def _load_rng(path: Path) -> None:
         raise UserError(f"checkpoint '{path}': the RNG state files are unreadable") from None
 
 
-def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, method=None, keep: int = 1) -> Path:
+def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, method=None,
+                    keep: int = 1) -> Path | None:
     """Fill a temp dir and rename it into place. Every file is serialised in memory and written by
     `write_synced`: safetensors' save_file and torch.save to a path return without an error on a full
     disk (ENOSPC on /dev/full), which would leave a truncated checkpoint; here it is an OSError naming
-    the file. On any failure the temp dir is removed and the previous checkpoints are untouched."""
+    the file. On any failure the temp dir is removed and the previous checkpoints are untouched.
+
+    A sharded (FSDP) model's weights, optimizer and method state are gathered into full state dicts
+    first, on every rank (collectives: every rank calls this); only rank 0 writes (others return None)."""
+    from . import distributed as dist
+    from .sharding import is_sharded, optimizer_state
+
+    # a LoRA model stores its adapters only (see lora.checkpoint_state_dict)
+    weights = _contiguous_cpu(checkpoint_state_dict(model))
+    extra = {key: _contiguous_cpu(t) for key, t in (method.state_dict() if method is not None else {}).items()}
+    optim = None
+    if optimizer is not None:  # a sharded model's: keyed by parameter name, whatever the number of ranks
+        optim = optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+    if not dist.is_main():
+        return None
     tmp, final = store.new_checkpoint_dir(tag)
     try:
-        # a LoRA model stores its adapters only (see lora.checkpoint_state_dict)
-        write_synced(tmp / "model.safetensors", save(_contiguous_cpu(checkpoint_state_dict(model))))
-        for key, tensors in (method.state_dict() if method is not None else {}).items():  # e.g. its teacher
-            write_synced(tmp / f"{key}.safetensors", save(_contiguous_cpu(tensors)))
-        if optimizer is not None:
+        write_synced(tmp / "model.safetensors", save(weights))
+        for key, tensors in extra.items():  # e.g. the method's teacher
+            write_synced(tmp / f"{key}.safetensors", save(tensors))
+        if optim is not None:
             buf = io.BytesIO()
-            torch.save(optimizer.state_dict(), buf)
+            torch.save(optim, buf)
             write_synced(tmp / "optimizer.pt", buf.getvalue())
         _save_rng(tmp)
         store.commit_checkpoint(tmp, final, state, keep)
@@ -128,7 +142,10 @@ def load_weights(path: Path, model, name: str = "model.safetensors") -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer=None, method=None) -> dict:
-    """Model, the method's own state (e.g. its teacher), optimizer and RNG states from `path`."""
+    """Model, the method's own state (e.g. its teacher), optimizer and RNG states from `path` (for a
+    sharded model: on every rank, each keeping its shard)."""
+    from .sharding import is_sharded, load_optimizer_state
+
     state = load_state(path)
     load_weights(path, model)
     if method is not None and method.state_dict():
@@ -137,7 +154,12 @@ def load_checkpoint(path: Path, model, optimizer=None, method=None) -> dict:
         _load_into(method.load_state_dict, path, " and ".join(f"{key}.safetensors" for key in names), tensors)
     if optimizer is not None and (path / "optimizer.pt").exists():
         try:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            saved = torch.load(path / "optimizer.pt", weights_only=True)
+            by_name = any(isinstance(k, str) for k in saved.get("state", {}))  # written by an FSDP run
+            if by_name or is_sharded(model):
+                load_optimizer_state(model, optimizer, saved)
+            else:
+                optimizer.load_state_dict(saved)
         except Exception as e:
             raise UserError(f"checkpoint '{path}': optimizer.pt is unreadable ({str(e).splitlines()[0][:120]})") from None
     _load_rng(path)

@@ -174,6 +174,10 @@ class RolloutConfig:
     auto: fast where the architecture is supported, else plain."""
     cuda_graphs: bool = True
     """fast engine on CUDA: capture the decode step in a CUDA graph (replayed every token)."""
+    compile_decode: bool = False
+    """fast engine: compile the decode step's decoder layer with torch.compile (inductor fuses its
+    element-wise work, so a step launches fewer kernels); costs a compile per (batch, cache) bucket at
+    the first rollout of that shape. Off: the eager kernels (captured in a CUDA graph just the same)."""
     batch_size: int = 256
     """Sequences generated at once (memory bound)."""
 
@@ -402,6 +406,23 @@ class RunSettings:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes (`torchrun --nproc_per_node N -m cptlab run ...`); ignored in a single process."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model and its AdamW state, and gradients are averaged by
+    all-reduce (in buckets, see bucket_mb). fsdp: weights, gradients and AdamW state are sharded over
+    the ranks (PyTorch FSDP2, `fully_shard` per decoder layer), for a model whose training state does not
+    fit one GPU; rollouts, evaluation and drift probes sample from the full weights gathered into the
+    fast engine's copy, so it needs a model the fast engine supports (and no LoRA); checkpoints hold
+    full state dicts either way."""
+    bucket_mb: float = 25.0
+    """ddp: gradients are all-reduced in buckets of about this many MB, each launched as soon as the
+    backward has produced all its gradients, so that communication overlaps the rest of the backward;
+    0: one all-reduce per dtype after the backward."""
+
+
+@dataclass
 class Config:
     """A whole run: `cptlab config [PRESET] [key=value ...]` prints it resolved, field by field."""
 
@@ -423,6 +444,8 @@ class Config:
     """Evaluation and drift analyses."""
     run: RunSettings = field(default_factory=RunSettings)
     """Run directory, seed, device, checkpoints, report."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How several torchrun processes share the work."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -773,6 +796,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "an integer >= 0")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer >= 1")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name, "a non-empty name without '/'")
+    _check(cfg.distributed.bucket_mb >= 0, "distributed.bucket_mb", cfg.distributed.bucket_mb, "a size >= 0 (0: no buckets)")
+    if cfg.distributed.strategy == "fsdp":
+        _check(m.lora.rank == 0, "model.lora.rank", m.lora.rank, "0 with distributed.strategy=fsdp (LoRA is not sharded)")
+        _check(r.engine != "plain", "rollout.engine", r.engine,
+               "'fast' or 'auto' with distributed.strategy=fsdp (rollouts sample from the fast engine's gathered weights)")
     for i, d in enumerate(w.domains):
         check_domain(d, f"warmup.domains[{i}]")
     for i, d in enumerate(e.domains):

@@ -28,7 +28,7 @@ from .models import (
     weights_sha256,
 )
 from .optim import make_optimizer
-from .rollout import SamplingSpec
+from .rollout import SamplingSpec, prepare_generation
 from .store import FollowerStore, RunStore
 from .tasks import eval_set_identity, install_domains
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
@@ -98,9 +98,11 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 class Driver:
     """Holds the run's pieces; `run()` is the stage loop.
 
-    Under torchrun every rank trains on its slice of each step's prompts (trainer.py); rank 0 alone
-    evaluates, logs and checkpoints while the others wait at a barrier (the weights are identical on
-    every rank after each step's gradient all-reduce)."""
+    Under torchrun every rank trains on its slice of each step's prompts (trainer.py) and evaluates its
+    share of the domains (and of the drift probes); rank 0 gathers the results, logs and checkpoints.
+    With `distributed.strategy: fsdp` the model is sharded (sharding.py): checkpoints and weight
+    snapshots are gathered by every rank, and the drift probes run on every rank (their forwards are
+    collectives)."""
 
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
         self.cfg, self.store = cfg, store
@@ -115,16 +117,28 @@ class Driver:
         dist.barrier()
         return result
 
+    @property
+    def sharded(self) -> bool:
+        return self.info.world_size > 1 and self.cfg.distributed.strategy == "fsdp"
+
     # -- evaluation and checkpoints -----------------------------------------------------------
     def evaluate(self, stage: int, stage_name: str, step: int, global_step: int, final: bool) -> dict:
+        """Every rank evaluates its share of the domains (each domain's samples are seeded by the domain
+        alone, so the results are those of one process); rank 0 gathers, logs and returns them (other
+        ranks return {}). Call on every rank."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        with progress(f"eval after {stage_name} step {step}", len(self.domains)) as advance:
-            ecfg = resolve_eval(cfg)
-            results = evaluate_all(self.model, self.tokenizer, self.domains, ecfg, cfg.prompt,
-                                   SamplingSpec.for_eval(ecfg, cfg.rollout),
+        spec = SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout)
+        prepare_generation(self.model, spec)  # a sharded model's weights, gathered by every rank here
+        mine = self.domains[self.info.rank::self.info.world_size]
+        with progress(f"eval after {stage_name} step {step}", len(mine)) as advance:
+            results = evaluate_all(self.model, self.tokenizer, mine, resolve_eval(cfg), cfg.prompt, spec,
                                    seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    on_domain=lambda name: advance(info=name))
+        gathered = {name: r for part in dist.gather_objects(results) for name, r in part.items()}
+        if not self.info.is_main:
+            return {}
+        results = {name: gathered[name] for name in self.domains}
         seconds = time.perf_counter() - t0
         for name, r in results.items():
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
@@ -139,38 +153,55 @@ class Driver:
         return results
 
     def evaluate_and_drift(self, stage: int, stage_name: str, step: int, global_step: int) -> None:
-        """The stage-end evaluation of every domain, then the drift record."""
+        """The stage-end evaluation of every domain, then the drift record (on every rank)."""
         results = self.evaluate(stage, stage_name, step, global_step, final=True)
         if self.cfg.eval.drift:
             self.log_drift(stage, global_step, results)
 
     def log_drift(self, stage: int, global_step: int, results: dict) -> None:
-        """Parameter drift vs base and previous stage, response drift on a probe set, artifact rates."""
+        """Parameter drift vs base and previous stage, response drift on a probe set, artifact rates.
+
+        Call on every rank: rank 0 computes the parameter drift, the probes are split over the ranks
+        (each rank's share sampled from a generator seeded with its rank too, so the sampled metrics are
+        another draw of the same estimator when the number of ranks changes; the greedy ones are
+        equal). A sharded model's snapshot is gathered by every rank, and every rank runs all probes
+        (their forwards are collectives)."""
         from .analysis.artifacts import artifact_stats
         from .analysis.drift import parameter_drift, principal_drift
-        from .analysis.response import response_drift
+        from .analysis.response import drift_metrics, merge_samples, response_samples
         from .prompts import student_prompt
         from .tasks import make_split
 
         cfg, p = self.cfg, self.cfg.prompt
         t0 = time.perf_counter()
-        current = snapshot(self.model)
+        current = snapshot(self.model) if self.info.is_main or self.sharded else None
+        spec = SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout)
+        prepare_generation(self.model, spec)
+        prepare_generation(self.base, spec)
+        probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
+                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=p.style,
+                                       answer_format=p.answer_format)]
+        rank, world = (0, 1) if self.sharded else (self.info.rank, self.info.world_size)
+        share = probes[len(probes) * rank // world:len(probes) * (rank + 1) // world]
+        seed = derive_seed(cfg.run.seed, stage, "probe", *([rank] if rank else []))
+        part = (response_samples(self.model, self.base, self.tokenizer, share, spec, seed=seed,
+                                 answer_format=p.answer_format) if share else {})
+        parts = [part] if self.sharded else dist.gather_objects(part)
+        # a sharded model's forwards are collectives: every rank runs the general probe then, else rank 0
+        general = (self.general_probe() if general_probe_enabled(cfg) and (self.info.is_main or self.sharded)
+                   else None)
+        if not self.info.is_main:
+            return
+        resp = drift_metrics(merge_samples(parts))
         drift = parameter_drift(self.base_state, current, self.prev_state, device=self.device,
                                 base_subspaces=self.base_subspaces)
         drift.update(principal_drift(self.base_state, current, device=self.device, cache=self.base_geometry))
         fields = {f"param/{k}": v for k, v in drift.items()}
-        p = cfg.prompt
-        probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
-                  for ex in make_split(d, "eval", cfg.eval.probe_per_domain, style=p.style,
-                                       answer_format=p.answer_format)]
-        resp = response_drift(self.model, self.base, self.tokenizer, probes,
-                              SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout),
-                              seed=derive_seed(cfg.run.seed, stage, "probe"), answer_format=p.answer_format)
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
         fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts, answer_format=p.answer_format).items()})
-        if general_probe_enabled(cfg):
-            fields.update({f"general/{k}": v for k, v in self.general_probe().items()})
+        if general is not None:
+            fields.update({f"general/{k}": v for k, v in general.items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
         self.prev_state = current
 
@@ -186,11 +217,21 @@ class Driver:
         return out
 
     def checkpoint(self, stage: int, step: int, global_step: int, done: bool, optimizer=None, method=None) -> None:
+        """Rank 0 writes the checkpoint (a sharded model's state is gathered by every rank first); every
+        rank returns once it is on disk. Call on every rank."""
         if not self.cfg.run.checkpoint:
             return
         state = dict(stage=stage, step=step, global_step=global_step, stage_done=done, order=global_step * 2 + done)
-        save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, method,
-                        keep=self.cfg.run.keep_checkpoints)
+
+        def save():
+            save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, method,
+                            keep=self.cfg.run.keep_checkpoints)
+
+        if self.sharded:
+            save()
+            dist.barrier()
+        else:
+            self.main_only(save)
 
     # -- the run ----------------------------------------------------------------------------------
     def setup(self) -> dict:
@@ -216,6 +257,7 @@ class Driver:
         ckpts = self.store.checkpoint_dirs()
         if not ckpts:
             self.store.truncate_metrics(0)
+            self.shard()
             return dict(stage=0, step=0, global_step=0, stage_done=False, path=None, base_info=info)
         state = load_state(ckpts[-1])
         # the previous stage's end weights, for drift vs previous stage: the checkpoint itself at a
@@ -230,7 +272,23 @@ class Driver:
         if end == ckpts[-1]:
             self.prev_state = snapshot(self.model)
         console.print(f"resuming from {ckpts[-1].name}")
+        self.shard()
         return {**state, "path": ckpts[-1], "base_info": info}
+
+    def shard(self) -> None:
+        """distributed.strategy fsdp under torchrun: shard the model and the base reference (after
+        everything that reads them whole at setup: the base snapshot, a resumed checkpoint)."""
+        if not self.sharded:
+            return
+        from .engine import unsupported_reason
+        from .sharding import shard
+
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            raise ConfigError("distributed.strategy", "fsdp", f"'ddp' for this model (generation from gathered "
+                              f"weights needs the fast engine, which does not support {reason})")
+        shard(self.model)
+        shard(self.base)
 
     def run(self) -> None:
         cfg, store = self.cfg, self.store
@@ -242,8 +300,8 @@ class Driver:
             store.log("run_start", name=cfg.run.name, base=base, domains=self.domains,
                       stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
                               for i, s in enumerate(cfg.stages)])
-            self.main_only(self.evaluate_and_drift, 0, "base", 0, 0)
-            self.main_only(self.checkpoint, 0, 0, 0, done=True)
+            self.evaluate_and_drift(0, "base", 0, 0)
+            self.checkpoint(0, 0, 0, done=True)
             state.update(stage=0, stage_done=True)
         global_step = state["global_step"]
         for index, stage in enumerate(cfg.stages, start=1):
@@ -269,17 +327,17 @@ class Driver:
             if step_done >= stage.steps:
                 return
             if cfg.eval.every and step_done % cfg.eval.every == 0:
-                self.main_only(self.evaluate, index, stage.domain, step_done, gstep, final=False)
+                self.evaluate(index, stage.domain, step_done, gstep, final=False)
             if cfg.run.checkpoint_every and step_done % cfg.run.checkpoint_every == 0:
-                self.main_only(self.checkpoint, index, step_done, gstep, False, optimizer, method)
+                self.checkpoint(index, step_done, gstep, False, optimizer, method)
 
         run = StageRun(index, stage, mcfg, self.model, optimizer, method, sampler, cfg.run.seed, self.store.log,
-                       on_step_end)
+                       on_step_end, bucket_mb=cfg.distributed.bucket_mb)
         global_step = train_stage(run, start_step, global_step)  # a NumericalFault is logged there
-        self.main_only(self.evaluate_and_drift, index, stage.domain, stage.steps, global_step)
+        self.evaluate_and_drift(index, stage.domain, stage.steps, global_step)
         self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
                        global_step=global_step, seconds=time.perf_counter() - t0)
-        self.main_only(self.checkpoint, index, stage.steps, global_step, True)
+        self.checkpoint(index, stage.steps, global_step, True)
         return global_step
 
 

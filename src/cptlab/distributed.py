@@ -160,20 +160,117 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     for p in params:
         if p.requires_grad:
             groups.setdefault((str(p.device), p.dtype), []).append(p)
-    for (_, dtype), ps in groups.items():  # same parameter order on every rank, so same collective order
-        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps]
-                         + [torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=ps[0].device)])
+    for ps in groups.values():  # same parameter order on every rank, so same collective order
+        flat = _flat_with_flags(ps)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        has_grad = flat[-len(ps):] > 0
-        flat = flat[:-len(ps)].div_(world)
-        offset = 0
-        for p, any_grad in zip(ps, has_grad.tolist()):
-            reduced = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            if p.grad is not None:
-                p.grad.copy_(reduced)
-            elif any_grad:
-                p.grad = reduced.clone()
+        _unpack_mean(ps, flat, world)
+
+
+def _flat_with_flags(params: list[torch.nn.Parameter]) -> Tensor:
+    """The params' gradients (zeros where missing) in one buffer, then one has-grad flag per param."""
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype,
+                                     device=params[0].device)])
+
+
+def _unpack_mean(params: list[torch.nn.Parameter], flat: Tensor, world: int) -> None:
+    """Write the summed buffer of _flat_with_flags back as each param's mean gradient."""
+    has_grad = flat[-len(params):] > 0
+    flat = flat[:-len(params)].div_(world)
+    offset = 0
+    for p, any_grad in zip(params, has_grad.tolist()):
+        reduced = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is not None:
+            p.grad.copy_(reduced)
+        elif any_grad:
+            p.grad = reduced.clone()
+
+
+class GradientSync:
+    """The gradient mean over ranks of a replicated model, overlapped with the backward.
+
+    Parameters go into buckets of about `bucket_mb` MB in reverse order (the order in which a backward
+    produces their gradients). In the backward after `before_backward(last=True)`, gradient hooks
+    launch each bucket's all-reduce asynchronously as soon as the bucket and every bucket before it are
+    complete (launching in bucket order keeps the collectives in the same order on every rank), so
+    communication runs while the backward computes the layers below; `finish()` launches what is left
+    (parameters that got no gradient on this rank), waits, and writes the means back. The result equals
+    `all_reduce_grads` (same sums, same missing-gradient rule). Only the batch's last micro-batch
+    reduces (`before_backward(last=True)`): earlier ones just accumulate. A no-op object in one
+    process; bucket_mb = 0 reduces everything after the backward (`all_reduce_grads`).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], bucket_mb: float = 25.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.overlap = _active() and bucket_mb > 0 and bool(self.params)
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        self.hooks = []
+        if not self.overlap:
+            return
+        limit, size, where = bucket_mb * 2**20, 0.0, {}
+        for p in reversed(self.params):
+            key = (p.device, p.dtype)
+            if not self.buckets or size >= limit or (self.buckets[-1][0].device, self.buckets[-1][0].dtype) != key:
+                self.buckets.append([])
+                size = 0.0
+            self.buckets[-1].append(p)
+            where[p] = len(self.buckets) - 1
+            size += p.numel() * p.element_size()
+        self._bucket_of = where
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+        self._armed = False
+
+    def before_backward(self, last: bool) -> None:
+        """Called before each backward of a batch; `last`: the batch's last one, whose gradients are
+        reduced as they appear (earlier ones only accumulate)."""
+        if not self.overlap or not last:
+            return
+        self._armed = True
+        self._waiting = [len(b) for b in self.buckets]
+        self._launched: list[tuple[Tensor, object]] = []
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        self._waiting[self._bucket_of[p]] -= 1
+        while len(self._launched) < len(self.buckets) and self._waiting[len(self._launched)] == 0:
+            self._launch()
+
+    def _launch(self) -> None:
+        flat = _flat_with_flags(self.buckets[len(self._launched)])
+        self._launched.append((flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        """After the backward: every gradient is the mean over ranks (call on every rank)."""
+        if not self.overlap:
+            all_reduce_grads(self.params)
+            return
+        if not self._armed:
+            raise RuntimeError("GradientSync.finish: before_backward(last=True) was not called")
+        while len(self._launched) < len(self.buckets):
+            self._launch()
+        world = dist.get_world_size()
+        for bucket, (flat, work) in zip(self.buckets, self._launched):
+            work.wait()
+            _unpack_mean(bucket, flat, world)
+        self._armed = False
+        self._launched = []
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def gradient_sync(model, bucket_mb: float = 25.0):
+    """How the trainer gets each rank's gradients to their mean over ranks: `sharding.ShardedGradients`
+    for an FSDP model (fully_shard reduce-scatters them itself), else a GradientSync."""
+    from .sharding import ShardedGradients, is_sharded
+
+    if is_sharded(model):
+        return ShardedGradients(model)
+    return GradientSync(model.parameters(), bucket_mb)
 
 
 def all_reduce_sum(counts: dict[str, float]) -> dict[str, float]:
@@ -222,6 +319,15 @@ def all_gather_tensor(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank: e.g. each rank's evaluation results."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -63,6 +63,42 @@ def _linear_residual(h: Tensor, a: Tensor, weight: Tensor) -> Tensor:
     return torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), weight.t()).view(h.shape)
 
 
+def _layer(h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, K: Tensor, V: Tensor, col: Tensor | None,
+           w: tuple[Tensor | None, ...], shape: tuple[int, int, int, float], act) -> Tensor:
+    """One decoder layer on h [B, T, hidden]; a pure function of tensors (so that torch.compile traces
+    one layer and every layer reuses it) apart from the cache write. K, V [B, n_kv, L, D]: the layer's
+    cache; col None: a prefill (keys/values go into columns [0, T), attention over them), else a
+    decode step (T = 1; column `col` [1], attention over all L columns, `bias` masking the unused).
+
+    Written for few kernels (the decode step is bound by launches): fused norms, q and k rotated
+    together, attention as baddbmm (mask + scaled scores in one kernel) -> softmax -> bmm with
+    grouped-query heads read without repeating K/V, residual adds folded into addmm."""
+    norm_in, w_qkv, b_qkv, q_norm, k_norm, w_o, norm_post, w_gate_up, w_down = w
+    H, KV, D, eps = shape
+    B, T, _ = h.shape
+    G = H // KV
+    qkv = F.linear(_rms_norm(h, norm_in, eps), w_qkv, b_qkv).view(B, T, H + 2 * KV, D)
+    qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+    if q_norm is not None:
+        qk = torch.cat([_rms_norm(qk[:, :, :H], q_norm, eps), _rms_norm(qk[:, :, H:], k_norm, eps)], dim=2)
+    qk = _rotate(qk, cos, sin)
+    q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+    if col is None:
+        K[:, :, :T].copy_(k)
+        V[:, :, :T].copy_(v)
+        K, V = K[:, :, :T], V[:, :, :T]
+    else:  # index_copy_ as transformers' static cache writes it, the form torch.compile keeps in place
+        K.index_copy_(2, col, k)
+        V.index_copy_(2, col, v)
+    # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
+    qg = q.reshape(B * KV, G * T, D)
+    scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)
+    o = torch.bmm(scores.softmax(-1), V.reshape(B * KV, -1, D)).view(B, H, T, D)
+    h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w_o)
+    gate, up = F.linear(_rms_norm(h, norm_post, eps), w_gate_up).chunk(2, -1)
+    return _linear_residual(h, act(gate) * up, w_down)
+
+
 def _fused(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
     """The engine's tensors from a state dict with HF names: QKV and gate/up concatenated so that a
     layer is four matrix products. Missing optional tensors (biases, q/k norms, untied head) are left out."""
@@ -104,6 +140,15 @@ class _Weights:
 
     def get(self, layer: int, name: str) -> Tensor | None:
         return self.t.get(f"{layer}.{name}")
+
+    def layer(self, i: int) -> tuple[Tensor | None, ...]:
+        """Layer i's tensors in `_layer`'s order (None for what the model does not have)."""
+        return tuple(self.get(i, n) for n in ("norm_in", "w_qkv", "b_qkv", "q_norm", "k_norm", "w_o", "norm_post",
+                                              "w_gate_up", "w_down"))
+
+    @property
+    def shape(self) -> tuple[int, int, int, float]:
+        return self.n_heads, self.n_kv, self.head_dim, self.eps
 
     @torch.no_grad()
     def sync(self, model) -> None:
@@ -168,11 +213,22 @@ class DecodeEngine:
 
     max_states = 4
     """Shapes (batch bucket, cache length) whose buffers and graphs are kept (least recently used out)."""
+    length_bucket = 64
+    """Cache lengths are multiples of this, batches powers of two (at least 8): few distinct shapes, so
+    that a step's buffers and captured graph are reused whatever its prompts' length."""
 
-    def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool = True,
+                 compile: bool = False):
         self.dtype, self.device = dtype, device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.compiled = compile
+        # one decoder layer compiled once (every layer and step reuses it; a new cache shape recompiles):
+        # inductor fuses its element-wise work into fewer kernels, and a CUDA graph then captures them
+        self._decode_layer = torch.compile(_layer, dynamic=False) if compile else _layer
+        from .sharding import weights_version
+
         self.w = _Weights(model, dtype, device)
+        self._synced = weights_version(model)
         cfg = model.config
         from transformers.activations import ACT2FN
 
@@ -185,6 +241,9 @@ class DecodeEngine:
         self._stops: tuple[int, ...] | None = None
         self._stop_ids = torch.zeros(0, dtype=torch.long, device=device)
         self._pad = -1
+        self.counts = {"states": 0, "captures": 0, "calls": 0}
+        """Buffers built, CUDA graphs captured and generate calls so far: after the first steps of a
+        run only `calls` should grow (a capture costs a warm-up and a graph, a state a KV cache)."""
 
     # -- pieces --------------------------------------------------------------------------------
     def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
@@ -199,43 +258,27 @@ class DecodeEngine:
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
-    def _layers(self, h: Tensor, pos: Tensor, write, keys, allowed: Tensor) -> Tensor:
-        """Run every layer on h [B, T, hidden] at positions pos [B, T]. `write(i, k, v)` stores the
-        new keys/values of layer i in the cache, `keys(i)` returns the (K, V) attended over
-        ([B, n_kv, S, D]); `allowed` [B, T, S] says which of the S keys each query may see.
-
-        Written for few kernels per layer (the decode step is bound by launches): fused norms, q and k
-        rotated together, attention as baddbmm (mask + scaled scores in one kernel) -> softmax -> bmm
-        with grouped-query heads read without repeating K/V, residual adds folded into addmm."""
+    def _layers(self, h: Tensor, pos: Tensor, allowed: Tensor, st: _State, col: Tensor | None) -> Tensor:
+        """Run every layer on h [B, T, hidden] at positions pos [B, T]; returns the last layer's output
+        [B, T, hidden] (before the final norm). The new keys/values go into the state's cache: columns
+        [0, T) for a prefill (col None), column `col` for a decode step; `allowed` [B, T, S] says which
+        of the S keys each query may see. A decode step's layers run `self._decode_layer` (compiled
+        with rollout.compile_decode)."""
         w = self.w
         B, T, _ = h.shape
-        H, KV, D = w.n_heads, w.n_kv, w.head_dim
-        G, S = H // KV, allowed.shape[-1]
+        G, S = w.n_heads // w.n_kv, allowed.shape[-1]
         cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # [B, T, 1, D]
         # additive mask per (row, kv head) batch entry: [B * KV, G * T, S]
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
-        bias = bias[:, None, None].expand(B, KV, G, T, S).reshape(B * KV, G * T, S)
+        bias = bias[:, None, None].expand(B, w.n_kv, G, T, S).reshape(B * w.n_kv, G * T, S)
+        layer = _layer if col is None else self._decode_layer
         for i in range(w.n_layers):
-            a = _rms_norm(h, w.get(i, "norm_in"), w.eps)
-            qkv = F.linear(a, w.get(i, "w_qkv"), w.get(i, "b_qkv")).view(B, T, H + 2 * KV, D)
-            qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
-            if w.get(i, "q_norm") is not None:
-                qk = torch.cat([_rms_norm(qk[:, :, :H], w.get(i, "q_norm"), w.eps),
-                                _rms_norm(qk[:, :, H:], w.get(i, "k_norm"), w.eps)], dim=2)
-            qk = _rotate(qk, cos, sin)
-            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, D]
-            write(i, k, v.transpose(1, 2))
-            K, V = keys(i)
-            # query heads j*G .. j*G+G-1 read kv head j: fold (kv head, group, position) into batch rows
-            qg = q.reshape(B * KV, G * T, D)
-            scores = torch.baddbmm(bias, qg, K.reshape(B * KV, -1, D).transpose(1, 2), alpha=D ** -0.5)
-            o = torch.bmm(scores.softmax(-1), V.reshape(B * KV, -1, D)).view(B, H, T, D)
-            h = _linear_residual(h, o.transpose(1, 2).reshape(B, T, H * D), w.get(i, "w_o"))
-            gate, up = F.linear(_rms_norm(h, w.get(i, "norm_post"), w.eps), w.get(i, "w_gate_up")).chunk(2, -1)
-            h = _linear_residual(h, self.act(gate) * up, w.get(i, "w_down"))
-        h = h[:, -1:]  # only the last position's logits are ever sampled from (a prefill's full [B, P, V]
-        # logits held 3.3 GB for 256 prompts of a 49k-vocabulary model)
-        return F.linear(_rms_norm(h, w.t["final_norm"], w.eps), self.w.lm_head).float()
+            h = layer(h, cos, sin, bias, st.k[i], st.v[i], col, w.layer(i), w.shape, self.act)
+        return h
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """Next-token logits (float32) from the last layer's output h [..., hidden]."""
+        return F.linear(_rms_norm(h, self.w.t["final_norm"], self.w.eps), self.w.lm_head).float()
 
     def _prefill(self, st: _State, ids: Tensor, mask: Tensor) -> Tensor:
         """Fill cache columns [0, P) from the prompts; logits [B, V] at the last prompt column."""
@@ -245,25 +288,17 @@ class DecodeEngine:
         # a padding query sees itself, so that no row of the softmax is empty (its output is unused)
         allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
 
-        def write(i, k, v):
-            st.k[i][:, :, :P].copy_(k)
-            st.v[i][:, :, :P].copy_(v)
-
-        logits = self._layers(self.w.t["embed"][ids], pos, write, lambda i: (st.k[i][:, :, :P], st.v[i][:, :, :P]),
-                              allowed)
-        return logits[:, -1]
+        h = self._layers(self.w.t["embed"][ids], pos, allowed, st, None)
+        # only the last column predicts: the head over all P columns would be a [B, P, V] float32
+        # temporary (12 GB for 256 prompts of 250 tokens with a 49k vocabulary)
+        return self._logits(h[:, -1])
 
     def _step(self, st: _State, mode: str) -> None:
         """One decode step on the state's buffers only (what a CUDA graph captures): write `tok` at
         column `col`, sample the next token into out[:, t], advance the counters."""
         st.valid.index_fill_(1, st.col, True)
-
-        def write(i, k, v):
-            st.k[i].index_copy_(2, st.col, k)
-            st.v[i].index_copy_(2, st.col, v)
-
-        logits = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], write,
-                              lambda i: (st.k[i], st.v[i]), st.valid[:, None, :])[:, -1]
+        h = self._layers(self.w.t["embed"][st.tok][:, None], st.pos[:, None], st.valid[:, None, :], st, st.col)
+        logits = self._logits(h[:, -1])
         nxt = _sample(logits, mode, st.inv_temp, st.top_p, st.noise)
         nxt = torch.where(st.done, torch.full_like(nxt, self._pad), nxt)
         st.out.index_copy_(1, st.t, nxt[:, None])
@@ -285,6 +320,7 @@ class DecodeEngine:
             while len(self.states) >= self.max_states:
                 self.states.pop(next(iter(self.states)))
             st = _State(self.w, batch, length, self.dtype, self.device)
+            self.counts["states"] += 1
         self.states[key] = st  # most recently used last
         return st
 
@@ -303,6 +339,7 @@ class DecodeEngine:
         afterwards, so nothing of it reaches the output."""
         st.col.zero_()
         st.t.zero_()
+        st.pos.zero_()  # a state used before holds its last positions: keep the warm-up's inside the tables
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -315,9 +352,21 @@ class DecodeEngine:
         with torch.cuda.graph(graph, pool=self.pool):
             self._step(st, mode)
         st.graphs[mode] = graph
+        self.counts["captures"] += 1
         return graph
 
     # -- public ---------------------------------------------------------------------------------
+    def refresh(self, model) -> None:
+        """Copy the model's current weights into the engine. A sharded (FSDP) model's are gathered (a
+        collective): only when its weights version changed since the last copy, so that once every rank
+        refreshed at the same point (rollout.prepare_generation), generate calls run no collective."""
+        from .sharding import weights_version
+
+        version = weights_version(model)
+        if version is None or version != self._synced:
+            self.w.sync(model)
+            self._synced = version
+
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
@@ -330,17 +379,15 @@ class DecodeEngine:
             self._stops, self._pad = stops, pad_id
             self._stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
             self.states.clear()
-        self.w.sync(model)
+        self.refresh(model)
         N, P = prompt_ids.shape
         need = P + max_new_tokens
         if need > self._positions:
             self._positions = need
             self.cos, self.sin = self._rope_table(need)
             self.states.clear()  # captured graphs read the old tables
-        if self.cuda_graphs:  # few distinct shapes, so that captured graphs are reused
-            B, L = max(8, 1 << (N - 1).bit_length()), -(-need // 64) * 64
-        else:
-            B, L = N, need
+        self.counts["calls"] += 1
+        B, L = bucket(N, need, self.length_bucket)
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((B, P), dtype=torch.bool, device=self.device)
         ids[:N], mask[:N] = prompt_ids.to(self.device), prompt_mask.to(self.device).bool()
@@ -375,13 +422,22 @@ class DecodeEngine:
         return st.out[:N, :produced].clone()
 
 
+def bucket(rows: int, length: int, length_bucket: int) -> tuple[int, int]:
+    """(batch, cache length) of the state that serves `rows` sequences needing `length` cache columns:
+    the next power of two >= max(rows, 8), and `length` rounded up to a multiple of `length_bucket`.
+    The same rule with and without CUDA graphs, so the CPU tests exercise the reuse the GPU relies on."""
+    return max(8, 1 << (rows - 1).bit_length()), -(-length // length_bucket) * length_bucket
+
+
 _ENGINES: "weakref.WeakKeyDictionary[object, DecodeEngine]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool) -> DecodeEngine:
-    """The model's engine (built once per model object, dtype, device and graph setting)."""
+def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool,
+               compile: bool = False) -> DecodeEngine:
+    """The model's engine (built once per model object, dtype, device, graph and compile setting)."""
     eng = _ENGINES.get(model)
-    if eng is None or (eng.dtype, eng.device, eng.cuda_graphs) != (dtype, device, cuda_graphs and device.type == "cuda"):
-        eng = DecodeEngine(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs)
+    want = (dtype, device, cuda_graphs and device.type == "cuda", compile)
+    if eng is None or (eng.dtype, eng.device, eng.cuda_graphs, eng.compiled) != want:
+        eng = DecodeEngine(model, dtype=dtype, device=device, cuda_graphs=cuda_graphs, compile=compile)
         _ENGINES[model] = eng
     return eng

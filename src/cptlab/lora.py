@@ -94,7 +94,12 @@ def apply_lora(model, cfg: LoraConfig, seed: int | None = None):
 def copy_sharing_base_weights(model):
     """A deep copy of `model`; for a peft model, one whose base weights are the live model's own
     tensors (only adapters and buffers are copied), safe because LoRA never updates a base weight.
-    For teachers and references: a copy costs the adapters' memory, not the model's."""
+    For teachers and references: a copy costs the adapters' memory, not the model's. A sharded
+    (FSDP) model gets a sharded copy (a collective)."""
+    from .sharding import is_sharded, sharded_copy
+
+    if is_sharded(model):
+        return sharded_copy(model)
     if not is_peft_model(model):
         return copy.deepcopy(model)
     memo = {id(p): p for name, p in model.named_parameters() if not is_adapter_key(name)}
@@ -105,6 +110,10 @@ def copy_at_base(model, base):
     """A copy of `model` (as copy_sharing_base_weights) that computes like the base model `base`: for
     LoRA its adapters' B zeroed (no update on the shared base weights), otherwise the base's weights.
     For a teacher that starts from the base model and then follows the student."""
+    from .sharding import is_sharded, sharded_copy
+
+    if is_sharded(model):
+        return sharded_copy(base)
     copy_ = copy_sharing_base_weights(model)
     with torch.no_grad():
         if is_peft_model(copy_):
@@ -124,7 +133,7 @@ def base_reference(model):
     has the base model's own names.
     """
     if not is_peft_model(model):
-        return copy.deepcopy(model).eval().requires_grad_(False)
+        return copy_sharing_base_weights(model).eval().requires_grad_(False)
     base = copy_sharing_base_weights(model).unload()  # adapter layers replaced by their base layer
     return base.eval().requires_grad_(False)
 
@@ -145,10 +154,13 @@ def effective_state_dict(model) -> dict[str, torch.Tensor]:
     For a peft model: the same keys as the unwrapped model's `state_dict()` (`...q_proj.weight`,
     no `base_layer`, no adapter tensors), with W + (alpha / r) * B @ A for adapted layers. The
     merge is out of place (the model is not changed) and in the wider of the two dtypes, so that a
-    small update is not rounded away on a bfloat16 base with float32 adapters.
+    small update is not rounded away on a bfloat16 base with float32 adapters. A sharded (FSDP) model's
+    weights are gathered into full tensors on every rank (a collective).
     """
     if not is_peft_model(model):
-        return model.state_dict()
+        from .sharding import full_tensors
+
+        return full_tensors(model.state_dict())
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model()
@@ -163,17 +175,26 @@ def effective_state_dict(model) -> dict[str, torch.Tensor]:
 
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
     """What a checkpoint stores: the adapter tensors of a peft model (its base weights never change
-    and come from the base model on resume), the whole state dict otherwise."""
+    and come from the base model on resume), the whole state dict otherwise (gathered into full
+    tensors for a sharded model: a collective)."""
+    from .sharding import full_tensors
+
     state = model.state_dict()
     if not is_peft_model(model):
-        return state
+        return full_tensors(state)
     return {k: v for k, v in state.items() if is_adapter_key(k)}
 
 
 def load_checkpoint_state(model, state: dict[str, torch.Tensor]) -> None:
     """Load what `checkpoint_state_dict` gave into `model`; ValueError naming the keys that do not
-    match (a tied head and, for LoRA, the base weights are expected to be absent)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    match (a tied head and, for LoRA, the base weights are expected to be absent). Full tensors load
+    into a sharded (FSDP) model too, each rank keeping its shard."""
+    from .sharding import is_sharded, load_full_state
+
+    if is_sharded(model):
+        missing, unexpected = load_full_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if is_peft_model(model):  # adapters only: the frozen base weights are already there
         missing = [k for k in missing if is_adapter_key(k)]

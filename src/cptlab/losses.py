@@ -54,39 +54,110 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / total.clamp(min=torch.finfo(x.dtype).tiny)
 
 
-_GATHER_CHUNK_ELEMENTS = 1 << 26
-"""Upper bound on the elements of one log-softmax temporary in gather_logprobs (256 MB in float32)."""
+_CHUNK_ELEMENTS = 1 << 25
+"""Upper bound on the elements of one [rows, V] piece that a vocabulary-wide computation works on at a
+time (128 MB in float32). Below it (a small vocabulary) everything runs at once, one kernel per
+operation; above it (a 49k or 150k vocabulary) the rows are processed in pieces, so that no float32
+temporary of the whole batch's logits exists, forward or backward."""
+
+
+def _rows_per_piece(vocab: int) -> int:
+    """Rows of a [rows, V] piece under _CHUNK_ELEMENTS (at least one)."""
+    return max(1, _CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _row_pieces(rows: tuple[Tensor, Tensor], step: int):
+    """The index pairs (b_idx, t_idx) of `rows`, `step` rows at a time."""
+    for s in range(0, rows[0].shape[0], step):
+        yield rows[0][s:s + step], rows[1][s:s + step]
+
+
+class _RowPieces(torch.autograd.Function):
+    """y[n] = fn(x[b_n, t_n], *(o[b_n, t_n] for o in others)) over the rows (b_idx, t_idx) of x [B, T, V],
+    piece by piece; the gradient reaches `x` only. Backward recomputes each piece's forward (the
+    piece's float32 temporaries are never kept), the way fused cross-entropy kernels do; the one
+    full-size tensor is x's gradient itself, in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, fn, rows: int, b_idx: Tensor, t_idx: Tensor, x: Tensor, *others: Tensor) -> Tensor:
+        ctx.fn, ctx.rows = fn, rows
+        ctx.save_for_backward(b_idx, t_idx, x, *others)
+        return torch.cat([fn(x[b, t], *(o[b, t] for o in others)) for b, t in _row_pieces((b_idx, t_idx), rows)])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        b_idx, t_idx, x, *others = ctx.saved_tensors
+        grad = torch.zeros_like(x)
+        for s, (b, t) in zip(range(0, b_idx.shape[0], ctx.rows), _row_pieces((b_idx, t_idx), ctx.rows)):
+            piece = x[b, t].detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = ctx.fn(piece, *(o[b, t] for o in others))
+            grad[b, t] = torch.autograd.grad(y, piece, grad_out[s:s + ctx.rows])[0].to(grad.dtype)
+        return (None, None, None, None, grad, *(None for _ in others))
+
+
+def rowwise(fn: Callable[..., Tensor], x: Tensor, rows: tuple[Tensor, Tensor], *others: Tensor) -> Tensor:
+    """fn applied to the rows `rows` = (b_idx, t_idx) of x [B, T, V]: fn([n, V], *[n, ...]) -> [n].
+
+    `others` ([B, T, ...], no gradient) are indexed alike. For a small vocabulary this is fn on all
+    rows at once under ordinary autograd; for a large one it is _RowPieces (pieces of at most
+    _CHUNK_ELEMENTS, recomputed in backward)."""
+    b_idx, t_idx = rows
+    step = _rows_per_piece(x.shape[-1])
+    if b_idx.shape[0] <= step:
+        return fn(x[b_idx, t_idx], *(o[b_idx, t_idx] for o in others))
+    return _RowPieces.apply(fn, step, b_idx, t_idx, x, *(o.detach() for o in others))
+
+
+def _all_rows(shape: torch.Size, device) -> tuple[Tensor, Tensor]:
+    B, T = shape[0], shape[1]
+    return (torch.arange(B, device=device).repeat_interleave(T), torch.arange(T, device=device).repeat(B))
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _token_logprob(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] per row: [n, V], [n] -> [n] (upcast to float32)."""
+    z = _upcast(logits)
+    return z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log softmax(logits)[token] for each position: logits [B, T, V], tokens [B, T] -> [B, T].
 
-    log p(y_t) = z_{y_t} - logsumexp_v z_v, over as many sequences at once as keep the temporary under
-    _GATHER_CHUNK_ELEMENTS (all of them for a small vocabulary: one kernel each instead of a Python loop
-    per sequence; one sequence at a time for a 150k vocabulary and long completions). Half-precision
-    logits are upcast per chunk and the result is float32. The log-probs are those of softmax(logits):
-    for a policy that sampled at temperature T pass logits / T (rollout.completion_logits does).
+    log p(y_t) = z_{y_t} - logsumexp_v z_v. Half-precision logits are upcast (per piece) and the result is
+    float32. For a large vocabulary the rows go in pieces (`rowwise`): neither the forward nor the
+    backward holds a float32 copy of the whole batch's logits. The log-probs are those of
+    softmax(logits): for a policy that sampled at temperature T pass logits / T
+    (rollout.completion_logits does).
     """
-    if logits.shape[:-1] != tokens.shape:
+    if logits.shape[:-1] != tokens.shape or logits.dim() not in (2, 3):
         raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} + (V,)")
-    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-    if logits.shape[0] == 0:
-        return logits.new_zeros(tokens.shape, dtype=dtype)
-    per_row = max(1, logits[0].numel())
-    step = max(1, _GATHER_CHUNK_ELEMENTS // per_row)
-    parts = []
-    for start in range(0, logits.shape[0], step):
-        chunk = logits[start:start + step].to(dtype)
-        picked = chunk.gather(-1, tokens[start:start + step].long().unsqueeze(-1)).squeeze(-1)
-        parts.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    if tokens.numel() == 0:
+        return logits.new_zeros(tokens.shape, dtype=_upcast(logits[:0]).dtype)
+    if logits.dim() == 2:  # [N, V] rows
+        return gather_logprobs(logits[None], tokens[None])[0]
+    if tokens.numel() <= _rows_per_piece(logits.shape[-1]):
+        return _token_logprob(logits, tokens)  # one kernel per operation on the [B, T, V] tensor as it is
+    return rowwise(_token_logprob, logits, _all_rows(tokens.shape, logits.device), tokens).view(tokens.shape)
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy H = -sum_v p_v log p_v of softmax(logits) at each position: [..., V] -> [...]."""
-    logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+def _entropy(logits: Tensor) -> Tensor:
+    logp = torch.log_softmax(_upcast(logits), -1)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, 0.0).sum(-1)  # 0 log 0 = 0 (logits of -inf)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy H = -sum_v p_v log p_v of softmax(logits) at each position: [..., V] -> [...] (float32 for
+    half-precision logits; no gradient: a statistic). Large inputs go in pieces over the rows."""
+    if logits.dim() < 2 or logits.numel() <= _CHUNK_ELEMENTS:
+        return _entropy(logits)
+    step = max(1, _CHUNK_ELEMENTS // max(1, logits[0].numel()))  # pieces along dim 0: views, no reshape copy
+    return torch.cat([_entropy(logits[s:s + step]) for s in range(0, logits.shape[0], step)])
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -455,39 +526,56 @@ def sdpo_loss(
     if top_k_from not in ("teacher", "student"):
         raise ValueError(f"{fn}: top_k_from must be 'teacher' or 'student', got {top_k_from!r}")
 
-    # Only the counted positions are ever turned into distributions: [N, V] with N = #mask != 0.
-    keep = mask != 0
-    weights = mask[keep].float()
+    # Only the counted positions are ever turned into distributions: [N, V] with N = #mask != 0, taken in
+    # pieces for a large vocabulary (`rowwise`), so no float32 copy of the whole batch's logits exists.
+    rows = (mask != 0).nonzero(as_tuple=True)
+    weights = mask[rows].float()
     compute_dtype = torch.float32 if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits.dtype
-    student = student_logits[keep].to(compute_dtype) / temperature
-    teacher = teacher_logits.detach()[keep].to(compute_dtype) / temperature
 
-    student_logp, teacher_logp, teacher_mass = _distillation_support(student, teacher, top_k, add_tail, top_k_from)
-    if alpha is not None:
-        per_token = generalized_jsd(student_logp, teacher_logp, alpha)
-    else:
-        per_token = DIVERGENCES[divergence](student_logp, teacher_logp)  # d_t, [N]
+    def prepare(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        return student.to(compute_dtype) / temperature, teacher.to(compute_dtype) / temperature
+
+    def divergence_of(student: Tensor, teacher: Tensor) -> Tensor:  # [n, V] rows -> d_t [n]
+        student, teacher = prepare(student, teacher)
+        student_logp, teacher_logp, _ = _distillation_support(student, teacher, top_k, add_tail, top_k_from)
+        if alpha is not None:
+            return generalized_jsd(student_logp, teacher_logp, alpha)
+        return DIVERGENCES[divergence](student_logp, teacher_logp)
+
+    teacher_logits = teacher_logits.detach()
+    per_token = rowwise(divergence_of, student_logits, rows, teacher_logits)
     weighted = per_token
     is_weight = None
     if is_clip is not None:
-        is_weight = _is_weights(sampled_logprobs, old_logprobs, is_clip, fn)[keep]
+        is_weight = _is_weights(sampled_logprobs, old_logprobs, is_clip, fn)[rows]
         weighted = per_token * is_weight
     weights = weights.to(weighted.dtype)
     loss = (weighted * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
 
     with torch.no_grad():
+        def token_stats(student: Tensor, teacher: Tensor) -> Tensor:  # [n, V] rows -> [n, 4]
+            student, teacher = prepare(student, teacher)
+            _, _, mass = _distillation_support(student, teacher, top_k, add_tail, top_k_from)
+            agree = (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype)
+            return torch.stack([_entropy(student), _entropy(teacher), agree,
+                                mass if mass is not None else torch.ones_like(agree)], -1)
+
+        step = _rows_per_piece(student_logits.shape[-1])
+        pieces = [token_stats(student_logits[idx], teacher_logits[idx]) for idx in _row_pieces(rows, step)]
+        per_row = torch.cat(pieces) if pieces else weights.new_zeros(0, 4)
+
         def mean(x: Tensor) -> float:
             return ((x.to(weights.dtype) * weights).sum() / weights.sum().clamp(min=1e-12)).item()
 
         stats = {
-            "divergence": mean(per_token),
-            "student_entropy": mean(token_entropy(student)),
-            "teacher_entropy": mean(token_entropy(teacher)),
-            "top1_agreement": mean((student.argmax(-1) == teacher.argmax(-1)).float()),
+            "divergence": mean(per_token.detach()),
+            "student_entropy": mean(per_row[:, 0]),
+            "teacher_entropy": mean(per_row[:, 1]),
+            "top1_agreement": mean(per_row[:, 2]),
             "num_tokens": weights.sum().item(),
         }
-        if teacher_mass is not None:
-            stats["teacher_topk_mass"] = mean(teacher_mass)
+        if top_k is not None and top_k < student_logits.shape[-1]:
+            stats["teacher_topk_mass"] = mean(per_row[:, 3])
         if is_weight is not None:
             stats["is_ratio_mean"] = mean(is_weight)
             stats["is_clip_fraction"] = mean((is_weight >= is_clip).float())

@@ -40,6 +40,8 @@ class SamplingSpec:
     """'fast' (engine.py), 'plain' (`transformers.generate`) or 'auto' (fast where supported)."""
     cuda_graphs: bool = True
     """fast engine on CUDA: replay the decode step as a captured CUDA graph."""
+    compile_decode: bool = False
+    """fast engine: torch.compile the decode step's layer (fewer, fused kernels; a compile per shape)."""
     batch_size: int = 256
     """Sequences sampled at once (memory bound)."""
 
@@ -47,7 +49,8 @@ class SamplingSpec:
     def for_rollout(cls, cfg: RolloutConfig) -> "SamplingSpec":
         """Training rollouts: the `rollout` section."""
         return cls(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                   engine=cfg.engine, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size)
+                   engine=cfg.engine, cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode,
+                   batch_size=cfg.batch_size)
 
     @classmethod
     def for_eval(cls, ecfg: EvalConfig, rcfg: RolloutConfig) -> "SamplingSpec":
@@ -56,7 +59,8 @@ class SamplingSpec:
         config.resolve_eval fills it)."""
         return cls(max_new_tokens=rcfg.max_new_tokens if ecfg.max_new_tokens is None else ecfg.max_new_tokens,
                    temperature=rcfg.temperature if ecfg.temperature is None else ecfg.temperature, greedy=True,
-                   engine=rcfg.engine, cuda_graphs=rcfg.cuda_graphs, batch_size=rcfg.batch_size)
+                   engine=rcfg.engine, cuda_graphs=rcfg.cuda_graphs, compile_decode=rcfg.compile_decode,
+                   batch_size=rcfg.batch_size)
 
     def sampled(self, temperature: float | None = None) -> "SamplingSpec":
         """This spec sampling (not greedy), at `temperature` if given."""
@@ -163,6 +167,22 @@ def use_fast_engine(model, engine: str) -> bool:
     return reason is None
 
 
+def prepare_generation(model, spec: SamplingSpec) -> None:
+    """Refresh the fast engine's copy of a sharded (FSDP) model's weights, on every rank at the same
+    point (a collective), so that the generate calls after it (each rank evaluating its own domains)
+    run none. Nothing for an unsharded model, whose engine copies its weights on each call."""
+    from .sharding import weights_version
+
+    if weights_version(model) is None or not use_fast_engine(model, spec.engine):
+        return
+    from .engine import engine_for
+    from .models import compute_dtype
+
+    device = next(model.parameters()).device
+    engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs,
+               compile=spec.compile_decode).refresh(model)
+
+
 def autocast(model):
     """Autocast to the model's compute dtype on CUDA (weights stay float32 for the optimizer); nothing
     on CPU or where the compute dtype is the weights' own."""
@@ -226,7 +246,8 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, *, genera
         from .engine import engine_for
         from .models import compute_dtype
 
-        fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs)
+        fast = engine_for(model, dtype=compute_dtype(model), device=device, cuda_graphs=spec.cuda_graphs,
+                          compile=spec.compile_decode)
 
         def sample(ids, mask):
             return fast.generate(model, ids, mask, max_new_tokens=spec.max_new_tokens, stop_ids=stop_ids,
@@ -284,7 +305,11 @@ def _concat(chunks, tokenizer, stop_ids: tuple[int, ...], pad_id: int, group_ids
 
 def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                       completion_mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Logits / temperature [N, C, V] predicting each completion token, given the (left-padded) prompt."""
+    """Logits / temperature [N, C, V] predicting each completion token, given the (left-padded) prompt.
+
+    In the forward's dtype (bfloat16 under autocast): the losses upcast piece by piece (losses.rowwise),
+    so no float32 copy of a batch's logits is made here (with a 49k vocabulary, 256 x 128 tokens of
+    them are 6.4 GB). A temperature other than 1 divides in float32, so that it costs no precision."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, (completion_mask > 0).long()], dim=1)
     # positions count real tokens only, as generate() does with left padding
@@ -293,8 +318,8 @@ def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion
     with autocast(model):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=C + 1,
                     use_cache=False)
-    logits = out.logits[:, :-1].float()
-    return logits if temperature == 1.0 else logits / temperature
+    logits = out.logits[:, :-1]
+    return logits if temperature == 1.0 else logits.float() / temperature
 
 
 SCORE_LOGIT_ELEMENTS = 1 << 28

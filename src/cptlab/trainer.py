@@ -9,6 +9,7 @@ rollout.py (sampling and the training forwards). Evaluation and checkpoints are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -25,6 +26,7 @@ from .errors import NumericalFault
 from .methods import Method
 from .optim import lr_factor, set_lr
 from .rollout import make_generator
+from .sharding import weights_changed
 from .tasks import Example, make_split
 from .ui import progress
 
@@ -63,9 +65,11 @@ class StageRun:
     """log(event, **fields): appends to metrics.jsonl."""
     on_step_end: Callable[[int, int], None]
     """on_step_end(step_done, global_step): the driver's evaluation / checkpoint schedule."""
+    bucket_mb: float = 25.0
+    """Several ranks (ddp): gradient all-reduce bucket size (distributed.bucket_mb)."""
 
 
-def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]:
+def _backward(method, model, batch, micro_batch_size: int, sync=None) -> tuple[float, dict]:
     """Backward of the batch's loss, in micro-batches of `micro_batch_size` rows (0: all at once).
 
     The one owner of loss normalisation. Each loss term the method returns is a mean over its own
@@ -74,7 +78,8 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
     the ranks' mean (all_reduce_grads) is that of the term over the whole global batch, whatever the
     micro-batch size or number of ranks. Returns this rank's share of the loss (the mean over ranks is
     the global loss) and stats (micro-batches weighted by their rows). Raises NumericalFault on a
-    nan/inf loss (on any rank) before anything is stepped."""
+    nan/inf loss (on any rank) before anything is stepped. `sync` (distributed.gradient_sync) is told
+    before each backward whether it is the batch's last, so that it can reduce gradients during it."""
     n = len(batch)
     size = n if micro_batch_size <= 0 else min(micro_batch_size, n)
     parts = [batch] if size == n else [batch.select(slice(start, start + size)) for start in range(0, n, size)]
@@ -82,7 +87,7 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
     totals = dist.all_reduce_sum({k: sum(u[k] for u in units) for k in units[0]})
     world = dist.world_size()
     loss_value, stats = 0.0, {}
-    for part, part_units in zip(parts, units):
+    for i, (part, part_units) in enumerate(zip(parts, units)):
         terms, part_stats = method.loss(model, part)
         weighted = {k: v * (world * part_units[k] / totals[k] if totals[k] > 0 else 0.0) for k, v in terms.items()}
         loss = sum(weighted.values())
@@ -90,6 +95,8 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
             # detached: float() of a tensor that requires grad warns (a UserWarning before the error line)
             raise NumericalFault(f"loss is {float(loss.detach())}" if not torch.isfinite(loss)
                                  else "loss is nan/inf on another rank")
+        if sync is not None:
+            sync.before_backward(last=i == len(parts) - 1)
         loss.backward()
         loss_value += float(loss.detach())
         share = len(part) / n
@@ -101,18 +108,25 @@ def _backward(method, model, batch, micro_batch_size: int) -> tuple[float, dict]
     return loss_value, stats
 
 
-def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_clip: float) -> tuple[float, dict]:
-    """Zero grads, backward (the closure), clip, step. Returns (loss, stats) with the gradient norm in
-    the stats; raises NumericalFault before stepping on a nan/inf loss or gradient."""
+def _step(model, optimizer, backward: Callable[[], tuple[float, dict]], grad_clip: float,
+          sync=None) -> tuple[float, dict]:
+    """Zero grads, backward (the closure), gradient mean over ranks (`sync.finish()`, else one
+    all-reduce), clip, step. Returns (loss, stats) with the gradient norm in the stats; raises
+    NumericalFault before stepping on a nan/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
     loss, stats = backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    dist.all_reduce_grads(trainable)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
+    if sync is not None:
+        sync.finish()
+    else:
+        dist.all_reduce_grads(trainable)
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NumericalFault(f"gradient norm is {grad_norm}")
     optimizer.step()
+    weights_changed(model)
     return loss, {**stats, "grad_norm": grad_norm}
 
 
@@ -123,7 +137,9 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
     device = next(run.model.parameters()).device
     skipped = 0
     run.model.train()
-    with progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance:
+    # the gradient sync's hooks live as long as the stage (closing removes them, also on a fault)
+    with (progress(f"stage {run.index} {m.name} on {stage.domain}", stage.steps) as advance,
+          contextlib.closing(dist.gradient_sync(run.model, run.bucket_mb)) as sync):
         advance(start_step)
         for step in range(start_step, stage.steps):
             t0 = time.perf_counter()
@@ -140,7 +156,8 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                                                        m.schedule))
                 try:
                     loss, stats = _step(run.model, run.optimizer,
-                                        lambda: _backward(method, run.model, batch, m.micro_batch_size), m.grad_clip)
+                                        lambda: _backward(method, run.model, batch, m.micro_batch_size, sync),
+                                        m.grad_clip, sync)
                 except NumericalFault as fault:
                     # steps are named as the train records count them: step k is the k-th of the stage,
                     # and the faulty step's global step is the one its train record would have had

@@ -62,6 +62,65 @@ def _logits_stats(model, rollout, base_model, batch_size: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
+def response_samples(model, base_model, tokenizer, prompts: list[str], spec: SamplingSpec, *, seed: int,
+                     answer_format: str = "tags") -> dict:
+    """What `response_drift` computes its metrics from, per prompt (CPU tensors and lists, so that the
+    parts of several ranks, each on its own prompts, concatenate with `merge_samples`): the current
+    policy's samples at temperature 1 (a generator seeded with `seed`) with their log-probs under both
+    models and their entropies, and both models' greedy answers and lengths."""
+    device = next(model.parameters()).device
+    with eval_mode(model), eval_mode(base_model):
+        sampled = generate(model, tokenizer, prompts, spec.sampled(temperature=1.0),
+                           generator=make_generator(seed, device))
+        lp, lp_base, entropy = _logits_stats(model, sampled, base_model, spec.batch_size)
+        greedy = generate(model, tokenizer, prompts, spec.as_greedy())
+        base_greedy = generate(base_model, tokenizer, prompts, spec.as_greedy())
+    return dict(
+        lp=lp.cpu(), lp_base=lp_base.cpu(), entropy=entropy.cpu(), mask=sampled.completion_mask.cpu(),
+        sampled_lengths=sampled.lengths.float().cpu(), lengths=greedy.lengths.float().cpu(),
+        base_lengths=base_greedy.lengths.float().cpu(),
+        answers=[parse_answer(t, answer_format).answer for t in greedy.texts],
+        base_answers=[parse_answer(t, answer_format).answer for t in base_greedy.texts])
+
+
+def merge_samples(parts: list[dict]) -> dict:
+    """Several `response_samples` results (e.g. one per rank) as one: rows concatenated, the [N, C]
+    tensors right-padded (mask 0) to the widest."""
+    parts = [p for p in parts if p and len(p["answers"])]
+    if not parts:
+        return {}
+    width = max(p["mask"].shape[1] for p in parts)
+
+    def cat(key):
+        xs = [p[key] for p in parts]
+        if xs[0].dim() == 2:
+            xs = [torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in xs]
+        return torch.cat(xs)
+
+    out = {k: cat(k) for k, v in parts[0].items() if isinstance(v, Tensor)}
+    for key in ("answers", "base_answers"):
+        out[key] = [a for p in parts for a in p[key]]
+    return out
+
+
+def drift_metrics(samples: dict) -> dict[str, float]:
+    """response_drift's metrics from `response_samples` (NaN everywhere for no prompts)."""
+    if not samples or not len(samples["answers"]):
+        nan = float("nan")
+        return dict(kl_to_base=nan, kl_to_base_k3=nan, entropy=nan, sampled_mean_length=nan,
+                    answer_changed_frac=nan, mean_length=nan, base_mean_length=nan)
+    lp, lp_base, mask = samples["lp"], samples["lp_base"], samples["mask"]
+    return {
+        "kl_to_base": token_kl(lp, lp_base, mask),
+        "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),
+        "entropy": float(masked_mean(samples["entropy"], mask)),
+        "sampled_mean_length": float(samples["sampled_lengths"].mean()),
+        "answer_changed_frac": answer_change_rate(samples["base_answers"], samples["answers"]),
+        "mean_length": float(samples["lengths"].mean()),
+        "base_mean_length": float(samples["base_lengths"].mean()),
+    }
+
+
 def response_drift(model, base_model, tokenizer, prompts: list[str], spec: SamplingSpec, *,
                    seed: int, answer_format: str = "tags") -> dict[str, float]:
     """Drift of `model`'s responses from `base_model`'s on `prompts` (already rendered), sampled with
@@ -78,25 +137,6 @@ def response_drift(model, base_model, tokenizer, prompts: list[str], spec: Sampl
       mean_length, base_mean_length   mean greedy completion length (tokens) of current and base
     """
     if not prompts:
-        nan = float("nan")
-        return dict(kl_to_base=nan, kl_to_base_k3=nan, entropy=nan, sampled_mean_length=nan,
-                    answer_changed_frac=nan, mean_length=nan, base_mean_length=nan)
-    device = next(model.parameters()).device
-    with eval_mode(model), eval_mode(base_model):
-        sampled = generate(model, tokenizer, prompts, spec.sampled(temperature=1.0),
-                           generator=make_generator(seed, device))
-        lp, lp_base, entropy = _logits_stats(model, sampled, base_model, spec.batch_size)
-        mask = sampled.completion_mask
-        greedy = generate(model, tokenizer, prompts, spec.as_greedy())
-        base_greedy = generate(base_model, tokenizer, prompts, spec.as_greedy())
-    return {
-        "kl_to_base": token_kl(lp, lp_base, mask),
-        "kl_to_base_k3": float(masked_mean(k3_kl(lp, lp_base), mask)),
-        "entropy": float(masked_mean(entropy, mask)),
-        "sampled_mean_length": float(sampled.lengths.float().mean()),
-        "answer_changed_frac": answer_change_rate([parse_answer(t, answer_format).answer for t in base_greedy.texts],
-                                                  [parse_answer(t, answer_format).answer for t in greedy.texts]),
-        "mean_length": float(greedy.lengths.float().mean()),
-        "base_mean_length": float(base_greedy.lengths.float().mean()),
-    }
-
+        return drift_metrics({})
+    return drift_metrics(response_samples(model, base_model, tokenizer, prompts, spec, seed=seed,
+                                                  answer_format=answer_format))
