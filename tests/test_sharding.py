@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cptlab import distributed as D
-from cptlab.config import GRPOConfig, MethodConfig, SDPOConfig
+from cptlab.config import GRPOConfig, MethodConfig, SDPOConfig, resolve_eval
 from test_distributed import TwoDtypes, _batch, _exit_quietly, _free_port
 from test_trainer import method_and_batch, tiny
 
@@ -260,8 +260,9 @@ def _check_split_evaluation(info, root, strategy):
     driver = Driver(cfg, store, info)
     tokenizer = build_tokenizer()
     model = noisy_model(tokenizer, scale=0.2)
-    alone = evaluate_all(model, tokenizer, driver.domains, cfg.eval, cfg.prompt,
-                         SamplingSpec.for_eval(cfg.eval, cfg.rollout), seed=derive_seed(cfg.run.seed, 1, 2, "eval"))
+    ecfg = resolve_eval(cfg)
+    alone = evaluate_all(model, tokenizer, driver.domains, ecfg, cfg.prompt,
+                         SamplingSpec.for_eval(ecfg, cfg.rollout), seed=derive_seed(cfg.run.seed, 1, 2, "eval"))
     driver.model, driver.tokenizer = (shard(model) if strategy == "fsdp" else model), tokenizer
     results = driver.evaluate(1, "arithmetic", 2, 2, final=False)
     if not info.is_main:
