@@ -61,12 +61,12 @@ def main() -> None:
     m = cfg.method
     method = build_method(m, MethodContext(tok, cfg.prompt, cfg.rollout, device, base=None), model)
     optimizer = make_optimizer(model, m.lr, m.weight_decay)
-    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt.style)
+    sampler = TrainSampler(a.domain, 0, 1, cfg.prompt)
     n = examples_per_step(m, cfg.rollout.group_size)
     sync = dist.gradient_sync(model, cfg.distributed.bucket_mb)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], 0.0
+    times, tokens, rewards = [], 0.0, []
     model.train()
     for step in range(a.warmup_steps + a.steps):
         dist.barrier()
@@ -83,15 +83,20 @@ def main() -> None:
         if step >= a.warmup_steps:
             times.append(time.perf_counter() - t0)
             tokens += float(batch.rollout.completion_mask.sum()) * info.world_size
+            if batch.rewards is not None:  # the training signal, to set beside one process's (same prompts)
+                rewards.append(float(batch.rewards.float().mean()))
     sync.close()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     peaks = dist.gather_objects(peak)
+    reward_by_rank = dist.gather_objects(sum(rewards) / len(rewards) if rewards else None)
     if info.is_main:
         total = sum(times)
         result = dict(strategy=a.strategy if info.world_size > 1 else "one process", world_size=info.world_size,
                       method=a.method, parameters=params, completions_per_step=a.prompts * a.group_size,
                       steps_per_second=len(times) / total, seconds_per_step=total / len(times), step_seconds=times,
                       completion_tokens_per_second=tokens / total, peak_gib_per_rank=peaks,
+                      mean_reward=(sum(r for r in reward_by_rank if r is not None) / len(reward_by_rank)
+                                   if any(r is not None for r in reward_by_rank) else None),
                       device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
         print(json.dumps(result))
         print(f"{result['strategy']} x{info.world_size}: {result['steps_per_second']:.3f} steps/s "

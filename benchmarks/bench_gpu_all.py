@@ -25,8 +25,11 @@ Sections (one GPU), in the order they run:
   profile           bench_step.py --profile on the 76M model, GRPO and SDPO: where a step's time goes
   sdpo_check        bench_vs_trl.py --check (on the CPU): cptlab's and TRL's SDPO loss on one batch, the tiny
                     random model and SmolLM2 (whose trained attention shows what TRL's positions change)
-With --gpus 2 (a machine with two GPUs): dist, bench_dist.py under torchrun, 256 prompts x 8 per step,
-ddp and fsdp, and one process for reference.
+With --gpus N (a machine with N GPUs), bench_dist.py under torchrun against one process on the same machine:
+  dist_grpo         76M model, 256 prompts x 8, 128 tokens: one process, ddp, fsdp (goal: >= 1.8x on two GPUs)
+  dist_sdpo         the same for SDPO (EMA teacher): one process, ddp
+  dist_large        a random-init 1.58B Qwen2-style model, 64 x 8, 64 tokens: one process vs fsdp (peak memory per
+                    GPU falls as GPUs are added)
 TRL comes from benchmarks/trl_requirements.txt (the caller installs it); without it the TRL variants
 report an error and the rest runs.
 """
@@ -46,6 +49,8 @@ TRL_COMMON = ["--size", "gpu", "--device", "cuda", "--prompts", "32", "--group-s
               "--steps", "4", "--warmup-steps", "2", "--weights-dtype", "bfloat16",
               "--variants", "cptlab:fast,trl:default,trl:static_compile,cptlab:compiled"]  # compiled last: a failed
 # capture must not take the TRL figures with it
+LARGE = ["model.hidden_size=2048", "model.num_layers=26", "model.num_heads=16", "model.num_kv_heads=4",
+         "model.intermediate_size=8192", "method.micro_batch_size=64"]
 STEP_76M = ["--size", "gpu", "--engines", "fast", "--steps", "3", "--warmup-steps", "2",
             "method.prompts_per_step=32", "rollout.group_size=8", "rollout.max_new_tokens=128"]
 
@@ -57,7 +62,7 @@ def smoke(commands: list[list[str]]) -> list[list[str]]:
             "plain,static,fast,compiled": "plain,static,fast", "plain,fast,compiled": "plain,fast", "fast,compiled": "fast",
             "method.prompts_per_step=32": "method.prompts_per_step=2", "rollout.group_size=8": "rollout.group_size=2",
             "rollout.max_new_tokens=128": "rollout.max_new_tokens=8", "--group-size": "--group-size", "8": "2"}
-    return [[swap.get(c, c) for c in cmd] for cmd in commands]
+    return [[swap.get(c, c) for c in cmd if c not in LARGE] for cmd in commands]
 
 
 def sections(a) -> list[tuple[str, list[list[str]], float]]:
@@ -65,10 +70,20 @@ def sections(a) -> list[tuple[str, list[list[str]], float]]:
     py = [sys.executable]
     if a.gpus > 1:
         dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.gpus), "--master_port", "29577"]
-        args = [str(HERE / "bench_dist.py"), "--prompts", "256", "--group-size", "8", "--max-new-tokens", "128",
-                "--steps", "4", "--warmup-steps", "2"]
-        return [("dist", [py + args + ["--out", "{out}.one"], dist + args + ["--strategy", "ddp", "--out", "{out}.ddp"],
-                          dist + args + ["--strategy", "fsdp", "--out", "{out}.fsdp"]], 400)]
+        bench = [str(HERE / "bench_dist.py"), "--size", "gpu"]
+        big = ["--prompts", "256", "--group-size", "8", "--max-new-tokens", "128", "--steps", "4", "--warmup-steps", "2"]
+        out = []
+        for method, strategies in (("grpo", ("ddp", "fsdp")), ("sdpo", ("ddp",))):
+            args = bench + big + ["--method", method]
+            out.append((f"dist_{method}", [py + args + ["--out", "{out}.one"]]
+                        + [dist + args + ["--strategy", st, "--out", "{out}." + st] for st in strategies], 300))
+        # a random-init Qwen2-style model of 1.58B parameters (hidden 2048, 26 layers, MLP 8192): what FSDP
+        # is for, per-GPU memory (weights, gradients, AdamW state) falling as GPUs are added
+        args = bench + ["--prompts", "64", "--group-size", "8", "--max-new-tokens", "64", "--steps", "3",
+                        "--warmup-steps", "1", *LARGE]
+        out.append(("dist_large", [py + args + ["--out", "{out}.one"],
+                                   dist + args + ["--strategy", "fsdp", "--out", "{out}.fsdp"]], 300))
+        return out
     out = [
         ("grpo_vs_trl", [py + [str(HERE / "bench_vs_trl.py"), "--method", "grpo", *TRL_COMMON, "--out", "{out}"]], 190),
         ("sdpo_vs_trl", [py + [str(HERE / "bench_vs_trl.py"), "--method", "sdpo", *TRL_COMMON, "--out", "{out}"]], 220),
@@ -207,10 +222,14 @@ def _summarise_rest(out_dir: Path, s: dict) -> None:
             c = r["check"]
             s[f"sdpo_check_{model}"] = {k: c[k] for k in ("rows", "distilled_rows", "ratio_same_maths",
                                                           "ratio_as_each_side_runs", "ratio_positions_only")}
-    dist = {k: _load(out_dir / f"dist.json.{k}") for k in ("one", "ddp", "fsdp")}
-    if any(dist.values()):
-        s["dist"] = {k: dict(steps_per_second=v["steps_per_second"], world_size=v["world_size"],
-                             peak_gib_per_rank=v["peak_gib_per_rank"]) for k, v in dist.items() if v}
+    for name in ("dist_grpo", "dist_sdpo", "dist_large"):
+        runs = {k: _load(out_dir / f"{name}.json.{k}") for k in ("one", "ddp", "fsdp")}
+        if any(runs.values()):
+            s[name] = {k: dict(steps_per_second=v["steps_per_second"], world_size=v["world_size"],
+                               parameters=v["parameters"], peak_gib_per_rank=v["peak_gib_per_rank"],
+                               mean_reward=v.get("mean_reward"),
+                               speedup=_ratio(v["steps_per_second"], (runs.get("one") or {}).get("steps_per_second")))
+                       for k, v in runs.items() if v}
 
 
 def print_summary(s: dict, runs: list[dict]) -> None:
@@ -259,10 +278,13 @@ def print_summary(s: dict, runs: list[dict]) -> None:
                   f"loss {f(x['ratio_same_maths']['loss'], '.6f')} grad {f(x['ratio_same_maths']['grad_norm'], '.6f')}; "
                   f"as each side runs {f(x['ratio_as_each_side_runs']['loss'], '.4f')}; TRL positions "
                   f"{f(x['ratio_positions_only']['loss'], '.4f')}")
-    x = s.get("dist")
-    if x:
-        print("several GPUs, 256x8x128: " + "; ".join(f"{k} (x{v['world_size']}) {f(v['steps_per_second'], '.3f')} steps/s, "
-                                                       f"peak GiB {v['peak_gib_per_rank']}" for k, v in x.items()))
+    for name in ("dist_grpo", "dist_sdpo", "dist_large"):
+        x = s.get(name)
+        if x:
+            print(f"{name}: " + "; ".join(
+                f"{k} (x{v['world_size']}, {v['parameters'] / 1e6:.0f}M) {f(v['steps_per_second'], '.3f')} steps/s "
+                f"({f(v['speedup'])}x one), peak GiB per rank {[round(g, 1) for g in v['peak_gib_per_rank'] if g]}"
+                for k, v in x.items()))
 
 
 def main() -> None:
@@ -271,7 +293,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=None)
     p.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run")
     p.add_argument("--sections", default="all", help="comma list of section names (default: all)")
-    p.add_argument("--gpus", type=int, default=1, help="2: the several-GPU section (torchrun ddp vs fsdp) instead")
+    p.add_argument("--gpus", type=int, default=1, help="N > 1: the several-GPU sections (torchrun ddp and fsdp against one process) instead")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks this script, measures nothing")
     a = p.parse_args()
     deadline = time.perf_counter() + a.budget
