@@ -38,7 +38,7 @@ from cptlab.analysis.summary import build_summary  # noqa: E402
 from cptlab.store import read_jsonl  # noqa: E402
 
 DRIFT_KEYS = ("param/rel_l2_base", "response/kl_to_base", "response/answer_changed_frac",
-              "artifacts/repetition_rate", "artifacts/malformed_rate")
+              "artifacts/repetition_rate", "artifacts/malformed_rate", "artifacts/multiple_answer_rate")
 """Drift-record fields reported per stage (summary's `drift` list: entry i is stage i + 1)."""
 
 
@@ -111,18 +111,20 @@ def band(ax, x, series: list[dict | None], label: str | None = None, color=None,
 def continual(studies: list[Path], out: Path) -> None:
     """Per-variant numbers and figure of a multi-stage study, rebuilt from its cells' metrics.jsonl."""
     cells: dict[str, list[dict]] = defaultdict(list)
+    n_domains = 0
     for study in studies:
         for path in sorted(study.glob("*-s*/metrics.jsonl")):
             rows = read_jsonl(path)
             cells[path.parent.name.rsplit("-s", 1)[0]].append({**build_summary(rows), "base": base_tag(rows)})
+            n_domains = max(n_domains, len({r["domain"] for r in rows if r["event"] == "eval"}))
     summary = {}
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=80)
+    fig, axes = plt.subplots(1, 5, figsize=(18.5, 3.4), dpi=80)
     for variant, runs in cells.items():
         n_stages = max(len(r["average_accuracy"]) for r in runs)
         avg = [stats([r["average_accuracy"][i] if i < len(r["average_accuracy"]) else None for r in runs])
                for i in range(n_stages)]
         n_drift = max(len(r["drift"]) for r in runs)
-        drift = {key: [stats([(r["drift"][i] or {}).get(key) if i < len(r["drift"]) else None for r in runs], 1.0, 4)
+        drift = {key: [stats([(r["drift"][i] or {}).get(key) if i < len(r["drift"]) else None for r in runs], 1.0, 6)
                        for i in range(n_drift)] for key in DRIFT_KEYS}
         summary[variant] = {
             "seeds": len(runs),
@@ -149,14 +151,15 @@ def continual(studies: list[Path], out: Path) -> None:
               + (f" | faults {s['faults']}" if s["faults"] else ""))
         line = band(axes[0], range(n_stages), avg, variant, dashed_below=len(runs))
         for ax, key in ((axes[1], "param/rel_l2_base"), (axes[2], "response/kl_to_base"),
-                        (axes[3], "artifacts/malformed_rate")):
+                        (axes[3], "artifacts/malformed_rate"), (axes[4], "artifacts/multiple_answer_rate")):
             series = [None if v is None else {**v, "ci": [max(v["ci"][0], 1e-5) if v["ci"][0] is not None else None,
                                                           v["ci"][1]]} for v in drift[key]]
             band(ax, range(1, n_drift + 1), series, color=line.get_color() if line else None, dashed_below=len(runs))
-    axes[0].set(title="average greedy accuracy, all 12 domains (%)", xlabel="stage (0 = base)")
+    axes[0].set(title=f"average greedy accuracy, all {n_domains} domains (%)", xlabel="stage (0 = base)")
     axes[1].set(title="weights: relative L2 to base", xlabel="stage")
     axes[2].set(title="responses: token KL to base", xlabel="stage", yscale="log")
-    axes[3].set(title="malformed answers (eval, greedy)", xlabel="stage", yscale="log")
+    axes[3].set(title="malformed answers (probe, greedy)", xlabel="stage", yscale="log")
+    axes[4].set(title="answers holding several answer blocks", xlabel="stage", yscale="log")
     axes[0].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -266,6 +266,77 @@ def continual(root: Path) -> None:
                   arms="sdpo - sdpo_frozen, response KL", base=base, scale=1.0)
 
 
+SMOLLM2_OOD = {"products_1x1": "products_1x2", "chain_sum_2x1": "chain_sum_3x1", "lcm_10": "lcm_20",
+               "basic_2x1": "basic_3x1"}
+"""The partially related variant of each stage domain of continual_smollm2 (same task, other size)."""
+
+
+def smollm2_numbers(c: Cell) -> dict[str, float]:
+    """continual_numbers plus, per stage k, the in-domain gain (stage k's domain after stage k minus
+    before it) and the change of that domain's partially related variant over the same stage."""
+    R, domains, sd = c.matrix()
+    gains = [R[k + 1, j] - R[k, j] for k, j in enumerate(sd)]
+    related = [R[k + 1, domains.index(SMOLLM2_OOD[domains[j]])] - R[k, domains.index(SMOLLM2_OOD[domains[j]])]
+               for k, j in enumerate(sd)]
+    end = c.drift(R.shape[0] - 1)
+    return {**continual_numbers(c), "gain": float(np.mean(gains)), "gain_stage1": float(gains[0]),
+            "gain_later": float(np.mean(gains[1:])), "related": float(np.mean(related)),
+            **{k: end.get(k, math.nan) for k in ("param/max_angle", "artifacts/multiple_answer_rate",
+                                                 "artifacts/text_after_answer_rate", "general/first_line_agreement",
+                                                 "general/text_ppl")}}
+
+
+def smollm2(root: Path) -> None:
+    """The headline study: SmolLM2-135M-Instruct after a format warm-up, four arithmetic stages."""
+    study = "continual_smollm2"
+    cells = load(root, study)
+    if not cells:
+        return
+    base = cells["grpo"][0].base_fingerprint()
+    num = {v: [smollm2_numbers(c) for c in cs] for v, cs in cells.items()}
+
+    def col(v, k):
+        return [n[k] for n in num[v]]
+
+    def vs(cid, text, direction, key, a="sdpo", b="grpo", scale=100.0, what=None):
+        claim(f"S.{cid}", text, study, direction, col(a, key), col(b, key), arms=f"{a} - {b}, {what or key}",
+              base=base, scale=scale)
+
+    vs("F1.gain.stable-ema", "SDPO specialises fast only with a stable teacher (in-domain gain per stage)", "+",
+       "gain", "sdpo_stable", "sdpo", what="mean in-domain gain per stage")
+    vs("F1.gain.stable-ema.later", "... stages 2-4 (the stable teacher is the base itself in stage 1)", "+",
+       "gain_later", "sdpo_stable", "sdpo", what="mean in-domain gain, stages 2-4")
+    vs("F1.gain.ema-grpo", "SDPO with the reference EMA teacher learns its stages slower than GRPO", "-", "gain",
+       what="mean in-domain gain per stage")
+    vs("F1.gain.stable-grpo", "... and StableSDPO too (a difference either way is shown, not equality)", "-", "gain",
+       "sdpo_stable", "grpo", what="mean in-domain gain per stage")
+    claim("S.F3.related.sdpo", "SDPO hurts the partially related domains (change over the stage that trains "
+          "the source)", study, "-", col("sdpo", "related"), arms="sdpo: related-variant change per stage", base=base)
+    vs("F3.related.sdpo-grpo", "SDPO gains less on the partially related domains than GRPO", "-", "related",
+       what="related-variant change per stage")
+    vs("F4.avg", "SDPO ends below GRPO in average accuracy (all 12 domains)", "-", "avg", what="final average")
+    vs("F4.avg_trained", "... and over the 4 trained domains", "-", "avg_trained", what="final average, trained")
+    vs("F4.forgetting", "SDPO forgets more than GRPO (Chaudhry)", "+", "forgetting", what="mean forgetting")
+    vs("F4.bwt", "SDPO's backward transfer is more negative", "-", "bwt", what="BWT")
+    vs("F4.fwt", "SDPO's forward transfer is more negative", "-", "fwt", what="FWT")
+    vs("F4.forgetting.stable", "StableSDPO forgets more than GRPO", "+", "forgetting", "sdpo_stable",
+       what="mean forgetting")
+    vs("F5.rel_l2", "SDPO drifts further in weights (relative L2 to base)", "+", "param/rel_l2_base", scale=1.0,
+       what="relative L2 to base, end")
+    vs("F5.max_angle", "... and in the principal angles of its weight matrices (degrees)", "+", "param/max_angle",
+       scale=1.0, what="largest principal angle, end")
+    vs("F5.kl", "SDPO drifts further in responses (token KL to base)", "+", "response/kl_to_base", scale=1.0,
+       what="token KL to base, end")
+    vs("F5.general", "SDPO keeps fewer of the base's answers to general prompts", "-",
+       "general/first_line_agreement", scale=1.0, what="general-probe first-line agreement, end")
+    vs("F6.multiple", "the SDPO loop amplifies the answer format (several \\boxed answers per response)", "+",
+       "artifacts/multiple_answer_rate", scale=1.0, what="answers with several boxes, end")
+    vs("F6.after", "... and text after the answer", "+", "artifacts/text_after_answer_rate", scale=1.0,
+       what="answers with text after the box, end")
+    vs("F6.malformed", "... and malformed answers", "+", "artifacts/malformed_rate", scale=1.0,
+       what="malformed answers, end")
+
+
 def collapse(root: Path) -> None:
     study = "collapse_gpu"
     cells = load(root, study)
@@ -400,7 +471,7 @@ def main() -> None:
     p.add_argument("data", type=Path, help="directory holding the unpacked docs/data/*.tgz")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("verdicts.json"))
     a = p.parse_args()
-    for fn in (teacher_stability, cot, ood, continual, collapse):
+    for fn in (smollm2, teacher_stability, cot, ood, continual, collapse):
         fn(a.data)
     order = mechanism(a.data)
     leads = [o["format -25%"] - o["accuracy -25%"] for o in order
