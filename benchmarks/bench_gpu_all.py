@@ -71,7 +71,8 @@ def sections(a) -> list[tuple[str, list[list[str]], float]]:
     if a.gpus > 1:
         dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.gpus), "--master_port", "29577"]
         bench = [str(HERE / "bench_dist.py"), "--size", "gpu"]
-        big = ["--prompts", "256", "--group-size", "8", "--max-new-tokens", "128", "--steps", "4", "--warmup-steps", "2"]
+        big = ["--prompts", "256", "--group-size", "8", "--max-new-tokens", "128", "--steps", "4", "--warmup-steps", "2",
+               "method.micro_batch_size=256"]  # 2048 rows in one backward do not fit one process on an H200
         out = []
         for method, strategies in (("grpo", ("ddp", "fsdp")), ("sdpo", ("ddp",))):
             args = bench + big + ["--method", method]
