@@ -107,12 +107,14 @@ def eval_cmd(
     domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: all)."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the results as JSON here."),
     show: int = typer.Option(0, "--show", help="Print N samples per domain (prompt, completion, answer, verdict)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Preset or YAML file to start from (default tiny)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Preset or YAML file to start from (default: the "
+                                         "preset of a packaged short name, e.g. smollm2, else tiny)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value config overrides"),
 ) -> None:
     """Evaluate a model (directory, GGUF file or short name) on held-out sets of the given domains."""
     from .config import ConfigError, eval_domains, load_config, resolve_eval
     from .evaluate import evaluate_all
+    from .gguf_model import SHORT_NAMES
     from .models import load_pretrained, resolve_device
     from .rollout import SamplingSpec
     from .store import atomic_write_json
@@ -123,6 +125,8 @@ def eval_cmd(
         raise ConfigError("--show", show, "a number of samples >= 0")
     _configure_threads()
     extra = [f"eval.domains=[{domains}]"] if domains else []
+    if config is None and model_dir in SHORT_NAMES:  # its prompt format, answer format and domains
+        config = model_dir
     cfg = load_config(config, [f"model.path={model_dir}", *extra, *(overrides or [])])
     names = eval_domains(cfg)
     for n in names:
@@ -179,13 +183,15 @@ def distance(
     domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains (default: the run's)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output JSON (default RUN_DIR/distance.json)."),
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompts per domain (default: eval.num_prompts)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Embed with this HF model directory instead of the "
+                                        "run's base (e.g. a GGUF run's dequantized weights, copied elsewhere)."),
 ) -> None:
     """MMD between the domains' prompts, embedded by the run's base model; writes distance.json."""
     from .analysis.distance import format_matrix, write_distance
 
     _configure_threads()
     names = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-    path, result = write_distance(run_dir, names, out, prompts)
+    path, result = write_distance(run_dir, names, out, prompts, model)
     print(f"MMD^2 (RBF kernel, bandwidth {result['bandwidth']:.4g}; {result['prompts_per_domain']} prompts per "
           f"domain, {result['embedding']}):")
     print(format_matrix(result))

@@ -170,13 +170,19 @@ def base_model_dir(run_dir: Path | str, cfg=None) -> Path | None:
     return path if path is not None and (path / "config.json").is_file() else None
 
 
-def _plan(run_dir: Path, domains: list[str] | None, prompts: int | None):
+def _plan(run_dir: Path, domains: list[str] | None, prompts: int | None, model: str | Path | None = None):
     """(config, base model directory, domains, prompts per domain) of a distance computation."""
     from ..config import eval_domains
-    from ..tasks import check_domain
+    from ..tasks import check_domain, install_domains
 
     cfg = _run_config(run_dir)
-    model_dir = base_model_dir(run_dir, cfg)
+    install_domains(cfg.domains)  # the run's own domain definitions (a preset's sized variants)
+    if model is not None:
+        model_dir = Path(model).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"--model = {model}: expected a Hugging Face model directory (with config.json)")
+    else:
+        model_dir = base_model_dir(run_dir, cfg)
     if model_dir is None:
         raise UserError(f"{run_dir}: no base model (neither {run_dir / 'base'} nor model.path); "
                         "expected the run directory of a cptlab run")
@@ -189,12 +195,13 @@ def _plan(run_dir: Path, domains: list[str] | None, prompts: int | None):
     return cfg, model_dir, names, n
 
 
-def compute_distance(run_dir: Path | str, domains: list[str] | None = None, prompts: int | None = None) -> dict:
-    """distance.json content for a run: its base model, its evaluated and trained domains (or `domains`),
-    `prompts` held-out prompts per domain (default: the run's eval.num_prompts)."""
+def compute_distance(run_dir: Path | str, domains: list[str] | None = None, prompts: int | None = None,
+                     model: str | Path | None = None) -> dict:
+    """distance.json content for a run: its base model (or the model directory `model`), its evaluated and
+    trained domains (or `domains`), `prompts` held-out prompts per domain (default: eval.num_prompts)."""
     from ..models import load_model, resolve_device
 
-    cfg, model_dir, names, n = _plan(Path(run_dir), domains, prompts)
+    cfg, model_dir, names, n = _plan(Path(run_dir), domains, prompts, model)
     model, tokenizer = load_model(str(model_dir), cfg.model, resolve_device(cfg.run.device))
     out = domain_distance(model, tokenizer, names, cfg.prompt, n, batch_size=min(cfg.rollout.batch_size, 64))
     return {**out, "model": str(model_dir)}
@@ -223,11 +230,11 @@ def run_distance(run_dir: Path | str, memo: dict | None = None) -> dict | None:
 
 
 def write_distance(run_dir: Path | str, domains: list[str] | None = None, out: Path | str | None = None,
-                   prompts: int | None = None) -> tuple[Path, dict]:
+                   prompts: int | None = None, model: str | Path | None = None) -> tuple[Path, dict]:
     """Compute the run's MMD matrix and write it (default RUN_DIR/distance.json); returns (path, content)."""
     from ..store import atomic_write_json
 
-    result = compute_distance(run_dir, domains, prompts)
+    result = compute_distance(run_dir, domains, prompts, model)
     path = Path(out) if out else Path(run_dir) / "distance.json"
     atomic_write_json(path, result)
     return path, result
