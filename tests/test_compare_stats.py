@@ -15,7 +15,7 @@ from cptlab.analysis import per_prompt
 from cptlab.analysis.compare import RunData, build_table, format_text
 from cptlab.analysis.stats import difference
 from cptlab.errors import ConfigError
-from cptlab.report import write_compare
+from cptlab.comparison import write_compare
 from cptlab.store import read_jsonl
 from cptlab.study import study_statistics
 
@@ -146,7 +146,7 @@ def test_old_summary_forgetting_is_rebuilt_from_records(tmp_path):
     """A summary.json from before metrics_version 2 meant the base-row forgetting by `mean_forgetting`:
     reports take that key from the records, and everything else from the file as before."""
     from cptlab.analysis.summary import build_summary
-    from cptlab.report import load_run
+    from cptlab.runview import load_run
     from test_report import make_run
 
     run = make_run(tmp_path / "old", summary={"mean_forgetting": 0.99, "headline": ["kept"]})
