@@ -231,13 +231,57 @@ def single(studies: list[Path], domain: str, out: Path) -> None:
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
+def distance(studies: list[Path], out: Path) -> None:
+    """Each untrained domain's accuracy drop over each stage against its MMD^2 to the stage's trained
+    domain (the cells' distance.json: `cptlab distance`, or written by compare), one dot per (cell,
+    stage, domain), coloured by variant, with the mean drop in equal-count distance bins."""
+    from cptlab.analysis.distance import forgetting_vs_distance
+    from cptlab.analysis.metrics import matrix_from_records
+
+    by_variant = defaultdict(list)
+    for study in studies:
+        for metrics in sorted(study.glob("*-s*/metrics.jsonl")):
+            dist_file = metrics.parent / "distance.json"
+            if not dist_file.is_file():
+                continue
+            rows = read_jsonl(metrics)
+            R, domains, stage_cols = matrix_from_records(rows)
+            for point in forgetting_vs_distance(R, domains, stage_cols, json.loads(dist_file.read_text())):
+                by_variant[metrics.parent.name.rsplit("-s", 1)[0]].append(point)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    pooled = []
+    for variant, points in sorted(by_variant.items()):
+        ax.scatter([p["distance"] for p in points], [100 * p["forgetting"] for p in points], s=14, label=variant)
+        pooled += points
+    pooled.sort(key=lambda p: p["distance"])
+    size = max(1, len(pooled) // 6)
+    bins = [pooled[i:i + size] for i in range(0, len(pooled), size)]
+    print(f"{'MMD^2 bin':>20s} {'points':>6s} {'mean drop (points)':>20s}")
+    for b in bins:
+        lo, hi = b[0]["distance"], b[-1]["distance"]
+        print(f"{lo:9.4f}-{hi:<9.4f} {len(b):6d} {text(stats([p['forgetting'] for p in b])):>20s}")
+    ax.plot([st.mean(p["distance"] for p in b) for b in bins], [st.mean(100 * p["forgetting"] for p in b) for b in bins],
+            color="#222222", marker="s", label="binned mean (all cells)")
+    ax.axhline(0, color="#888888", linewidth=0.8)
+    ax.set_xlabel("MMD² to the stage's trained domain (base model's embeddings)")
+    ax.set_ylabel("accuracy drop over the stage (points)")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("studies", type=Path, nargs="+")
     p.add_argument("--domain", default="gcd")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--distance", action="store_true", help="forgetting against domain distance (distance.json)")
     a = p.parse_args()
     out = a.out or Path("docs") / f"{a.studies[0].name}.png"
+    if a.distance:
+        distance(a.studies, out)
+        return
     first = next(iter(sorted(a.studies[0].glob("*-s*/metrics.jsonl"))), None)
     start = next((r for r in read_jsonl(first) if r.get("event") == "run_start"), {}) if first else {}
     if len(start.get("stages", [])) > 1:

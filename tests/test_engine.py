@@ -265,7 +265,8 @@ def test_cuda_graph_is_captured_once_per_bucket_and_mode(tokenizer):
 
     for prompts in (PROMPTS[:1] * 8, PROMPTS[1:2] * 8, PROMPTS * 2):  # three prompt lengths, one bucket
         generate(m, tokenizer, prompts, spec, generator=make_generator(0, "cuda"))
-    eng = engine_for(m, dtype=torch.float32, device=torch.device("cuda"), cuda_graphs=True)
+    # the model's own device (cuda:0): torch.device("cuda") compares unequal to it and would build a new engine
+    eng = engine_for(m, dtype=torch.float32, device=next(m.parameters()).device, cuda_graphs=True)
     assert eng.counts == {"states": 1, "captures": 1, "calls": 3}
 
 

@@ -398,9 +398,11 @@ class DecodeEngine:
             self._capture(st, mode)
         st.inv_temp.fill_(1.0 / temperature)
         st.top_p.fill_(top_p)
-        draw = mode != "greedy"  # the noise of each step comes from `generator` (None: the default one)
+        # the noise of each step comes from `generator` (None: the default one), for the N real rows only:
+        # a row's draws do not depend on the bucket's filler rows (outputs dropped; their noise is stale)
+        draw = mode != "greedy"
         if draw:
-            st.noise.exponential_(generator=generator)
+            st.noise[:N].exponential_(generator=generator)
         first = _sample(self._prefill(st, ids, mask), mode, st.inv_temp, st.top_p, st.noise)
         st.valid.zero_()
         st.valid[:, :P] = mask
@@ -414,7 +416,7 @@ class DecodeEngine:
         produced = 1
         while produced < max_new_tokens:
             if draw:
-                st.noise.exponential_(generator=generator)
+                st.noise[:N].exponential_(generator=generator)
             self._run_step(st, mode)
             produced += 1
             if produced % _STOP_CHECK_EVERY == 0 and bool(st.done[:N].all()):
