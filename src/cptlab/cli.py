@@ -162,7 +162,8 @@ def export(
     out: str = typer.Option(..., "--out", help="The Hugging Face directory to write (new or empty)."),
     stage: Optional[int] = typer.Option(None, "--stage", help="The model at the end of this stage (0: the base)."),
     step: Optional[int] = typer.Option(None, "--step", help="The model at this global step (a kept checkpoint)."),
-    lora: str = typer.Option("merged", "--lora", help="LoRA runs: 'merged' (a full model) or 'adapter' (peft)."),
+    lora: str = typer.Option("merge", "--lora", help="LoRA runs: 'merge' (a full model, the adapters merged "
+                             "in) or 'adapter' (a peft adapter on the run's base)."),
 ) -> None:
     """Write the run's model at a stage's end or a step (default: the newest kept) as a Hugging Face directory."""
     from .export import export_model

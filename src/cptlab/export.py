@@ -86,7 +86,7 @@ def _generation_config(model, tokenizer, max_new_tokens: int) -> None:
 
 
 def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = None, step: int | None = None,
-                 lora: str = "merged") -> Path:
+                 lora: str = "merge") -> Path:
     """Write the model at `--stage`/`--step` (default: the newest kept) of the run in `run_dir` to `out`."""
     import torch
 
@@ -98,15 +98,15 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     root, out = Path(run_dir), Path(out)
     if not (root / "config.yaml").is_file():
         raise UserError(f"export: '{root}' is not a cptlab run directory (no config.yaml)")
-    if lora not in ("merged", "adapter"):
-        raise UserError(f"export: --lora {lora!r}: expected 'merged' or 'adapter'")
+    if lora not in ("merge", "adapter"):
+        raise UserError(f"export: --lora {lora!r}: expected 'merge' (a full model) or 'adapter' (peft)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export: --out '{out}' already exists and is not empty; choose a new directory")
     cfg = load_config(str(root / "config.yaml"))
     point = pick(available(root), stage, step)
     if lora == "adapter" and cfg.model.lora.rank == 0:
         raise UserError("export: --lora adapter: this run trained all weights (model.lora.rank = 0); export it "
-                        "merged (a full model)")
+                        "with --lora merge (a full model)")
     base_dir = _base_dir(root, cfg)
     device = torch.device("cpu")
     model, tokenizer = load_model(str(base_dir), cfg.model, device)
