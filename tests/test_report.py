@@ -289,3 +289,25 @@ def test_first_screen_holds_the_headline_and_the_matrix(tmp_path):
     # the heatmap's blue-green cells fill much of the matrix's box; the gains' green text is in the headline
     assert share(matrix, lambda r, g, b: (b > r + 40) & (g > r)) > 0.2
     assert share(head, lambda r, g, b: (g > r + 60) & (g > b + 40)) > 0.001
+
+
+def test_rate_axes_start_at_zero_and_a_handful_of_answers_stays_near_the_floor():
+    """A malformed rate going from 0.13% to 0.39% of answers: drawn on 0..5%, not on an axis it fills;
+    a percent ratio (weights moved) from zero, fitted; a plain value keeps matplotlib's own limits."""
+    import matplotlib.pyplot as plt
+
+    from cptlab.labels import label
+    from cptlab.plots import _axis
+
+    def limits(key: str, ys: list[float]) -> tuple[float, float]:
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], ys)
+        _axis(ax, "t", {"t": (label(key).unit, label(key).axis_top)})
+        low, high = ax.get_ylim()
+        plt.close(fig)
+        return round(low, 6), round(high, 6)
+
+    assert limits("artifacts/malformed_rate", [0.13, 0.2, 0.39]) == (0.0, 5.0)
+    assert limits("artifacts/malformed_rate", [1.0, 8.0, 10.0]) == (0.0, 11.5)  # 15% headroom above the top
+    assert limits("param/rel_l2_base", [0.0, 0.4, 0.8]) == (0.0, 0.92)
+    assert limits("response/kl_to_base", [1.0, 1.1, 1.2])[0] > 0.9  # a value: not forced to zero

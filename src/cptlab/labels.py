@@ -2,8 +2,9 @@
 
 No figure is titled by a raw metric key: `param/rel_l2_base` is drawn as "weights moved from the base",
 in percent of the base weights' norm. Numbers of kind "share" (a fraction of answers, prompts or
-entries) and "percent" (a ratio) are drawn in percent with the axis starting at zero, so that a rate
-going from 0.13% to 0.39% does not fill a whole axis; "value" numbers keep their own units.
+entries) and "percent" (a ratio) are drawn in percent with the axis starting at zero; a share's axis
+also reaches at least SHARE_AXIS_TOP, so that a rate going from 0.13% to 0.39% (a handful of answers) lies
+along the floor instead of filling the axis. "value" numbers keep their own units and scale.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ class Label:
     @property
     def in_percent(self) -> bool:
         return self.kind in ("share", "percent")
+
+    @property
+    def axis_top(self) -> float | None:
+        """The least top of the y axis, which then starts at zero (percent: 0, fit the data from zero);
+        None: the axis fits the data."""
+        return SHARE_AXIS_TOP if self.kind == "share" else 0.0 if self.kind == "percent" else None
+
+
+SHARE_AXIS_TOP = 5.0  # percent: a share's axis spans at least 0..5%
 
 
 def _share(name: str, meaning: str, of: str = "evaluation answers") -> Label:

@@ -256,7 +256,7 @@ def _smooth(x: Sequence[float], y: np.ndarray, bounds: Sequence[tuple[float, flo
 
 
 Panels = dict[str, dict[str, tuple[list, list]]]  # panel title -> line label -> (x, y); "" = an unlabelled line
-Axes = dict[str, tuple[str, bool]]  # panel title -> (y-axis label, whether the axis starts at zero)
+Axes = dict[str, tuple[str, float | None]]  # panel title -> (y-axis label, least top of an axis from zero; None: fit)
 
 
 def _grid(panels: Panels, ncols: int, width: float, height: float):
@@ -283,14 +283,15 @@ def _lines(ax, k: int, lines: dict[str, tuple[list, list]], bounds=(), marker: b
 
 
 def _axis(ax, title: str, axes: Axes | None) -> None:
-    """The panel's y-axis label and, for rates, an axis from zero (a few answers must not fill it)."""
-    ylabel, from_zero = (axes or {}).get(title, ("", False))
+    """The panel's y-axis label and, for rates, an axis from zero up to at least `least_top` (a few
+    answers must not fill it; labels.Label.axis_top)."""
+    ylabel, least_top = (axes or {}).get(title, ("", None))
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=7)
-    if from_zero:
+    if least_top is not None:
         top = max([v for line in ax.get_lines() for v in np.asarray(line.get_ydata(), dtype=float)
                    if np.isfinite(v)], default=0.0)
-        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+        ax.set_ylim(0, max(top * 1.15, least_top) if top > 0 else max(least_top, 1.0))
 
 
 @_plain_text
@@ -353,7 +354,8 @@ def grouped_bars(categories: Sequence[str], bars: list[tuple[str, str, list, lis
                         linewidth=0.9)
     _style(ax)
     ax.grid(axis="x", visible=False)
-    ax.set_xticks(x, [_short(c, 24) for c in categories], rotation=20 if len(categories) > 4 else 0, fontsize=8)
+    ax.set_xticks(x, ["\n".join(_short(line, 24) for line in c.split("\n")) for c in categories],
+                  rotation=20 if len(categories) > 4 else 0, fontsize=8)
     if ylim:
         ax.set_ylim(*ylim)
     else:

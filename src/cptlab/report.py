@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
+from . import labels, plots
 from . import report_details as details
 from .analysis import per_prompt
 from .analysis.changes import Change, StageStory, retained, stage_stories
@@ -172,7 +172,8 @@ def gain_cost_figure(run: Run, stories: list[StageStory]) -> list[str]:
         lows = [math.nan if c is None else 100 * c.low for c in changes]
         highs = [math.nan if c is None else 100 * c.high for c in changes]
         bars.append((name, COLOURS[key], values, lows, highs))
-    labels = [f"stage {st.stage}: {run.stage(st.stage)['method']} {st.domain}" for st in stories]
+    # two lines: side by side, three one-line labels of this length run into each other
+    labels = [f"stage {st.stage}\n{run.stage(st.stage)['method']} {st.domain}" for st in stories]
     return ["<h2>What each stage gained, and what it cost</h2>",
             '<p class="note">Change of greedy accuracy over each stage, in percentage points, on the stage\'s own '
             "domain, on the domains trained at earlier stages (a drop is forgetting) and on all other domains; "
@@ -188,7 +189,7 @@ def drift_artifact_figure(run: Run, counts: dict[int, int]) -> list[str]:
     if not keys or by_step:
         return []
     panels: plots.Panels = {label(k).name: {"": details.scaled(k, drift[k])} for k in keys}
-    axes: plots.Axes = {label(k).name: (label(k).unit, True) for k in keys}
+    axes: plots.Axes = {label(k).name: (label(k).unit, label(k).axis_top) for k in keys}
     notes = {}
     if ARTIFACT_CURVE in keys and counts:
         x, y = drift[ARTIFACT_CURVE]
@@ -198,7 +199,8 @@ def drift_artifact_figure(run: Run, counts: dict[int, int]) -> list[str]:
                               axes=axes, notes=notes, size=(4.6, 2.4))
     text = " ".join(f"{label(k).name[0].upper() + label(k).name[1:]}: {label(k).meaning}." for k in keys)
     return ["<h2>How far the model moved</h2>",
-            f'<p class="note">After each stage (0 = the base model). {esc(text)} Both axes start at zero'
+            f'<p class="note">After each stage (0 = the base model). {esc(text)} Both axes start at zero (the '
+            f"rate's reaches at least {labels.SHARE_AXIS_TOP:g}%, so that a handful of answers stays near the floor)"
             + ("; numbers on the points: malformed answers / all evaluation answers." if notes else ".") + "</p>",
             img(figure, "drift and artifacts per stage", "drift-artifacts")]
 

@@ -65,7 +65,7 @@ def panels_for(keys_xy: dict[str, tuple[list, list]]) -> tuple[plots.Panels, plo
             left_out.append(f"{lab.name} = {y[0]:.4g}{unit}")
             continue
         panels[lab.name] = {"": lines["all"]} if list(lines) == ["all"] else lines
-        axes[lab.name] = (lab.unit, lab.in_percent)
+        axes[lab.name] = (lab.unit, lab.axis_top)
     return panels, axes, left_out
 
 
