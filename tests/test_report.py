@@ -257,7 +257,7 @@ window.addEventListener("load", () => {
 
 
 def test_first_screen_holds_the_headline_and_the_matrix(tmp_path):
-    """The default job's shape (12 domains, 3 stages) at 1280x800: the headline card and the whole accuracy
+    """Every built-in domain (12; the default job evaluates 8) after 3 stages, at 1280x800: the headline card and the whole accuracy
     matrix lie inside the first screen, by the DOM and by the pixels of a screenshot."""
     exe = _chromium()
     run = make_run(tmp_path / "run", domains=DOMAINS12, methods=("grpo", "grpo", "grpo"))
