@@ -173,6 +173,27 @@ def test_bad_requests_are_one_line_errors(full_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_a_run_killed_mid_stage_keeps_its_stage_models_and_resumes_to_the_same_ones(full_run, warmup_cache,
+                                                                                    tmp_path):
+    """Stopped dead in stage 2 after its step-2 checkpoint, then resumed: the same checkpoints are kept
+    and stage 1's model exports to the same weights as the uninterrupted run's."""
+    from test_reliability import run_until_crash  # stands in for SIGKILL in-process
+
+    cfg = load_config("smoke", [*SMOKE, f"warmup.cache_dir={warmup_cache}"])
+    run_until_crash(cfg, tmp_path / "run", stage=2, step=2)  # drawing its third (last) step's prompts
+    assert [d.name for d in RunStore.open(tmp_path / "run").checkpoint_dirs()] == ["stage1-step3", "stage2-step2"]
+    run_continual(resume=str(tmp_path / "run"))
+    assert ([d.name for d in RunStore.open(tmp_path / "run").checkpoint_dirs()]
+            == [d.name for d in RunStore.open(full_run).checkpoint_dirs()])
+    for run, out in ((full_run, tmp_path / "a"), (tmp_path / "run", tmp_path / "b")):
+        export_model(run, out, stage=1)
+    assert load_file(str(tmp_path / "a" / "model.safetensors")).keys() == load_file(
+        str(tmp_path / "b" / "model.safetensors")).keys()
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stage_ends_are_kept_only_when_asked(tmp_path):
     """RunStore.commit_checkpoint: keep=1 keeps the newest and the newest stage end; keep_stage_ends keeps
     every trained stage's end as well, but never the base's (stage 0)."""
