@@ -115,7 +115,11 @@ def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(f
     # cptlab eval reads the same accuracies the run recorded at that point, on the same held-out prompts
     mid = export_model(full_run, tmp_path / "gs5", step=5)  # stage 2 step 2, a mid-stage checkpoint
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(mid)), logits(run_model(full_run, "stage2-step2")))
-    for directory, stage, step in ((stage1, 1, 3), (mid, 2, 5), (full_run / "base", 0, 0)):
+    stage0 = export_model(full_run, tmp_path / "stage0", stage=0)
+    assert json.loads((stage0 / "cptlab_export.json").read_text())["checkpoint"] == "base"
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(stage0)),
+                       logits(AutoModelForCausalLM.from_pretrained(full_run / "base")))
+    for directory, stage, step in ((stage1, 1, 3), (mid, 2, 5), (stage0, 0, 0)):
         assert evaluated(directory, full_run, tmp_path) == recorded(full_run, stage, step), directory
     # the default is the newest kept model: the last stage's end, which SDPO moved away from the base (the
     # smoke base never answers right, so GRPO's stage 1 had no reward and no gradient)
@@ -148,6 +152,8 @@ def test_lora_run_exports_merged_and_as_adapter(lora_run, tmp_path):
     want = recorded(lora_run, 2, 6)
     assert evaluated(merged, lora_run, tmp_path) == want
     assert evaluated(adapter, lora_run, tmp_path) == want
+    with pytest.raises(UserError, match="--stage 0 is the base model itself"):
+        export_model(lora_run, tmp_path / "base-adapter", stage=0, lora="adapter")
 
 
 @pytest.mark.slow

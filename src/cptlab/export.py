@@ -107,6 +107,9 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     if lora == "adapter" and cfg.model.lora.rank == 0:
         raise UserError("export: --lora adapter: this run trained all weights (model.lora.rank = 0); export it "
                         "with --lora merge (a full model)")
+    if lora == "adapter" and point.path is None:
+        raise UserError("export: --lora adapter: --stage 0 is the base model itself, which has no adapter; "
+                        "export it with --lora merge")
     base_dir = _base_dir(root, cfg)
     device = torch.device("cpu")
     model, tokenizer = load_model(str(base_dir), cfg.model, device)
