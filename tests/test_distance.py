@@ -132,7 +132,7 @@ def test_distance_bad_input(tmp_path, tiny_model, tokenizer):
 def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
     from test_report import PNG_MAGIC, images, make_run
 
-    from cptlab.report import write_compare
+    from cptlab.comparison import write_compare
 
     runs = [make_run(tmp_path / n, name=n, seed=s) for n, s in (("grpo-s0", 0), ("grpo-s1", 1))]
     before = write_compare(runs, tmp_path / "before.html").read_text()

@@ -14,52 +14,66 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from cptlab.report import write_compare, write_report
+from cptlab.comparison import write_compare
+from cptlab.report import write_report
 
 EVIL = "<script>alert(1)</script> \x1b[31mred\x1b[0m"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+IMG_RE = re.compile(r'<img[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+PROMPTS = 200  # held-out prompts per domain in the hand-written runs: accuracies are whole counts of them
 
 
 def make_run(root: Path, *, name: str = "toy", seed: int = 0, lr: float = 1e-3, steps: int = 8,
              domains=("arithmetic", "sorting", "arithmetic_ood"), methods=("grpo", "sdpo"),
              drift: bool = True, fault: bool = False, summary: dict | None = None) -> Path:
-    """A plausible run directory written by hand: evals every 2 steps, drift per stage, samples."""
+    """A plausible run directory written by hand: evals every 2 steps (with per-prompt records: the first
+    `hits` of 200 prompts right), drift per stage, samples. Each step adds 8 hits (+4 points) on the
+    trained domain and takes 3 (-1.5 points) from the others."""
     root.mkdir(parents=True)
     trained = [d for d in domains if not d.endswith("_ood")]
     plan = [{"domain": trained[i % len(trained)], "steps": steps, "method": m} for i, m in enumerate(methods)]
     config = {"run": {"name": name, "seed": seed, "out_dir": "runs"}, "method": {"lr": lr},
               "stages": [{"domain": p["domain"], "steps": steps, "method": {"name": p["method"]}} for p in plan]}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    acc = {d: 0.2 + 0.05 * k + 0.02 * seed for k, d in enumerate(domains)}
+    hits = {d: 40 + 10 * k + 4 * seed for k, d in enumerate(domains)}
     records = [{"event": "run_start", "name": name, "base": {"source": "built", "parameters": 80768},
                 "domains": list(domains), "stages": plan}]
 
     def evaluate(stage, stage_name, step, gstep, final):
         records.extend({"event": "eval", "stage": stage, "stage_name": stage_name, "step": step, "global_step": gstep,
-                        "final": final, "domain": d, "greedy_acc": round(acc[d], 4), "sampled_acc": acc[d] / 2,
-                        "format_rate": 0.9, "mean_length": 12.0} for d in domains)
+                        "final": final, "domain": d, "greedy_acc": hits[d] / PROMPTS, "sampled_acc": hits[d] / PROMPTS / 2,
+                        "format_rate": 0.9, "mean_length": 12.0, "num_prompts": PROMPTS} for d in domains)
         samples = {d: [{"question": f"{d} question {i} <b>bold</b>",
                         "completion": EVIL if i == 0 else " <answer>4</answer>", "correct": i == 1,
                         "well_formed": i == 1} for i in range(3)] for d in domains}
         (root / "samples").mkdir(exist_ok=True)
         (root / "samples" / f"stage{stage}-step{step}.json").write_text(json.dumps(samples))
+        per_prompt = {d: {"prompts": PROMPTS, "config_sha256": f"c-{d}", "prompts_sha256": f"p-{d}",
+                          "greedy": "1" * hits[d] + "0" * (PROMPTS - hits[d])} for d in domains}
+        (root / "evals").mkdir(exist_ok=True)
+        (root / "evals" / f"stage{stage}-step{step}.json").write_text(json.dumps(
+            {"stage": stage, "stage_name": stage_name, "step": step, "global_step": gstep, "final": final,
+             "domains": per_prompt}))
 
     evaluate(0, "base", 0, 0, True)
     gstep = 0
     for s, p in enumerate(plan, start=1):
         for step in range(1, steps + 1):
             gstep += 1
-            acc[p["domain"]] = min(1.0, acc[p["domain"]] + 0.04)
+            hits[p["domain"]] = min(PROMPTS, hits[p["domain"]] + 8)
             for d in domains:
                 if d != p["domain"] and not d.startswith(p["domain"]):
-                    acc[d] = max(0.0, acc[d] - 0.015)
+                    hits[d] = max(0, hits[d] - 3)
+            acc = hits[p["domain"]] / PROMPTS
             rec = {"event": "train", "stage": s, "domain": p["domain"], "method": p["method"], "step": step,
-                   "global_step": gstep, "reward": acc[p["domain"]], "accuracy": acc[p["domain"]],
+                   "global_step": gstep, "reward": acc, "accuracy": acc,
                    "entropy": 2.5 - 0.05 * gstep, "kl_to_base": 0.01 * gstep, "response_length": 10 + math.sin(gstep),
                    "loss": 0.1, "grad_norm": 1.0}
             if p["method"] == "sdpo":
@@ -95,7 +109,7 @@ def images(text: str) -> list[bytes]:
 
 
 def test_report_is_self_contained_escaped_and_has_valid_pngs(tmp_path):
-    run = make_run(tmp_path / "run", summary={"name": "toy", "headline": ["Stage 1: GRPO gained <9> points"]})
+    run = make_run(tmp_path / "run", name="toy <9>", summary={"name": "stale", "mean_forgetting": 0.99})
     path = write_report(run)
     assert path == run / "report.html" and path.is_file()
     text = path.read_text()
@@ -103,41 +117,66 @@ def test_report_is_self_contained_escaped_and_has_valid_pngs(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "\x1b" not in text and "\\x1b[31m" in text
     assert "&lt;b&gt;bold&lt;/b&gt;" in text
-    assert "Stage 1: GRPO gained &lt;9&gt; points" in text  # summary.json's headline, escaped
+    assert "<h1>toy &lt;9&gt;</h1>" in text  # the run's name, from the records, escaped
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from outside
     pngs = images(text)
-    # matrix, accuracy over steps, training curves, SDPO curves, param drift, response drift, artifacts
-    assert len(pngs) == 7
-    assert text.count('<img src="data:image/png;base64,') == 7
+    # first page: matrix, gain and cost, drift and artifacts; folded: accuracy over steps, training curves,
+    # param drift, response drift, artifacts (the SDPO records are constant: listed, not drawn)
+    assert len(pngs) == 8
+    assert text.count(' src="data:image/png;base64,') == 8
     for png in pngs:
         assert png.startswith(PNG_MAGIC)
         Image.open(io.BytesIO(png)).verify()  # the whole file decodes, not just its header
-    # BWT: arithmetic 52% right after stage 1, 40% after stage 2 (8 steps of -1.5 points)
-    assert '<span class="neg">-12.0</span>' in text
+    # BWT from the records, never summary.json's stale numbers: arithmetic 52% right after stage 1, 40% after
+    # stage 2 (8 steps of -1.5 points)
+    assert '<span class="neg">-12.0</span>' in text and "+99.0" not in text
+    # the constant series (param/sparsity is 0.5 at every stage) is named, not drawn
+    assert "Constant over the run, not drawn: weights left (nearly) unchanged = 50%." in text
+    assert ("Constant over the run, not drawn: distillation loss = 0.01; teacher and student agree = 90%; "
+            "reprompts with a demonstration = 50%.") in text
+    assert "sparsity" not in text.replace("param/sparsity", "")  # no raw metric name as a title
+
+
+def test_headline_says_what_changed_and_how_sure(tmp_path):
+    """200 prompts per domain; each step +8 hits on the trained domain and -3 on the others."""
+    run = make_run(tmp_path / "run", steps=4)
+    text = write_report(run).read_text()
+    head = text[text.index('id="headline"'):text.index("</div>", text.index('id="headline"'))]
+    # stage 1: arithmetic 40 -> 72 hits of 200; the newly right prompts are right after and wrong before, so
+    # every paired difference is 0 or +1 and the whole interval lies above zero
+    assert "<b>Stage 1 · GRPO on arithmetic</b>: arithmetic 20% → 36%, <span class=\"pos\">+16.0 points</span>" in head
+    # sorting 50 -> 38 hits (-6.0) and arithmetic_ood unchanged (0.0): -3.0 on average, beyond noise
+    assert "the 2 other domains <span class=\"neg\">-3.0 points</span>" in head
+    assert "(most: sorting -6.0)" in head
+    # stage 2 costs arithmetic, trained before: 72 -> 60 hits
+    assert "earlier-trained arithmetic <span class=\"neg\">-6.0 points</span>" in head
+    assert "<b>After 2 stages</b>" in head and "since their own stage arithmetic" in head
+    assert "weights moved 2% from the base" in head
+    # an unchanged domain is within noise: make sorting's stage-2 records equal to its stage-1 ones
+    for f in (run / "evals").glob("stage2-*.json"):
+        rec = json.loads(f.read_text())
+        rec["domains"]["arithmetic"] = json.loads((run / "evals" / "stage1-step4.json").read_text())["domains"][
+            "arithmetic"]
+        f.write_text(json.dumps(rec))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    fixed = [json.loads(l) for l in lines]
+    for r in fixed:
+        if r.get("event") == "eval" and r["stage"] == 2 and r["domain"] == "arithmetic":
+            r["greedy_acc"] = 72 / 200
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixed))
+    text = write_report(run).read_text()
+    assert "earlier-trained arithmetic +0.0 points <span class=\"muted\">(within noise, 95%: +0.0 to +0.0)" in text
 
 
 def test_report_of_a_faulted_run_without_summary_json(tmp_path):
-    from cptlab.analysis.summary import build_summary
-    from cptlab.store import read_jsonl
-
     run = make_run(tmp_path / "run", drift=False, fault=True, methods=("grpo", "sft", "sdpo"))
     text = write_report(run).read_text()
-    for line in build_summary(read_jsonl(run / "metrics.jsonl")).get("headline") or []:
-        assert html.escape(line) in text  # no summary.json on disk: the headline is built from the records
+    assert "<b>Stage 2 · SFT on sorting</b>" in text and "Stage 3 ·" not in text  # stage 3 never finished
     assert "Fault in stage 3" in text and "loss is NaN &lt;x&gt;" in text
     assert "has not finished" in text
-    assert len(images(text)) == 4  # matrix, accuracy over steps, training curves, SDPO curves
-
-
-def test_headline_fallback_names_gain_and_largest_drop(tmp_path, monkeypatch):
-    import cptlab.analysis.summary as summary_module
-
-    monkeypatch.setattr(summary_module, "build_summary", lambda records: {})  # as with an older cptlab
-    run = make_run(tmp_path / "run", steps=4, drift=False)
-    text = write_report(run).read_text()
-    # each step: +4 points on the trained domain, -1.5 on the others (arithmetic_ood spared by arithmetic)
-    assert "GRPO on arithmetic: +16.0 points in-domain, largest drop −6.0 on sorting." in text
-    assert "SDPO on sorting: +16.0 points in-domain, largest drop −6.0 on arithmetic" in text
+    # matrix, gain and cost, accuracy over steps, training curves (no drift records: no drift figures; the
+    # SDPO records are constant: listed, not drawn)
+    assert len(images(text)) == 4
 
 
 def test_compare_names_both_runs_and_groups_seeds(tmp_path):
@@ -185,7 +224,7 @@ def _chrome(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
 def test_chromium_decodes_every_image_and_renders(tmp_path):
     exe = _chromium()
     text = write_report(make_run(tmp_path / "run")).read_text()
-    tags = re.findall(r'<img src="data:image/png;base64,[^"]+"[^>]*>', text)
+    tags = re.findall(r'<img[^>]* src="data:image/png;base64,[^"]+"[^>]*>', text)
     assert tags
     # The report has no JavaScript, so the check runs in a wrapper page holding copies of its <img> tags.
     checker = tmp_path / "check.html"
@@ -201,3 +240,74 @@ window.addEventListener("load", () => {
     _chrome(exe, tmp_path / "profile2", "--window-size=1200,2000", f"--screenshot={shot}",
             (tmp_path / "run" / "report.html").as_uri())
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 20_000
+
+
+DOMAINS12 = tuple(d for name in ("arithmetic", "counting", "sorting", "reversal", "filtering", "gcd")
+                  for d in (name, f"{name}_ood"))
+LAYOUT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const box = id => { const e = document.getElementById(id); if (!e) return null;
+    const r = e.getBoundingClientRect();
+    return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, natural: e.naturalWidth || 0}; };
+  const out = document.createElement("pre");
+  out.textContent = "LAYOUT " + JSON.stringify({viewport: [innerWidth, innerHeight], headline: box("headline"),
+                                                matrix: box("matrix")});
+  document.body.appendChild(out);
+});</script>"""
+
+
+def test_first_screen_holds_the_headline_and_the_matrix(tmp_path):
+    """Every built-in domain (12; the default job evaluates 8) after 3 stages, at 1280x800: the headline card and the whole accuracy
+    matrix lie inside the first screen, by the DOM and by the pixels of a screenshot."""
+    exe = _chromium()
+    run = make_run(tmp_path / "run", domains=DOMAINS12, methods=("grpo", "grpo", "grpo"))
+    text = write_report(run).read_text()
+    probe = run / "probe.html"  # the report plus a script that writes the layout into the page
+    probe.write_text(text.replace("</body>", LAYOUT_PROBE + "</body>"))
+    dom = _chrome(exe, tmp_path / "profile", "--window-size=1280,800", "--virtual-time-budget=5000", "--dump-dom",
+                  probe.as_uri())
+    found = re.search(r"LAYOUT (\{.*\})", html.unescape(dom.stdout))
+    assert found, dom.stdout[-500:] + dom.stderr[-2000:]
+    layout = json.loads(found[1])
+    assert layout["viewport"][0] == 1280  # the width lays the page out; positions are from the page's top
+    head, matrix = layout["headline"], layout["matrix"]
+    assert 0 <= head["top"] < head["bottom"] <= 800
+    assert matrix["natural"] > 0  # decoded
+    assert head["bottom"] <= matrix["top"] and matrix["bottom"] <= 800, layout
+    assert matrix["right"] - matrix["left"] >= 600 and matrix["bottom"] - matrix["top"] >= 200  # readable size
+
+    shot = tmp_path / "first_screen.png"
+    _chrome(exe, tmp_path / "profile2", "--window-size=1280,800", f"--screenshot={shot}",
+            (run / "report.html").as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    assert pixels.shape == (800, 1280, 3)
+
+    def share(box, test) -> float:
+        crop = pixels[int(box["top"]):int(box["bottom"]), int(box["left"]):int(box["right"])]
+        return float(test(crop[..., 0], crop[..., 1], crop[..., 2]).mean())
+
+    # the heatmap's blue-green cells fill much of the matrix's box; the gains' green text is in the headline
+    assert share(matrix, lambda r, g, b: (b > r + 40) & (g > r)) > 0.2
+    assert share(head, lambda r, g, b: (g > r + 60) & (g > b + 40)) > 0.001
+
+
+def test_rate_axes_start_at_zero_and_a_handful_of_answers_stays_near_the_floor():
+    """A malformed rate going from 0.13% to 0.39% of answers: drawn on 0..5%, not on an axis it fills;
+    a percent ratio (weights moved) from zero, fitted; a plain value keeps matplotlib's own limits."""
+    import matplotlib.pyplot as plt
+
+    from cptlab.labels import label
+    from cptlab.plots import _axis
+
+    def limits(key: str, ys: list[float]) -> tuple[float, float]:
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], ys)
+        _axis(ax, "t", {"t": (label(key).unit, label(key).axis_top)})
+        low, high = ax.get_ylim()
+        plt.close(fig)
+        return round(low, 6), round(high, 6)
+
+    assert limits("artifacts/malformed_rate", [0.13, 0.2, 0.39]) == (0.0, 5.0)
+    assert limits("artifacts/malformed_rate", [1.0, 8.0, 10.0]) == (0.0, 11.5)  # 15% headroom above the top
+    assert limits("param/rel_l2_base", [0.0, 0.4, 0.8]) == (0.0, 0.92)
+    assert limits("response/kl_to_base", [1.0, 1.1, 1.2])[0] > 0.9  # a value: not forced to zero

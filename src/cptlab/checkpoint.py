@@ -50,14 +50,15 @@ def _load_rng(path: Path) -> None:
 
 
 def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=None, method=None,
-                    keep: int = 1) -> Path | None:
+                    keep: int = 1, keep_stage_ends: bool = False) -> Path | None:
     """Fill a temp dir and rename it into place. Every file is serialised in memory and written by
     `write_synced`: safetensors' save_file and torch.save to a path return without an error on a full
     disk (ENOSPC on /dev/full), which would leave a truncated checkpoint; here it is an OSError naming
     the file. On any failure the temp dir is removed and the previous checkpoints are untouched.
 
     A sharded (FSDP) model's weights, optimizer and method state are gathered into full state dicts
-    first, on every rank (collectives: every rank calls this); only rank 0 writes (others return None)."""
+    first, on every rank (collectives: every rank calls this); only rank 0 writes (others return None).
+    `keep` and `keep_stage_ends`: which older checkpoints stay (RunStore.commit_checkpoint)."""
     from . import distributed as dist
     from .sharding import is_sharded, optimizer_state
 
@@ -79,7 +80,7 @@ def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=Non
             torch.save(optim, buf)
             write_synced(tmp / "optimizer.pt", buf.getvalue())
         _save_rng(tmp)
-        store.commit_checkpoint(tmp, final, state, keep)
+        store.commit_checkpoint(tmp, final, state, keep, keep_stage_ends)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         name = Path(e.filename).name if e.filename else ""
@@ -88,6 +89,23 @@ def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+STAGE_MODELS_AUTO_BYTES = 64 * 2 ** 20
+"""run.keep_stage_models auto: keep every stage's model when a checkpoint's weights take at most this."""
+
+
+def keeps_stage_models(setting, model) -> bool:
+    """run.keep_stage_models resolved for `model` (before it is sharded): true/false as set; auto: whether
+    the weights a checkpoint stores (a LoRA model's adapters only) fit STAGE_MODELS_AUTO_BYTES."""
+    from .lora import is_adapter_key, is_peft_model
+
+    if setting != "auto":
+        return bool(setting)
+    peft = is_peft_model(model)
+    stored = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                 if not peft or is_adapter_key(name))
+    return stored <= STAGE_MODELS_AUTO_BYTES
 
 
 def verify_checkpoint(path: Path, state: dict) -> None:

@@ -161,6 +161,23 @@ def report(run_dir: str = typer.Argument(..., help="A run directory.")) -> None:
 
 @app.command()
 @friendly
+def export(
+    run_dir: str = typer.Argument(..., help="A run directory."),
+    out: str = typer.Option(..., "--out", help="The Hugging Face directory to write (new or empty)."),
+    stage: Optional[int] = typer.Option(None, "--stage", help="The model at the end of this stage (0: the base)."),
+    step: Optional[int] = typer.Option(None, "--step", help="The model at this global step (a kept checkpoint)."),
+    lora: str = typer.Option("merge", "--lora", help="LoRA runs: 'merge' (a full model, the adapters merged "
+                             "in) or 'adapter' (a peft adapter on the run's base)."),
+) -> None:
+    """Write the run's model at a stage's end or a step (default: the newest kept) as a Hugging Face directory."""
+    from .export import export_model
+
+    path = export_model(run_dir, out, stage=stage, step=step, lora=lora)
+    print(f"model written to {path}; evaluate it with: cptlab eval {path} --config {Path(run_dir) / 'config.yaml'}")
+
+
+@app.command()
+@friendly
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories to put side by side."),
     out: str = typer.Option("compare.html", "-o", "--out", help="Output HTML file."),
@@ -168,7 +185,7 @@ def compare(
                                            "(a run name without its -s<seed> suffix; default: the first)."),
 ) -> None:
     """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds)."""
-    from .report import write_compare
+    from .comparison import write_compare
 
     for d in run_dirs:
         if not (Path(d) / "metrics.jsonl").exists():

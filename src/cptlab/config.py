@@ -401,6 +401,12 @@ class RunSettings:
     """Also checkpoint every N training steps inside a stage (0: only at stage ends)."""
     keep_checkpoints: int = 1
     """How many complete checkpoints to keep (the newest)."""
+    keep_stage_models: Literal["auto"] | bool = "auto"
+    """Default auto. Also keep the weights at every trained stage's end (checkpoints/stage{S}-step{K}/,
+    weights only, written and renamed like any checkpoint, so a crash or resume never loses one), so that
+    `cptlab export RUN --stage S` can write any stage's model. auto: on when the checkpointed weights
+    take at most 64 MiB (the tiny model: 2.7 MB; LoRA adapters of small ranks), off for larger models,
+    which keep only the `keep_checkpoints` newest and the newest stage end; true/false: always/never."""
     report: bool = True
     """Write report.html at the end of the run."""
 

@@ -15,7 +15,7 @@ import torch
 
 from . import distributed as dist
 from .analysis import per_prompt
-from .checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
+from .checkpoint import keeps_stage_models, load_checkpoint, load_state, load_weights, save_checkpoint
 from .config import (
     Config, eval_domains, from_dict, general_probe_enabled, resolve_eval, stage_method, to_dict, validate,
 )
@@ -225,7 +225,7 @@ class Driver:
 
         def save():
             save_checkpoint(self.store, f"stage{stage}-step{step}", state, self.model, optimizer, method,
-                            keep=self.cfg.run.keep_checkpoints)
+                            keep=self.cfg.run.keep_checkpoints, keep_stage_ends=self.keep_stage_models)
 
         if self.sharded:
             save()
@@ -247,6 +247,7 @@ class Driver:
         if not self.info.is_main:
             self.model, self.tokenizer, info = base_model(cfg, self.device, self.store)
         self.model = apply_lora(self.model, cfg.model.lora, seed=cfg.run.seed)
+        self.keep_stage_models = keeps_stage_models(cfg.run.keep_stage_models, self.model)
         self.model.eval()
         self.base = base_reference(self.model)
         self.base_state = snapshot(self.base)

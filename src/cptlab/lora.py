@@ -44,7 +44,7 @@ def is_output_adapter_key(name: str) -> bool:
     return any(part in ("lora_B", "lora_embedding_B") for part in name.split("."))
 
 
-def _peft():
+def require_peft():
     try:
         import peft
     except ImportError:
@@ -78,7 +78,7 @@ def apply_lora(model, cfg: LoraConfig, seed: int | None = None):
     """
     if cfg.rank == 0:
         return model
-    peft = _peft()
+    peft = require_peft()
     _check_targets(model, list(cfg.target_modules))
     config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")

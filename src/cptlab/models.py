@@ -95,7 +95,7 @@ def check_model_dir(path: str) -> Path:
     p = Path(os.path.expanduser(path))
     if not p.is_dir():
         raise UserError(f"model.path = '{path}': not a directory (expected a local Hugging Face model directory)")
-    if not (p / "config.json").is_file():
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise UserError(f"model.path = '{path}': no config.json (expected a Hugging Face model directory)")
     if not any(p.glob("*.safetensors")):
         if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth")):
@@ -120,11 +120,37 @@ def _load_tokenizer(p: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
+def _load_adapter(p: Path, cfg: ModelConfig, device: torch.device):
+    """A peft LoRA adapter directory (`cptlab export --lora adapter`): its base model, from the directory
+    its adapter_config.json names, with the adapter merged in (a plain model, as evaluation wants)."""
+    import json
+
+    from .lora import require_peft
+
+    base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not Path(base).is_dir():
+        raise UserError(f"model.path = '{p}': a LoRA adapter whose base model directory '{base}' "
+                        "(adapter_config.json: base_model_name_or_path) does not exist here")
+    model, tokenizer = load_model(base, cfg, device)
+    try:
+        model = require_peft().PeftModel.from_pretrained(model, p, is_trainable=False).merge_and_unload()
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"model.path = '{p}': cannot load the adapter ({str(e).splitlines()[0][:200]})") from None
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+        tokenizer = _load_tokenizer(p, cfg.trust_remote_code)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
 def load_model(path: str, cfg: ModelConfig, device: torch.device):
-    """Model and tokenizer from a local directory; safetensors only, no hub, no remote code unless set."""
+    """Model and tokenizer from a local directory; safetensors only, no hub, no remote code unless set.
+    A LoRA adapter directory loads onto its base model, merged."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
+    if not (p / "config.json").is_file():
+        return _load_adapter(p, cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
         tokenizer = _load_tokenizer(p, cfg.trust_remote_code)

@@ -75,7 +75,8 @@ def _short(text: str, n: int = 16) -> str:
 
 
 # -- series from metrics records ------------------------------------------------------------------
-def _finite(value) -> float:
+def finite(value) -> float:
+    """A finite float, else NaN (None, strings and infinities alike)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -85,8 +86,8 @@ def _finite(value) -> float:
 
 def series(records: list[dict], key: str) -> tuple[list, list]:
     """(global steps, values) of one key over the records that have it, in step order."""
-    points = sorted((r["global_step"], _finite(r[key])) for r in records
-                    if key in r and not math.isnan(_finite(r.get("global_step"))))
+    points = sorted((r["global_step"], finite(r[key])) for r in records
+                    if key in r and not math.isnan(finite(r.get("global_step"))))
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -94,7 +95,7 @@ def stage_bounds(records: list[dict], label: Callable[[int], str]) -> list[tuple
     """(first, last global step, label(stage)) of each stage 1..S from the global steps its records saw."""
     last: dict[int, float] = {}
     for r in records:
-        step = _finite(r.get("global_step"))
+        step = finite(r.get("global_step"))
         if r.get("event") in ("train", "eval", "fault", "stage_end") and isinstance(r.get("stage"), int) \
                 and r["stage"] > 0 and not math.isnan(step):
             last[r["stage"]] = max(last.get(r["stage"], 0.0), step)
@@ -112,22 +113,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def drift_table(records: list[dict], summary_drift=None) -> tuple[dict[str, tuple[list, list]], bool]:
-    """key -> (x, values) of each numeric param/, response/, artifacts/ and general/ quantity of the drift records
-    (else of summary.json's per-stage `drift` list), and whether x is the global step (some stage has
-    several drift records) rather than the stage."""
+def drift_table(records: list[dict]) -> tuple[dict[str, tuple[list, list]], bool]:
+    """key -> (x, values) of each numeric param/, response/, artifacts/ and general/ quantity of the drift
+    records, and whether x is the global step (some stage has several drift records) rather than the stage."""
     rows = [_flatten(r) for r in records if r.get("event") == "drift" and isinstance(r.get("stage"), int)]
-    if not rows and isinstance(summary_drift, list):
-        rows = [{**_flatten(d), "stage": s} for s, d in enumerate(summary_drift, start=1) if isinstance(d, dict)]
     stages = [r.get("stage") for r in rows]
-    by_step = len(stages) != len(set(stages)) and all(not math.isnan(_finite(r.get("global_step"))) for r in rows)
+    by_step = len(stages) != len(set(stages)) and all(not math.isnan(finite(r.get("global_step"))) for r in rows)
     table: dict[str, tuple[list, list]] = {}
     for row in rows:
         for k, v in row.items():
-            if k.split("/")[0] in ("param", "response", "artifacts", "general") and not math.isnan(_finite(v)):
+            if k.split("/")[0] in ("param", "response", "artifacts", "general") and not math.isnan(finite(v)):
                 xs, ys = table.setdefault(k, ([], []))
                 xs.append(row["global_step"] if by_step else row.get("stage"))
-                ys.append(_finite(v))
+                ys.append(finite(v))
     return table, by_step
 
 
@@ -258,6 +256,7 @@ def _smooth(x: Sequence[float], y: np.ndarray, bounds: Sequence[tuple[float, flo
 
 
 Panels = dict[str, dict[str, tuple[list, list]]]  # panel title -> line label -> (x, y); "" = an unlabelled line
+Axes = dict[str, tuple[str, float | None]]  # panel title -> (y-axis label, least top of an axis from zero; None: fit)
 
 
 def _grid(panels: Panels, ncols: int, width: float, height: float):
@@ -283,13 +282,27 @@ def _lines(ax, k: int, lines: dict[str, tuple[list, list]], bounds=(), marker: b
         ax.legend(fontsize=6.5, frameon=False, ncols=2 if len(lines) > 3 else 1)
 
 
+def _axis(ax, title: str, axes: Axes | None) -> None:
+    """The panel's y-axis label and, for rates, an axis from zero up to at least `least_top` (a few
+    answers must not fill it; labels.Label.axis_top)."""
+    ylabel, least_top = (axes or {}).get(title, ("", None))
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=7)
+    if least_top is not None:
+        top = max([v for line in ax.get_lines() for v in np.asarray(line.get_ydata(), dtype=float)
+                   if np.isfinite(v)], default=0.0)
+        ax.set_ylim(0, max(top * 1.15, least_top) if top > 0 else max(least_top, 1.0))
+
+
 @_plain_text
-def curve_grid(panels: Panels, bounds: Sequence[tuple[float, float, str]] = (), ncols: int = 2) -> str:
+def curve_grid(panels: Panels, bounds: Sequence[tuple[float, float, str]] = (), ncols: int = 2,
+               axes: Axes | None = None) -> str:
     """Curves over global steps, one small panel each, stages shaded and labelled."""
     fig, items = _grid(panels, ncols, 3.6, 2.2)
     for title, k, ax, lines in items:
         _lines(ax, k, lines, bounds)
         _style(ax, title)
+        _axis(ax, title, axes)
         if bounds:
             _stage_bands(ax, bounds)
             ax.set_title(title, fontsize=9, loc="left", pad=12)
@@ -298,12 +311,20 @@ def curve_grid(panels: Panels, bounds: Sequence[tuple[float, float, str]] = (), 
 
 
 @_plain_text
-def stage_grid(panels: Panels, stage_labels: dict[int, str], ncols: int = 3) -> str:
-    """Values measured once per stage (drift, artifacts), one small panel each, stages on the x axis."""
-    fig, items = _grid(panels, ncols, 3.2, 2.3)
+def stage_grid(panels: Panels, stage_labels: dict[int, str], ncols: int = 3, axes: Axes | None = None,
+               notes: dict[str, list[str]] | None = None, size: tuple[float, float] = (3.2, 2.3)) -> str:
+    """Values measured once per stage (drift, artifacts), one small panel each, stages on the x axis.
+    notes: panel title -> a text per point of its first line (e.g. the counts behind a rate)."""
+    fig, items = _grid(panels, ncols, *size)
     for title, k, ax, lines in items:
         _lines(ax, k, lines, marker=True)
         _style(ax, title)
+        _axis(ax, title, axes)
+        x, y = next(iter(lines.values()))
+        for xi, yi, text in zip(x, y, (notes or {}).get(title, [])):
+            if np.isfinite(yi):
+                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6.5,
+                            color="#444444")
         ticks = sorted({t for x, _ in lines.values() for t in x})
         names = [stage_labels.get(t, str(t)).replace(" · ", " ").split(" ", 2) for t in ticks]
         ax.set_xticks(ticks, [" ".join(n[:2]) + ("\n" + _short(n[2], 12) if len(n) > 2 else "") for n in names],
@@ -314,9 +335,11 @@ def stage_grid(panels: Panels, stage_labels: dict[int, str], ncols: int = 3) -> 
 # -- comparison ---------------------------------------------------------------------------------------
 @_plain_text
 def grouped_bars(categories: Sequence[str], bars: list[tuple[str, str, list, list | None, list | None]],
-                 ylabel: str = "final greedy accuracy (%)") -> str:
-    """bars: (label, colour, values, low, high) per series; low/high (may be None) draw min-max whiskers."""
-    fig = _figure(min(11.0, 3.0 + 0.55 * len(categories) * max(1, len(bars)) ** 0.7), 3.2)
+                 ylabel: str = "final greedy accuracy (%)", ylim: tuple[float, float] | None = (0, 105),
+                 height: float = 3.2) -> str:
+    """bars: (label, colour, values, low, high) per series; low/high (may be None) draw whiskers.
+    ylim None: the axis fits the data and a line marks zero (for signed changes)."""
+    fig = _figure(min(11.0, 3.0 + 0.55 * len(categories) * max(1, len(bars)) ** 0.7), height)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(bars))
     x = np.arange(len(categories))
@@ -327,12 +350,16 @@ def grouped_bars(categories: Sequence[str], bars: list[tuple[str, str, list, lis
         if low is not None and high is not None:
             lo = np.array([np.nan if v is None else v for v in low], dtype=float)
             hi = np.array([np.nan if v is None else v for v in high], dtype=float)
-            ax.errorbar(pos, vals, yerr=[vals - lo, hi - vals], fmt="none", ecolor="#333333", capsize=2,
+            ax.errorbar(pos, vals, yerr=[np.maximum(vals - lo, 0), np.maximum(hi - vals, 0)], fmt="none", ecolor="#333333", capsize=2,
                         linewidth=0.9)
     _style(ax)
     ax.grid(axis="x", visible=False)
-    ax.set_xticks(x, [_short(c) for c in categories], rotation=20 if len(categories) > 4 else 0, fontsize=8)
-    ax.set_ylim(0, 105)
+    ax.set_xticks(x, ["\n".join(_short(line, 24) for line in c.split("\n")) for c in categories],
+                  rotation=20 if len(categories) > 4 else 0, fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    else:
+        ax.axhline(0.0, color="#555555", linewidth=0.8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return data_uri(fig)

@@ -396,11 +396,13 @@ class RunStore:
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{tag}."))
         return tmp, self.checkpoints / tag
 
-    def commit_checkpoint(self, tmp: Path, final: Path, state: dict, keep: int) -> None:
+    def commit_checkpoint(self, tmp: Path, final: Path, state: dict, keep: int, keep_stage_ends: bool = False) -> None:
         """Record the metrics line count and each file's size and sha256 in state.json (written last),
         make the temp dir durable, and rename it into place; then drop all but the `keep` newest and
         the newest stage-end checkpoint (the previous stage's weights, which drift needs after a resume
-        from a mid-stage checkpoint; a stage-end checkpoint holds weights only)."""
+        from a mid-stage checkpoint; a stage-end checkpoint holds weights only), or with
+        `keep_stage_ends` every trained stage's end too (run.keep_stage_models: each stage's model; the
+        base's, stage 0, is not kept: RUN/base or model.path holds it)."""
         files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
         state = {**state, "metrics_lines": self.metrics_lines, "files": files}
@@ -414,9 +416,13 @@ class RunStore:
         fsync_dir(self.checkpoints)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        stage_end = self.latest_stage_end()
+        states = self._checkpoint_states()
+        ends = [d for d, st in states if st.get("stage_done")]
+        kept = set(ends[-1:])
+        if keep_stage_ends:
+            kept |= {d for d, st in states if st.get("stage_done") and st.get("stage", 0) > 0}
         for stale in self.checkpoint_dirs()[:-keep]:
-            if stale != stage_end:
+            if stale not in kept:
                 shutil.rmtree(stale, ignore_errors=True)
 
 

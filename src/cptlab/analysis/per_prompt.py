@@ -57,10 +57,18 @@ def load_all(run_dir: Path | str) -> dict[tuple[int, int], dict]:
     return out
 
 
+def final_records(run_dir: Path | str) -> dict[int, dict]:
+    """stage -> its stage-end record (stage 0: the base model's)."""
+    finals: dict[int, tuple[int, dict]] = {}
+    for (stage, step), record in load_all(run_dir).items():
+        if record.get("final") and (stage not in finals or step > finals[stage][0]):
+            finals[stage] = (step, record)
+    return {stage: record for stage, (_, record) in sorted(finals.items())}
+
+
 def final_record(run_dir: Path | str, stage: int) -> dict | None:
     """The stage-end record of `stage` (stage 0: the base model's), or None."""
-    finals = [(step, r) for (s, step), r in load_all(run_dir).items() if s == stage and r.get("final")]
-    return max(finals, key=lambda x: x[0])[1] if finals else None
+    return final_records(run_dir).get(stage)
 
 
 def greedy(record: dict | None, domain: str) -> np.ndarray | None:

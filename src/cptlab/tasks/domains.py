@@ -153,10 +153,14 @@ def _identity(answer: str) -> str:
 
 
 def _family(name: str, family: str, task: str, cfg: dict, ood_cfg: dict, q, a, r, v, desc: str) -> list[Domain]:
-    base = Domain(name, family, task, cfg, q, a, r, v, None, desc)
+    base = Domain(name, family, task, dict(cfg), q, a, r, v, None, desc)
     ood = Domain(f"{name}_ood", family, task, {**cfg, **ood_cfg}, q, a, r, v, name, desc + " (OOD size)")
     return [base, ood]
 
+
+# sorting and filtering read the same lists: three integers 0-50 in-domain, four or five up to 99 OOD
+_THREE_NUMBERS = dict(min_numbers=3, max_numbers=3, min_decimals=0, max_decimals=0, min_value=0, max_value=50)
+_MORE_NUMBERS = dict(min_numbers=4, max_numbers=5, max_value=99)
 
 BUILTIN: list[Domain] = [
     *_family("arithmetic", "arithmetic", "chain_sum",
@@ -168,18 +172,14 @@ BUILTIN: list[Domain] = [
              dict(min_words=1, max_words=2), dict(min_words=3, max_words=4),
              _count_question, _answer_field, _count_reasoning, _identity,
              "count a letter in a few words"),
-    *_family("sorting", "sorting", "number_sorting",
-             dict(min_numbers=3, max_numbers=3, min_decimals=0, max_decimals=0, min_value=0, max_value=50),
-             dict(min_numbers=4, max_numbers=5, max_value=99),
+    *_family("sorting", "sorting", "number_sorting", _THREE_NUMBERS, _MORE_NUMBERS,
              _sort_question, _sort_answer, _none, _list_to_verifier,
              "sort integers ascending or descending"),
     *_family("reversal", "string", "spell_backward",
              dict(min_word_len=3, max_word_len=4), dict(min_word_len=5, max_word_len=6),
              _rev_question, _answer_field, _none, _identity,
              "spell a word backward"),
-    *_family("filtering", "logic", "number_filtering",
-             dict(min_numbers=3, max_numbers=3, min_decimals=0, max_decimals=0, min_value=0, max_value=50),
-             dict(min_numbers=4, max_numbers=5, max_value=99),
+    *_family("filtering", "logic", "number_filtering", _THREE_NUMBERS, _MORE_NUMBERS,
              _filter_question, _filter_answer, _none, _filter_to_verifier,
              "keep or drop integers by a comparison"),
     *_family("gcd", "number theory", "gcd",
