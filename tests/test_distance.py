@@ -129,6 +129,26 @@ def test_distance_bad_input(tmp_path, tiny_model, tokenizer):
     assert len(missing.stderr.strip().splitlines()) == 1 and "not a run directory" in missing.stderr
 
 
+def test_distance_model_option_embeds_with_another_directory(tmp_path, tiny_model, tokenizer):
+    """--model: a run without base weights (a GGUF run keeps only base/source.json) is embedded by the
+    directory given; the same weights give the same matrix; a directory without config.json is refused."""
+    from cptlab.analysis.distance import write_distance
+    from cptlab.errors import UserError
+
+    run = _run_dir(tmp_path, tiny_model, tokenizer)
+    _, own = write_distance(run, out=tmp_path / "own.json")
+    weights = tmp_path / "weights"
+    (run / "base").rename(weights)  # the run now has no base model of its own
+    with pytest.raises(UserError, match="no base model"):
+        write_distance(run)
+    _, other = write_distance(run, model=weights)
+    assert other["model"] == str(weights) and np.allclose(other["mmd2"], own["mmd2"])
+    bad = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(run), "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--model" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
     from test_report import PNG_MAGIC, images, make_run
 
