@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +28,19 @@ def builtin_domains_only():
     install_domains({})
     yield
     install_domains({})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module's whole runs: tiny matmuls on a busy two-core machine run
+    faster and give the same bits at any machine's thread count (see test_reliability.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def warmup_cache(tmp_path_factory) -> Path:
+    """A warm-up cache directory shared by a test module's runs (the base is built once)."""
+    return tmp_path_factory.mktemp("warmup-cache")

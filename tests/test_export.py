@@ -26,19 +26,6 @@ IDS = torch.tensor([[5, 9, 13, 17, 21, 25, 30], [6, 10, 14, 18, 22, 26, 31]])
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy two-core machine (see test_reliability.py)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def warmup_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory, warmup_cache, one_thread) -> Path:
     cfg = load_config("smoke", [*SMOKE, f"warmup.cache_dir={warmup_cache}"])
     return run_continual(cfg, out_dir=str(tmp_path_factory.mktemp("full") / "run"))

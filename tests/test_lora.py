@@ -239,19 +239,6 @@ LORA_SMOKE = ["model.lora.rank=4", "run.report=false", "run.device=cpu"]
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy two-core machine (see test_reliability.py)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def warmup_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
-@pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, warmup_cache, one_thread) -> Path:
     """The smoke preset with LoRA; its base goes into a warm-up cache that `crashed_lora_run` reads."""
     cfg = load_config("smoke", [*LORA_SMOKE, f"warmup.cache_dir={warmup_cache}"])
