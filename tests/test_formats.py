@@ -6,7 +6,7 @@ import torch
 from cptlab.rollout import SamplingSpec
 from cptlab.config import ConfigError, EvalConfig, PromptConfig, load_config, resolve_eval
 from cptlab.tasks import all_domain_names, make_split, verify
-from cptlab.tasks.answer import FORMATS, format_answer, get_format, parse_answer
+from cptlab.tasks.answer import FORMATS, RUN_FORMATS, format_answer, get_format, parse_answer
 from cptlab.teacher import _demo_text
 
 B = "\\boxed"
@@ -49,7 +49,7 @@ def test_tags_keep_their_rules():
     assert parse_answer("<answer>ANSWER</answer>").placeholder
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(RUN_FORMATS))
 def test_every_format_round_trips_and_its_example_is_well_formed(name):
     fmt = get_format(name)
     for value in ("7", "-3", "a b c", "\\frac{1}{2}" if name == "boxed" else "1 2"):
@@ -85,7 +85,7 @@ def test_format_example_is_a_prior_exchange_in_either_layout():
         load_config("smoke", ["prompt.format_example=true"])  # compact prompts have no instruction to show
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", sorted(RUN_FORMATS))
 @pytest.mark.parametrize("name", [n for n in all_domain_names() if not n.endswith("_ood")])
 def test_reference_solutions_verify_in_every_format(name, fmt):
     for style in ("compact", "full"):

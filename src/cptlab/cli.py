@@ -256,21 +256,36 @@ def studies_cmd() -> None:
 def domains_cmd(
     args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]: also list the "
                                                "domains its `domains` section defines or changes"),
+    verifiers: bool = typer.Option(False, "--verifiers", help="List the verifiers a data-set domain can use."),
 ) -> None:
-    """List the domains (built-in, and those of a config's `domains` section) with an example each."""
+    """List the domains (built-in, and those of a config's `domains` section) with an example each: a
+    generator's task, or a data set's verifier and split sizes."""
     from rich.table import Table
 
     from .config import load_config
     from .tasks import domain_table
     from .ui import console, safe_text
 
+    if verifiers:
+        from .verifiers import table as verifier_table
+
+        table = Table(title="verifiers (domains.NAME.verifier)")
+        for col in ("name", "answer_format", "needs", "options", "description"):
+            table.add_column(col, overflow="fold", no_wrap=col == "name")
+        for r in verifier_table():
+            table.add_row(*(safe_text(r[c]) for c in ("name", "answer_format", "needs", "options", "description")))
+        console.print(table)
+        console.print("python:MODULE:FUNCTION: your own, called as FUNCTION(completion, item, **verifier_options)")
+        return
+    prompt = None
     if args:
-        load_config(*_split_args(args))  # installs the config's domains
-    table = Table(title="domains (reasoning-gym tasks)")
-    for col in ("name", "family", "ood_of", "task", "example", "solution"):
+        prompt = load_config(*_split_args(args)).prompt  # installs the config's domains
+    table = Table(title="domains (reasoning-gym generators and data sets)")
+    for col in ("name", "family", "ood_of", "source", "example", "solution"):
         table.add_column(col, overflow="fold", no_wrap=col == "name")
-    for r in domain_table():
-        table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "task", "example", "solution")))
+    rows = domain_table(prompt.style, prompt.answer_format) if prompt else domain_table()
+    for r in rows:
+        table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "source", "example", "solution")))
     console.print(table)
 
 

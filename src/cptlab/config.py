@@ -263,7 +263,11 @@ class SDPOConfig:
     """The demonstration in the reprompt: a successful sibling sample of the same prompt, the task's
     reference solution, or none (feedback only)."""
     include_feedback: bool = True
-    """Put the verifier's textual feedback on the student's own attempt into the reprompt."""
+    """Put the verifier's textual feedback on the student's own attempt into the reprompt (a data set's
+    environment feedback: the failing test and stderr's tail, the differing tool argument, ...)."""
+    feedback_max_chars: int = 500
+    """Longest feedback put into the reprompt, in characters: longer feedback keeps its head and tail
+    around ' ... ' (the reference's code feedback stops at 2000; the tiny model reads 256 positions)."""
     feedback_only_without_solution: bool = True
     """Use the verifier's feedback only when no demonstration is available (reference default)."""
     demo_content: Literal["full", "answer_only"] = "full"
@@ -333,7 +337,9 @@ class StageConfig:
 
 @dataclass
 class DomainSpec:
-    """One entry of the top-level `domains` section: a new domain, or changes to a built-in one."""
+    """One entry of the top-level `domains` section: a new domain, or changes to a built-in one. A
+    domain is a reasoning-gym generator (`task`, `config`) or a data set checked by a verifier
+    (`source` and/or `eval_source`, `fields`, `verifier`; tasks/datasets.py, README "Your own data")."""
 
     task: str = ""
     """reasoning-gym task of a new domain (any name in reasoning_gym.factory.DATASETS); for a built-in
@@ -344,10 +350,52 @@ class DomainSpec:
     ood_of: str | None = None
     """The domain this one is a partially related variant of (same skill, other size), or null."""
     description: str = ""
-    """One line for `cptlab domains` (empty: the built-in's own, or the task's name)."""
+    """One line for `cptlab domains` (empty: the built-in's own, the task's name, or the data set's)."""
     eval_pool: int | None = None
-    """Size of the held-out pool (null: 512). Set it below the number of distinct questions of a small
-    domain (two 1-digit factors: 99), so that training has questions left; eval sets are capped at it."""
+    """Size of the held-out pool (null: 512 for a generator; for a data set, at most 512 and half its
+    distinct questions, or all of its eval_source). Set it below the number of distinct questions of a
+    small generator domain (two 1-digit factors: 99), so that training has questions left; eval sets
+    are capped at it."""
+    source: str = ""
+    """A data set to train on (and, without an eval source, to hold eval questions out of): a .jsonl,
+    .json, .csv or .parquet file, a `datasets` save_to_disk directory, a directory of parquet files, or
+    cptlab:NAME (a file shipped with cptlab). A relative path is read from the current directory and
+    recorded absolute in the run's config. Empty: a generator domain (or eval_source only)."""
+    split: str | None = None
+    """The split of a DatasetDict or parquet-snapshot directory `source` (null: 'train' where there is one)."""
+    eval_source: str = ""
+    """A table of evaluation questions (the OOD sets: Math500, GPQA, ...); its questions are removed
+    from training. Empty: hold eval_pool questions of `source` out by hash (or use eval_split)."""
+    eval_split: str | None = None
+    """The split of `eval_source` (or of `source`, when eval_source is empty) to evaluate on."""
+    fields: dict[str, str | list[str]] = field(default_factory=dict)
+    """cptlab's names -> the table's columns: question (required), answer, choices, tools, test, tests,
+    entry_point, prefix, reasoning (a worked solution for SFT), and any other name the verifier reads.
+    A column may name a nested value (reward_model.ground_truth, prompt.-1.content); a list of columns
+    gives a list of their values (GPQA's choices: [Correct Answer, Incorrect Answer 1, ...])."""
+    filter: dict[str, Any] = field(default_factory=dict)
+    """Keep only rows whose column (a path, as in fields) equals the value, or is one of a list of
+    values, e.g. {domain: Chemistry, details.level: L3} (SciKnowEval's chemistry subset)."""
+    extract: dict[str, str] = field(default_factory=dict)
+    """Field -> a regular expression whose first group replaces the field's text: DAPO-Math's problem out
+    of its own instruction (the `paper` preset shows it). A row it does not match is a bad row."""
+    shuffle_choices: bool = False
+    """Shuffle each row's options, seeded by its question (GPQA lists the correct answer first)."""
+    verifier: str = ""
+    """How a completion is checked (a data set needs one): exact, numeric, math, choice, tool_call, code,
+    regex, or python:MODULE:FUNCTION (`cptlab domains --verifiers` lists them)."""
+    verifier_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the verifier, e.g. {rel_tol: 1e-4} (numeric), {timeout: 5} (code), {reveal: false}
+    (keep the expected answer out of the feedback)."""
+    template: str = "{question}"
+    """The question text; slots are cptlab's field names and the mapped columns ({problem}). Options
+    (choices) and tools are added below / above it unless the template places {choices} / {tools}.
+    The answer format's instruction is appended."""
+    answer_format: str | None = None
+    """The answer format of this domain; null: the verifier's own (code, tool_call) or prompt.answer_format."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row its verifier cannot use (empty question, an answer naming no option, no tests): stop with the
+    row's number, or skip it (counted in the domain's info)."""
 
 
 @dataclass
@@ -655,8 +703,20 @@ def load_config(preset_or_file: str | None = None, overrides: list[str] | None =
     """Preset or YAML file + dotted overrides -> validated Config."""
     data = apply_overrides(load_source(preset_or_file), overrides or [])
     cfg = from_dict(Config, data)
+    absolute_sources(cfg)
     validate(cfg)
     return cfg
+
+
+def absolute_sources(cfg: Config) -> None:
+    """A data-set domain's relative `source` / `eval_source` is read from the current directory: it is
+    made absolute now, so that the run's config.yaml (and a resume from another directory) reads the
+    same file. cptlab:NAME (a file shipped with cptlab) stays as it is."""
+    for spec in cfg.domains.values():
+        for key in ("source", "eval_source"):
+            path = getattr(spec, key)
+            if path and not path.startswith("cptlab:") and not Path(path).expanduser().is_absolute():
+                setattr(spec, key, str(Path(path).expanduser().absolute()))
 
 
 def stage_method(cfg: Config, stage: StageConfig, index: int) -> MethodConfig:
@@ -727,6 +787,7 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(s.distillation == "logits" or s.divergence == "reverse_kl", f"{where}.sdpo.divergence", s.divergence,
            "reverse_kl with distillation=sampled_token (the sampled-token loss estimates only the reverse KL)")
     _check(s.top_k is None or s.top_k >= 1, f"{where}.sdpo.top_k", s.top_k, "an integer >= 1 or null")
+    _check(s.feedback_max_chars >= 20, f"{where}.sdpo.feedback_max_chars", s.feedback_max_chars, "an integer >= 20")
     _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
     _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
     _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
@@ -742,7 +803,8 @@ def _validate_method(m: MethodConfig, where: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks; also installs the config's `domains` section into the domain registry, so that
     everything after it (and every process that loads this config) sees those domains."""
-    from .tasks import FORMATS, check_domain, install_domains
+    from .tasks import check_domain, install_domains
+    from .tasks.answer import RUN_FORMATS
 
     install_domains(cfg.domains)
     m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
@@ -766,8 +828,9 @@ def validate(cfg: Config) -> None:
                cfg.prompt.reprompt_template, f"a template containing {slot}")
     _check("{question}" in cfg.prompt.question_template, "prompt.question_template",
            cfg.prompt.question_template, "a template containing {question}")
-    _check(cfg.prompt.answer_format in FORMATS, "prompt.answer_format", cfg.prompt.answer_format,
-           "one of " + ", ".join(repr(f) for f in FORMATS))
+    _check(cfg.prompt.answer_format in RUN_FORMATS, "prompt.answer_format", cfg.prompt.answer_format,
+           "one of " + ", ".join(repr(f) for f in RUN_FORMATS) + " (code and tool-call formats belong to a "
+           "data-set domain: domains.NAME.answer_format)")
     _check(not cfg.prompt.format_example or cfg.prompt.style == "full", "prompt.format_example", True,
            "false unless prompt.style is 'full' (the example demonstrates the full-style instruction)")
     _check(r.group_size >= 2, "rollout.group_size", r.group_size, "an integer >= 2 (groups need siblings)")

@@ -30,7 +30,7 @@ from .models import (
 from .optim import make_optimizer
 from .rollout import SamplingSpec, prepare_generation
 from .store import FollowerStore, RunStore
-from .tasks import eval_set_identity, install_domains
+from .tasks import domain_info, eval_set_identity, install_domains
 from .trainer import StageRun, TrainSampler, derive_seed, train_stage
 from .ui import console, eval_table, progress
 from .warmup import cache_path, run_warmup, store_in_cache, warmup_seed
@@ -143,6 +143,9 @@ class Driver:
         for name, r in results.items():
             self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
                            final=final, domain=name, eval_seconds=seconds, **r.metrics())
+            if r.verifier_errors:
+                self.store.log("verifier_error", stage=stage, step=step, domain=name, count=r.verifier_errors,
+                               first=r.verifier_error)
         self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
         identities = {n: eval_set_identity(n, cfg.eval.num_prompts, cfg.prompt.style,
                                                 cfg.prompt.answer_format) for n in results}
@@ -199,7 +202,8 @@ class Driver:
         fields = {f"param/{k}": v for k, v in drift.items()}
         fields.update({f"response/{k}": v for k, v in resp.items()})
         texts = [t for r in results.values() for t in r.texts]
-        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts, answer_format=p.answer_format).items()})
+        formats = [r.answer_format for r in results.values() for _ in r.texts]  # a data set may have its own
+        fields.update({f"artifacts/{k}": v for k, v in artifact_stats(texts, answer_format=formats).items()})
         if general is not None:
             fields.update({f"general/{k}": v for k, v in general.items()})
         self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0, **fields)
@@ -299,6 +303,8 @@ class Driver:
             digest = weights_sha256(self.base_state) if self.info.is_main else None  # groups runs by base
             base = {**state["base_info"], "weights_sha256": digest}
             store.log("run_start", name=cfg.run.name, base=base, domains=self.domains,
+                      domain_info={d: domain_info(d) for d in dict.fromkeys([*self.domains,
+                                                                              *(s.domain for s in cfg.stages)])},
                       stages=[dict(domain=s.domain, steps=s.steps, method=stage_method(cfg, s, i).name)
                               for i, s in enumerate(cfg.stages)])
             self.evaluate_and_drift(0, "base", 0, 0)

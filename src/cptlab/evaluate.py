@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .config import EvalConfig, PromptConfig
 from .prompts import student_prompt
 from .rollout import SamplingSpec, generate, make_generator
-from .tasks import make_split, verify
+from .tasks import make_split, verify_batch
 
 
 @dataclass
@@ -30,11 +30,18 @@ class DomainResult:
     """Greedy accuracy when the right value counts without the right wrapper (>= greedy_acc)."""
     rows: list[dict] | None = None
     """One row per prompt: prompt, question, completion, answer, lenient_answer, correct,
-    lenient_correct, well_formed (for `cptlab eval --show`)."""
+    lenient_correct, well_formed, reward, feedback (for `cptlab eval --show` and samples/)."""
+    verifier_errors: int = 0
+    """Completions (greedy and sampled) on which the domain's verifier raised (scored 0)."""
+    verifier_error: str = ""
+    """The first such error's message."""
+    answer_format: str = "tags"
+    """The format the domain's prompts ask for (a data-set domain may have its own)."""
 
     def metrics(self) -> dict:
         return dict(greedy_acc=self.greedy_acc, lenient_acc=self.lenient_acc, sampled_acc=self.sampled_acc,
-                    format_rate=self.format_rate, mean_length=self.mean_length, num_prompts=len(self.texts))
+                    format_rate=self.format_rate, mean_length=self.mean_length, num_prompts=len(self.texts),
+                    verifier_errors=self.verifier_errors)
 
 
 def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,
@@ -47,7 +54,8 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style, answer_format=pcfg.answer_format)
     prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
     greedy = generate(model, tokenizer, prompts, spec.as_greedy())
-    verdicts = [verify(ex, text, pcfg.style) for ex, text in zip(examples, greedy.texts)]
+    verdicts = verify_batch(examples, greedy.texts, pcfg.style)
+    errors = [v.error for v in verdicts if v.error]
     n = len(examples)
     sampled_acc, sampled_hits = None, None
     if ecfg.num_samples > 0:
@@ -55,20 +63,24 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
         sampled = generate(model, tokenizer, prompts, spec.sampled(), generator=make_generator(seed, device),
                            group_size=ecfg.num_samples)
         groups = sampled.group_ids.tolist()
-        hits = [verify(examples[g], t, pcfg.style).correct for g, t in zip(groups, sampled.texts)]
+        sampled_verdicts = verify_batch([examples[g] for g in groups], sampled.texts, pcfg.style)
+        errors += [v.error for v in sampled_verdicts if v.error]
+        hits = [v.correct for v in sampled_verdicts]
         sampled_acc = sum(hits) / len(hits)
         sampled_hits = [0] * n
         for g, hit in zip(groups, hits):
             sampled_hits[g] += int(hit)
     rows = [dict(prompt=prompt, question=ex.question, completion=text, answer=v.answer,
                  lenient_answer=v.lenient_answer, correct=v.correct, lenient_correct=v.lenient_correct,
-                 well_formed=v.well_formed)
+                 well_formed=v.well_formed, reward=v.reward, feedback=v.feedback)
             for prompt, ex, text, v in zip(prompts, examples, greedy.texts, verdicts)]
     return DomainResult(domain, greedy_acc=sum(v.correct for v in verdicts) / n, sampled_acc=sampled_acc,
                         format_rate=sum(v.well_formed for v in verdicts) / n,
                         mean_length=float(greedy.lengths.mean()), samples=rows[: ecfg.save_samples],
                         texts=greedy.texts, lenient_acc=sum(v.lenient_correct for v in verdicts) / n, rows=rows,
-                        per_prompt=[int(v.correct) for v in verdicts], sampled_hits=sampled_hits)
+                        per_prompt=[int(v.correct) for v in verdicts], sampled_hits=sampled_hits,
+                        verifier_errors=len(errors), verifier_error=errors[0] if errors else "",
+                        answer_format=examples[0].answer_format if examples else pcfg.answer_format)
 
 
 def evaluate_all(model, tokenizer, domains: list[str], ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,

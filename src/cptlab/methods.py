@@ -26,7 +26,7 @@ from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss
                      sdpo_token_loss, sft_loss, token_entropy, zero_variance_fraction)
 from .prompts import student_prompt
 from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
-from .tasks import Example, Verdict, verify
+from .tasks import Example, Verdict, verify_batch
 from .teacher import Teacher, build_reprompts, restart_points
 
 
@@ -123,7 +123,7 @@ class OnPolicyMethod(Method):
         ro = generate(model, ctx.tokenizer, prompts, self.sampling, generator=generator,
                       group_size=ctx.rollout.group_size)
         rows = [examples[g] for g in ro.group_ids.tolist()]
-        verdicts = [verify(ex, text, ctx.prompt.style) for ex, text in zip(rows, ro.texts)]
+        verdicts = verify_batch(rows, ro.texts, ctx.prompt.style)
         rewards = torch.tensor([v.reward for v in verdicts], device=ctx.device)
         batch = Batch(rows, ro, verdicts, rewards)
         # behaviour log-probs in eval mode: the policy that sampled had no dropout (LoRA's included)
@@ -138,6 +138,7 @@ class OnPolicyMethod(Method):
             "format_rate": sum(v.well_formed for v in verdicts) / len(verdicts),
             "response_length": float(ro.lengths.mean()),
             "zero_variance_groups": zero_variance_fraction(rewards, ro.group_ids),
+            "verifier_errors": sum(v.error is not None for v in verdicts),
         })
         return batch
 

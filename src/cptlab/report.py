@@ -230,6 +230,7 @@ def build_report(run: Run) -> str:
                                             run.domains, run.stage_domains), "accuracy matrix", "matrix"),
                  '<p class="note">Greedy accuracy (%) of the model after each stage (rows; 0 = the base) on each '
                  "evaluated domain (columns); outlined: the domain the stage trained on; –: not evaluated.</p>"]
+    body += details.domain_sources(run)
     body += gain_cost_figure(run, stories)
     body += drift_artifact_figure(run, counts)
     bounds = plots.stage_bounds(run.records, run.stage_label)

@@ -195,6 +195,22 @@ def geometry_table(run: Run) -> list[str]:
             table(["after stage", "module type"] + [h for _, h, _ in GEOMETRY_COLUMNS], rows, 2)]
 
 
+def domain_sources(run: Run) -> list[str]:
+    """The data-set domains of the run (run_start's domain_info): verifier, answer format, split sizes."""
+    start = next(iter(run.events("run_start")), {})
+    info = start.get("domain_info") if isinstance(start.get("domain_info"), dict) else {}
+    rows = [[esc(name), esc(i.get("verifier", "")), esc(i.get("answer_format") or "the run's"),
+             esc(i.get("train", "")), esc(i.get("eval", "")), esc(i.get("duplicates", 0))]
+            for name, i in info.items() if isinstance(i, dict) and i.get("kind") == "dataset"]
+    if not rows:
+        return []
+    return ['<h2 id="domains-title">Data-set domains</h2>',
+            '<p class="note">Domains read from data sets, the verifier that checks each answer, the format the '
+            "answer is read in, and the questions used for training and held out for evaluation (split by a "
+            "hash of the question; duplicates dropped).</p>",
+            table(["domain", "verifier", "answer format", "train", "eval", "duplicates"], rows, 3, "domains")]
+
+
 def samples(run: Run) -> list[str]:
     out, files = [], latest_samples(run)
     for s, (step, path) in files.items():
@@ -205,13 +221,17 @@ def samples(run: Run) -> list[str]:
         data = {d: [it for it in items if isinstance(it, dict)] for d, items in data.items()
                 if isinstance(items, list)} if isinstance(data, dict) else {}
         per_domain = max(1, SAMPLES_PER_STAGE // max(1, len(data)))  # spread the handful over the domains
+        feedback = any(it.get("feedback") for items in data.values() for it in items)  # data sets' verifiers
         rows = [[esc(d), f"<pre>{esc(it.get('question', ''))}</pre>", f"<pre>{esc(it.get('completion', ''))}</pre>",
                  '<span class="ok">✓</span>' if it.get("correct") else '<span class="bad">✗</span>',
                  "-" if "lenient_correct" not in it else "yes" if it["lenient_correct"] else "no",
-                 "yes" if it.get("well_formed") else "no"] for d, items in data.items() for it in items[:per_domain]]
+                 "yes" if it.get("well_formed") else "no"]
+                + ([f"<pre>{esc(it.get('feedback') or '')}</pre>"] if feedback else [])
+                for d, items in data.items() for it in items[:per_domain]]
         is_open = " open" if s in (min(files), max(files)) or len(files) <= 3 else ""  # base and last stage
         out += [f"<details{is_open}><summary>after stage {esc(run.stage_label(s))} (step {step})</summary>",
-                table(["domain", "question", "completion", "correct", "lenient", "well-formed"],
-                      rows[:SAMPLES_PER_STAGE], None, "samples"), "</details>"]
+                table(["domain", "question", "completion", "correct", "lenient", "well-formed"]
+                      + (["verifier feedback"] if feedback else []), rows[:SAMPLES_PER_STAGE], None, "samples"),
+                "</details>"]
     return ['<p class="note">A few evaluation samples from the last evaluation of each stage, verbatim (escaped; '
             "control characters spelled out). Lenient: the right value in any format.</p>", *out] if out else []

@@ -19,6 +19,7 @@ from .lora import (checkpoint_state_dict, copy_at_base, copy_sharing_base_weight
 from .prompts import teacher_prompt
 from .tasks import Example, Verdict
 from .tasks.answer import format_answer
+from .verifiers import cap
 
 
 @dataclass
@@ -79,7 +80,7 @@ def build_reprompts(examples: list[Example], completions: list[str], verdicts: l
         counts["self_success"] += verdict.reward >= cfg.success_threshold
         feedback = None
         if cfg.include_feedback and verdict.feedback and (demo is None or not cfg.feedback_only_without_solution):
-            feedback = verdict.feedback
+            feedback = cap(verdict.feedback, cfg.feedback_max_chars)
         if demo is None and (cfg.no_demo == "skip" or feedback is None):
             texts.append(teacher_prompt(pcfg, ex.question, None, None, tokenizer))
             distill.append(False)

@@ -27,7 +27,7 @@ from .methods import Method
 from .optim import lr_factor, set_lr
 from .rollout import make_generator
 from .sharding import weights_changed
-from .tasks import Example, make_split
+from .tasks import Example, make_split, train_pool_size
 from .ui import progress
 
 
@@ -39,8 +39,9 @@ class TrainSampler:
     """Deterministic prompts for (stage, step): resuming at step k draws what step k drew before."""
 
     def __init__(self, domain: str, seed: int, stage_index: int, prompt: PromptConfig, pool_size: int = 2048):
-        self.pool: list[Example] = make_split(domain, "train", pool_size, seed=seed, style=prompt.style,
-                                              answer_format=prompt.answer_format)
+        # a generator's pool_size questions, or every training row of a data set
+        self.pool: list[Example] = make_split(domain, "train", train_pool_size(domain, pool_size), seed=seed,
+                                              style=prompt.style, answer_format=prompt.answer_format)
         self.seed, self.stage_index = seed, stage_index
 
     def batch(self, step: int, n: int) -> list[Example]:

@@ -70,4 +70,9 @@ def print_samples(domain: str, rows: list[dict], n: int) -> None:
             console.print(safe_text(str(row.get(key, ""))))
         console.print(f"[bold]answer:[/bold] {safe_text(repr(row.get('answer')))}   "
                       f"[bold]lenient answer:[/bold] {safe_text(repr(row.get('lenient_answer')))}")
-        console.print(f"[bold]verdict:[/bold] {_verdict(row)}")
+        reward = row.get("reward")
+        console.print(f"[bold]verdict:[/bold] {_verdict(row)}"
+                      + (f"   [bold]reward:[/bold] {reward:g}" if isinstance(reward, (int, float)) else ""))
+        if row.get("feedback"):
+            console.print("[bold]feedback:[/bold]")
+            console.print(safe_text(str(row["feedback"])))

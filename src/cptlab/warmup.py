@@ -24,7 +24,9 @@ from .losses import sft_loss
 from .optim import lr_factor, make_optimizer, set_lr
 from .prompts import student_prompt, teacher_prompt
 from .rollout import completion_logprobs, rollout_from_texts
-from .tasks import all_domain_names, make_split
+from .tasks import Example, all_domain_names, get_domain, make_split, verify_batch
+from .tasks.answer import format_answer
+from .verifiers import cap
 from .ui import progress
 
 
@@ -41,6 +43,7 @@ def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str
             sizes[ood] = max(1, round(w.examples_per_domain * w.ood_fraction))
     for domain, size in sizes.items():
         examples = make_split(domain, "train", size, seed=seed, style=p.style, answer_format=p.answer_format)
+        pending: list[tuple[int, Example, str]] = []  # a data set's feedback comes from its verifier, below
         for ex in examples:
             target = ex.solution()
             if rng.random() >= w.reprompt_fraction:
@@ -53,7 +56,17 @@ def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str
                 wrong = rng.choice(examples).answer
                 if wrong == ex.answer:
                     wrong = ex.answer + "0"
-                pairs.append((teacher_prompt(p, ex.question, None, f"answer {wrong} is wrong", tokenizer), target))
+                if get_domain(domain).dataset is not None:
+                    pending.append((len(pairs), ex, wrong))
+                    pairs.append(("", target))
+                else:
+                    pairs.append((teacher_prompt(p, ex.question, None, f"answer {wrong} is wrong", tokenizer), target))
+        if pending:  # what the verifier says about the borrowed answer, as the self-teacher will read it
+            verdicts = verify_batch([ex for _, ex, _ in pending],
+                                    [format_answer(wrong, ex.answer_format) for _, ex, wrong in pending], p.style)
+            for (i, ex, wrong), v in zip(pending, verdicts):
+                feedback = cap(v.feedback or f"answer {wrong} is wrong", cfg.method.sdpo.feedback_max_chars)
+                pairs[i] = (teacher_prompt(p, ex.question, None, feedback, tokenizer), pairs[i][1])
     rng.shuffle(pairs)
     return pairs
 

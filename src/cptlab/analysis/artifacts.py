@@ -83,8 +83,10 @@ _KEYS = ("malformed_rate", "no_answer_rate", "multiple_answer_rate", "unclosed_a
          "longest_repeated_ngram", "repetition_rate", "mean_tokens", "char_level")
 
 
-def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4, answer_format: str = "tags") -> dict[str, float]:
-    """Artifact rates over a list of completions, the wrapper read in `answer_format`. Keys:
+def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4,
+                   answer_format: str | Sequence[str] = "tags") -> dict[str, float]:
+    """Artifact rates over a list of completions, the wrapper read in `answer_format` (one format, or
+    one per text where domains differ: a data set's code or tool calls). Keys:
 
       malformed_rate          not exactly one closed wrapper with a real answer and nothing after it
       no_answer_rate          no usable answer: no closed wrapper, or the last one empty or a placeholder
@@ -104,7 +106,8 @@ def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4, answer_
         return {k: float("nan") for k in _KEYS}
     unit = choose_unit(texts, unit)
     tokens = [tokenize(t, unit) for t in texts]
-    parsed = [get_format(answer_format).parse(t) for t in texts]
+    formats = [answer_format] * len(texts) if isinstance(answer_format, str) else list(answer_format)
+    parsed = [get_format(f).parse(t) for f, t in zip(formats, texts)]
     n = len(texts)
 
     def rate(flag) -> float:

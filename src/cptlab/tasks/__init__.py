@@ -1,7 +1,9 @@
 """Task domains: registry, disjoint train/eval splits, rendering and verification.
 
+A domain is a reasoning-gym generator (domains.py) or a data set checked by a verifier (datasets.py,
+verifiers/); everything downstream (stages, evaluation, warm-up, studies, report) treats both alike.
 `make_split(name, "eval", n)` is a fixed held-out set; `make_split(name, "train", n, seed)` draws from
-another seed and drops any question that is in the domain's eval pool, so the two never overlap.
+another seed (a generator) or samples the training rows (a data set), never from the eval pool.
 The registry holds the built-in domains plus those of the run's `domains` config section
 (`install_domains`, called when a config is validated, so every process that loads it sees them).
 """
@@ -14,13 +16,17 @@ import functools
 import hashlib
 import json
 import re
+import random
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError, UserError
 from .answer import FORMATS, format_answer, get_format, parse_answer
 from .domains import BUILTIN, EVAL_POOL, Domain, _identity
+from ..verifiers import Verdict, check_options, get_verifier, verify_batch as _verify_batch
+from . import datasets as _datasets
 
 _BUILTIN: dict[str, Domain] = {d.name: d for d in BUILTIN}
 _REGISTRY: dict[str, Domain] = dict(_BUILTIN)
@@ -69,10 +75,56 @@ def _check_generator(task: str, config: dict, where: str) -> None:
                           f"settings reasoning-gym's '{task}' accepts ({type(e).__name__}: {message[:200]})") from None
 
 
+_DATASET_KEYS = ("split", "eval_split", "fields", "verifier", "verifier_options", "answer_format", "bad_rows", "template",
+                 "filter", "extract", "shuffle_choices")
+
+
+def _dataset_domain(name: str, spec: Any, where: str) -> Domain:
+    """A data-set domain: its rows read and split now, so a bad file fails at config load."""
+    if name in _BUILTIN:
+        raise ConfigError(where, name, "a new domain name for a data set (this is a built-in generator domain)")
+    if spec.task or spec.config:
+        raise ConfigError(f"{where}.task" if spec.task else f"{where}.config", spec.task or spec.config,
+                          "empty for a data-set domain (source/eval_source and task are two kinds of domain)")
+    if not spec.verifier:
+        raise ConfigError(f"{where}.verifier", spec.verifier, "a verifier for a data set (exact, numeric, math, "
+                          "choice, tool_call, code, regex or python:MODULE:FUNCTION)")
+    verifier = get_verifier(spec.verifier, f"{where}.verifier")
+    check_options(verifier, spec.verifier_options, f"{where}.verifier_options")
+    if spec.answer_format is not None and spec.answer_format not in FORMATS:
+        raise ConfigError(f"{where}.answer_format", spec.answer_format, "null or one of " + ", ".join(FORMATS))
+    if spec.eval_pool is not None and spec.eval_pool < 1:
+        raise ConfigError(f"{where}.eval_pool", spec.eval_pool, "an integer >= 1 or null")
+    try:
+        slots = _datasets.template_slots(spec.template)
+        spec.template.format(**{s: "x" for s in slots})
+    except (ValueError, IndexError, KeyError) as e:
+        raise ConfigError(f"{where}.template", spec.template, f"a format string with named slots ({e})") from None
+    unknown = [s for s in slots if not s.isidentifier() and "." not in s]
+    if unknown:
+        raise ConfigError(f"{where}.template", spec.template, "named slots only, e.g. {question} or {problem}")
+    data = _datasets.load_dataset(spec, where)
+    source = spec.source or spec.eval_source
+    return Domain(name, name, "dataset", {}, None, None, None, _identity, spec.ood_of,
+                  spec.description or f"{Path(source).name} ({verifier.name})", eval_pool=len(data.eval),
+                  dataset=data, verifier=spec.verifier, verifier_options=dict(spec.verifier_options),
+                  answer_format=spec.answer_format or verifier.answer_format)
+
+
 def _config_domain(name: str, spec: Any, where: str) -> Domain:
-    """A built-in domain with the spec's changes, or a new domain rendered in reasoning-gym's words."""
+    """A built-in domain with the spec's changes, a new domain rendered in reasoning-gym's words, or a
+    data-set domain."""
     if not _NAME_RE.fullmatch(name) or name == "all":
         raise ConfigError(where, name, "a domain name of letters, digits and '_' (not 'all')")
+    if spec.source or spec.eval_source:
+        return _dataset_domain(name, spec, where)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(spec)}
+    for key in _DATASET_KEYS:
+        default = defaults[key]
+        if getattr(spec, key) != default:
+            raise ConfigError(f"{where}.{key}", getattr(spec, key), f"{'{}' if default == {} else default!r} "
+                              "unless the domain is a data set (set source or eval_source)")
     config = dict(spec.config or {})
     if spec.eval_pool is not None and not 1 <= spec.eval_pool <= EVAL_POOL:
         raise ConfigError(f"{where}.eval_pool", spec.eval_pool, f"an integer in [1, {EVAL_POOL}] or null")
@@ -129,10 +181,13 @@ class Example:
     """The answer format its prompt asks for and its solution uses (tasks.answer.FORMATS)."""
 
     def solution(self, content: str = "full") -> str:
-        """Reference completion: ' <reasoning> <wrapped answer>' (answer_only drops the reasoning)."""
+        """Reference completion: ' <reasoning> <wrapped answer>' (answer_only drops the reasoning); a
+        worked solution that already ends in its wrapped answer (a data set's reasoning) is kept as it is."""
         wrapped = format_answer(self.answer, self.answer_format)
         if content == "answer_only" or not self.reasoning:
             return " " + wrapped
+        if get_format(self.answer_format).parse(self.reasoning).answer is not None:
+            return " " + self.reasoning.strip()
         return f" {self.reasoning} {wrapped}"
 
 
@@ -180,6 +235,8 @@ def make_split(name: str, split: str, n: int, seed: int = 0, style: str = "compa
     compact rendering are always shown in full, with the format's instruction) and which format it asks for.
     An eval split is at most the domain's held-out pool (EVAL_POOL, or the smaller eval_pool it sets)."""
     domain = get_domain(name)
+    if domain.dataset is not None:
+        return _dataset_split(domain, split, n, seed, answer_format)
     render = functools.partial(_render, domain, style=style, answer_format=answer_format)
     if split == "eval":
         if n > EVAL_POOL:
@@ -200,6 +257,40 @@ def make_split(name: str, split: str, n: int, seed: int = 0, style: str = "compa
     return out[:n]
 
 
+def domain_format(domain: Domain, answer_format: str) -> str:
+    """The answer format a domain's prompts ask for: a data-set domain's own (set by the domain or fixed
+    by its verifier), else the run's `prompt.answer_format`."""
+    return domain.answer_format or answer_format
+
+
+def _render_item(domain: Domain, item: dict, answer_format: str) -> Example:
+    fmt = domain_format(domain, answer_format)
+    question = item["question_text"] + "\n" + get_format(fmt).instruction
+    answer = get_verifier(domain.verifier).reference_text(item)
+    return Example(domain.name, question, str(item.get("reasoning") or ""), answer, item, fmt)
+
+
+def _dataset_split(domain: Domain, split: str, n: int, seed: int, answer_format: str) -> list[Example]:
+    """Eval: the first n held-out rows (hash order). Train: n rows drawn with `seed` (all of them,
+    shuffled, when there are at most n)."""
+    data = domain.dataset
+    if split == "eval":
+        return [_render_item(domain, item, answer_format) for item in data.eval[:n]]
+    if not data.train:
+        raise UserError(f"domain {domain.name} has no training rows (it has only an eval_source): train a stage "
+                        "on a domain with a source")
+    rng = random.Random(_seed(domain.name, "train", seed))
+    rows = rng.sample(data.train, min(n, len(data.train)))
+    return [_render_item(domain, item, answer_format) for item in rows]
+
+
+def train_pool_size(name: str, default: int) -> int:
+    """How many training examples a stage samples its prompts from: all rows of a data set (at least
+    one), `default` generated questions for a generator."""
+    domain = get_domain(name)
+    return len(domain.dataset.train) if domain.dataset is not None else default
+
+
 def eval_set_identity(name: str, n: int, style: str = "compact", answer_format: str = "tags") -> dict[str, Any]:
     """What makes two evaluations of `name` comparable prompt by prompt: the prompt count, a sha256 of the
     generator config (reasoning-gym task, its config, the held-out pool's seed and size, the prompt
@@ -207,6 +298,9 @@ def eval_set_identity(name: str, n: int, style: str = "compact", answer_format: 
     domain = get_domain(name)
     config = dict(task=domain.task, task_config=domain.task_config, pool_seed=_seed(name, "eval"),
                   pool_size=domain.eval_pool, style=style, answer_format=answer_format)
+    if domain.dataset is not None:  # the rows themselves are in prompts_sha256; the verifier is not
+        config.update(verifier=domain.verifier, verifier_options=domain.verifier_options,
+                      answer_format=domain_format(domain, answer_format))
     examples = make_split(name, "eval", n, style=style, answer_format=answer_format)
     content = json.dumps([[ex.question, ex.answer] for ex in examples], separators=(",", ":"))
     return {"prompts": n,
@@ -215,23 +309,6 @@ def eval_set_identity(name: str, n: int, style: str = "compact", answer_format: 
 
 
 # --- verification --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    reward: float
-    correct: bool
-    """The strict answer (the last wrapper's content) is right; the reward reads only this."""
-    well_formed: bool
-    answer: str | None
-    feedback: str
-    """Short textual feedback for the self-teacher ('' when correct)."""
-    lenient_correct: bool = False
-    """The right value is written, with or without the right wrapper (correct implies it); lenient
-    minus strict accuracy is the share of answers lost to the format alone."""
-    answer_format: str = "tags"
-    lenient_answer: str | None = None
-    """The value the lenient reader took: the first candidate that is right, else the first one."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,10 +337,9 @@ def _missing_feedback(parsed, fmt) -> str:
     return f"no answer inside {fmt.describe}"
 
 
-def verify(example: Example, completion: str, style: str = "compact") -> Verdict:
-    """Score a completion with reasoning-gym's verifier in the example's answer format; reward 1/0
-    from the strict answer. The lenient reading is reported beside it and never rewarded."""
-    domain = get_domain(example.domain)
+def _verify_generated(domain: Domain, example: Example, completion: str, style: str) -> Verdict:
+    """reasoning-gym's verifier in the example's answer format; reward 1/0 from the strict answer. The
+    lenient reading is reported beside it and never rewarded."""
     fmt = get_format(example.answer_format)
     parsed = fmt.parse(completion)
     correct = parsed.answer is not None and _is_right(domain, example, parsed.answer, style)
@@ -278,16 +354,60 @@ def verify(example: Example, completion: str, style: str = "compact") -> Verdict
                    fmt.name, lenient)
 
 
-def domain_table() -> list[dict[str, str]]:
+def verify_batch(examples: list[Example], completions: list[str], style: str = "compact") -> list[Verdict]:
+    """One Verdict per (example, completion): a generator domain's by reasoning-gym, a data set's by its
+    verifier, each data-set domain's completions in one call (a code verifier runs them in one pool)."""
+    out: list[Verdict | None] = [None] * len(examples)
+    by_domain: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_domain.setdefault(ex.domain, []).append(i)
+    for name, rows in by_domain.items():
+        domain = get_domain(name)
+        if domain.dataset is None:
+            for i in rows:
+                out[i] = _verify_generated(domain, examples[i], completions[i], style)
+            continue
+        verdicts = _verify_batch(get_verifier(domain.verifier), [completions[i] for i in rows],
+                                 [examples[i].entry for i in rows], answer_format=examples[rows[0]].answer_format,
+                                 **domain.verifier_options)
+        for i, v in zip(rows, verdicts):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+def verify(example: Example, completion: str, style: str = "compact") -> Verdict:
+    """Score one completion (see verify_batch)."""
+    return verify_batch([example], [completion], style)[0]
+
+
+def domain_info(name: str) -> dict[str, Any]:
+    """What a run records about a domain: its kind, and for a data set its verifier, answer format and
+    the sizes of its splits (rows read, duplicates dropped, eval questions removed from training)."""
+    d = get_domain(name)
+    if d.dataset is None:
+        return {"kind": "generator", "task": d.task, "eval_pool": d.eval_pool}
+    return {"kind": "dataset", "verifier": d.verifier, "answer_format": d.answer_format, **d.dataset.info}
+
+
+def domain_table(style: str = "compact", answer_format: str = "tags") -> list[dict[str, str]]:
     """One row per domain with a sample question and solution (for `cptlab domains`)."""
     rows = []
     for d in _REGISTRY.values():
-        ex = make_split(d.name, "eval", 1)[0]
-        rows.append(dict(name=d.name, family=d.family, ood_of=d.ood_of or "", task=d.task,
+        ex = make_split(d.name, "eval", 1, style=style, answer_format=answer_format)[0]
+        if d.dataset is None:
+            source = f"reasoning-gym {d.task}"
+        else:
+            i = d.dataset.info
+            source = (f"{d.description}; verifier {d.verifier}; {i['train']} train / {i['eval']} eval"
+                      + (f"; {i['duplicates']} duplicates dropped" if i["duplicates"] else "")
+                      + (f"; {i['overlap']} eval questions removed from train" if i["overlap"] else "")
+                      + (f"; {i['skipped']} bad rows skipped" if i["skipped"] else ""))
+        rows.append(dict(name=d.name, family=d.family, ood_of=d.ood_of or "", task=d.task, source=source,
                          description=d.description, example=ex.question, solution=ex.solution().strip()))
     return rows
 
 
 __all__ = ["Domain", "Example", "Verdict", "all_domain_names", "builtin_domain_names", "check_domain", "get_domain",
-           "install_domains", "make_split", "verify", "domain_table", "EVAL_POOL", "FORMATS", "parse_answer",
+           "install_domains", "make_split", "verify", "verify_batch", "domain_table", "domain_info", "domain_format",
+           "train_pool_size", "EVAL_POOL", "FORMATS", "parse_answer",
            "format_answer"]

@@ -1,8 +1,12 @@
 """Answer formats: how the final answer is wrapped, read back, asked for, and what counts as a slip.
 
-A format is one registry entry (`FORMATS`, chosen by `prompt.answer_format`):
-  tags   `<answer>X</answer>`, the tiny model's format (its tokenizer has the tags as tokens)
-  boxed  `\\boxed{X}`, the format of the study and of most math-tuned instruct models
+A format is one registry entry (`FORMATS`, chosen by `prompt.answer_format`, or by a data-set
+domain's verifier where the answer has a shape of its own):
+  tags       `<answer>X</answer>`, the tiny model's format (its tokenizer has the tags as tokens)
+  boxed      `\\boxed{X}`, the format of the study and of most math-tuned instruct models
+  code       a fenced ```python block: the program the `code` verifier runs
+  tool_call  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the Hermes/Qwen tool-call layout
+  react      `Action: NAME` / `Action Input: {json}` lines (ToolAlpaca's and the study's ToolUse layout)
 Each entry owns its parser, its renderer (reference solutions), its instruction (`prompt.style=full`)
 and a worked example, a neutral question and its answer in the format (`prompt.format_example`).
 
@@ -19,9 +23,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 OPEN, CLOSE = "<answer>", "</answer>"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 BOX = "\\boxed"
+FENCE = "```"
 
-_TAG_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 _BOX_OPEN_RE = re.compile(re.escape(BOX) + r"\s*\{")
 # A number as written: '-3', '1,000', '2.5'; not the '3' of 'x3' or the '-3' of '5-3'.
 _NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
@@ -91,21 +96,26 @@ def _parsed(text: str, contents: list[str], wrappers: int, unclosed: bool, ends_
                         lenient_candidates(text, last, markup))
 
 
-# --- tags: <answer>X</answer> ---------------------------------------------------------------------
+# --- tags: <answer>X</answer> (and <tool_call>X</tool_call>) -------------------------------------
 
 
-def _strip_tags(text: str) -> str:
-    return text.replace(OPEN, " ").replace(CLOSE, " ")
+def _parse_pair(text: str, open_: str, close: str) -> ParsedAnswer:
+    if not isinstance(text, str):
+        return ParsedAnswer(None, False)
+    contents = re.findall(re.escape(open_) + r"(.*?)" + re.escape(close), text, re.DOTALL)
+    unclosed = text.count(open_) != text.count(close) or (not contents and open_ in text)
+    ends_clean = text.rstrip().endswith(close)
+    wrappers = max(len(contents), text.count(open_), text.count(close))  # nested tags are two
+    return _parsed(text, contents, wrappers, unclosed, ends_clean,
+                   lambda t: t.replace(open_, " ").replace(close, " "))
 
 
 def parse_tags(text: str) -> ParsedAnswer:
-    if not isinstance(text, str):
-        return ParsedAnswer(None, False)
-    contents = _TAG_RE.findall(text)
-    unclosed = text.count(OPEN) != text.count(CLOSE) or (not contents and OPEN in text)
-    ends_clean = text.rstrip().endswith(CLOSE)
-    wrappers = max(len(contents), text.count(OPEN), text.count(CLOSE))  # nested tags are two
-    return _parsed(text, contents, wrappers, unclosed, ends_clean, _strip_tags)
+    return _parse_pair(text, OPEN, CLOSE)
+
+
+def parse_tool_call(text: str) -> ParsedAnswer:
+    return _parse_pair(text, TOOL_OPEN, TOOL_CLOSE)
 
 
 # --- boxed: \boxed{X} -----------------------------------------------------------------------------
@@ -147,6 +157,88 @@ def parse_boxed(text: str) -> ParsedAnswer:
     return _parsed(text, [c for c, _, _ in boxes], len(boxes), unclosed, ends_clean, _strip_boxes)
 
 
+# --- code: a fenced block ---------------------------------------------------------------------------
+
+# an opening fence with an optional language tag, the code, a closing fence on its own line
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+
+
+def parse_code(text: str) -> ParsedAnswer:
+    """The last fenced block (```python ... ```, any or no language tag) is the program. Well formed:
+    exactly one closed, non-empty block and nothing but whitespace after it. Lenient reading: the
+    whole text, when it has no block at all (a model that writes bare code)."""
+    if not isinstance(text, str):
+        return ParsedAnswer(None, False)
+    blocks = list(_FENCE_RE.finditer(text))
+    unclosed = text.count(FENCE) % 2 == 1
+    contents = [m.group(2) for m in blocks]
+    last = contents[-1] if contents else None
+    answer = last if last is not None and last.strip() else None
+    trailing = bool(blocks) and text[blocks[-1].end():].strip() != ""
+    lenient = (answer,) if answer is not None else ((text.strip(),) if text.strip() and not blocks else ())
+    return ParsedAnswer(answer, len(blocks) == 1 and answer is not None and not unclosed and not trailing,
+                        len(blocks), unclosed, last is not None and not last.strip(), False, trailing, lenient)
+
+
+# --- react: Action / Action Input lines ------------------------------------------------------------
+
+_ACTION_RE = re.compile(r"Action:\s*([^\n]*?)\s*\n\s*Action Input:\s*")
+
+
+def _json_object_at(text: str, start: int) -> tuple[str | None, int]:
+    """The brace-matched {...} starting at text[start] (strings respected), and the index after it."""
+    if start >= len(text) or text[start] != "{":
+        return None, start
+    depth, i, in_string = 0, start, False
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i + 1], i + 1
+        i += 1
+    return None, len(text)
+
+
+def parse_react(text: str) -> ParsedAnswer:
+    """Every `Action: NAME` line followed by `Action Input: {json}`; the strict answer is the JSON list of
+    those calls. Well formed: at least one action, every input a closed, valid JSON object."""
+    import json
+
+    if not isinstance(text, str):
+        return ParsedAnswer(None, False)
+    calls, broken, end = [], False, 0
+    for m in _ACTION_RE.finditer(text):
+        raw, end = _json_object_at(text, m.end())
+        try:
+            calls.append({"name": m.group(1).strip(), "arguments": json.loads(raw)} if raw else None)
+        except json.JSONDecodeError:
+            calls.append(None)
+        broken = broken or calls[-1] is None
+    good = [c for c in calls if c is not None]
+    answer = json.dumps(good) if good else None
+    trailing = bool(calls) and text[end:].strip() != ""
+    return ParsedAnswer(answer, bool(calls) and not broken, len(calls), broken, False, False, trailing,
+                        (answer,) if answer else ())
+
+
+def render_react(answer: str) -> str:
+    import json
+
+    calls = json.loads(answer)
+    calls = calls if isinstance(calls, list) else [calls]
+    return "\n".join(f"Action: {c['name']}\nAction Input: {json.dumps(c['arguments'])}" for c in calls)
+
+
 # --- the registry ---------------------------------------------------------------------------------
 
 
@@ -166,6 +258,9 @@ class AnswerFormat:
     """Wrapper pieces that count as one token in character-level artifact statistics."""
     describe: str
     """How the feedback names the wrapper."""
+    short: bool = True
+    """A short final answer that a run may ask for everywhere (`prompt.answer_format`); False for the
+    shapes of structured answers that a data-set domain's verifier reads (code, tool calls)."""
 
 
 _EXAMPLE_QUESTION = "How many days are in a week?"
@@ -178,7 +273,25 @@ FORMATS: dict[str, AnswerFormat] = {f.name: f for f in (
                  "Put your final answer within \\boxed{}.",
                  _EXAMPLE_QUESTION, "A week has 7 days, so the answer is \\boxed{7}.",
                  (BOX + "{", "}"), "\\boxed{}"),
+    AnswerFormat("code", parse_code, lambda a: f"{FENCE}python\n{a.strip()}\n{FENCE}",
+                 "Write your solution as Python code in one ```python code block.",
+                 "Write a function seven() that returns the number of days in a week.",
+                 "```python\ndef seven():\n    return 7\n```", (FENCE + "python", FENCE), "a ```python code block",
+                 short=False),
+    AnswerFormat("tool_call", parse_tool_call, lambda a: f"{TOOL_OPEN}{a}{TOOL_CLOSE}",
+                 'Call the right tool: answer with {"name": ..., "arguments": {...}} as JSON inside '
+                 "<tool_call></tool_call>.",
+                 'Tools: days_in(unit: string). How many days are in a week?',
+                 '<tool_call>{"name": "days_in", "arguments": {"unit": "week"}}</tool_call>',
+                 (TOOL_CLOSE, TOOL_OPEN), "<tool_call></tool_call>", short=False),
+    AnswerFormat("react", parse_react, render_react,
+                 "Use the following format:\nAction: the tool to use\nAction Input: its input, as a JSON object.",
+                 "Tools: days_in(unit). How many days are in a week?",
+                 'Action: days_in\nAction Input: {"unit": "week"}', ("Action Input:", "Action:"),
+                 "Action / Action Input lines", short=False),
 )}
+RUN_FORMATS = [name for name, f in FORMATS.items() if f.short]
+"""The formats `prompt.answer_format` may name."""
 
 
 def get_format(name: str) -> AnswerFormat:

@@ -4,8 +4,9 @@ A domain is a reasoning-gym task with a fixed generator config, a *compact* rend
 short reasoning, answer) that a tiny character-level model can learn, and the verifier's
 `score_answer`. Each in-distribution domain has a partially related `<name>_ood` variant: the same
 skill on another size, which the study uses to measure transfer and harm to related domains.
-A run's config can add domains (any reasoning-gym task, without a compact rendering) or change a
-built-in's generator settings: its `domains` section, installed by `cptlab.tasks.install_domains`.
+A run's config can add domains (any reasoning-gym task, without a compact rendering, or a data set
+checked by a verifier: tasks/datasets.py) or change a built-in's generator settings: its `domains`
+section, installed by `cptlab.tasks.install_domains`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ class Domain:
     eval_pool: int = EVAL_POOL
     """Size of the held-out pool (smaller for domains with few distinct questions, so some are left
     to train on)."""
+    dataset: Any = None
+    """A data-set domain's rows (tasks.datasets.LoadedDataset); None for a generator domain."""
+    verifier: str = ""
+    """A data-set domain's verifier (verifiers.REGISTRY name or python:module:function)."""
+    verifier_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the verifier (e.g. {rel_tol: 1e-4}, {timeout: 5})."""
+    answer_format: str | None = None
+    """A data-set domain's answer format, where it is fixed (by the domain or its verifier)."""
 
     @property
     def has_compact(self) -> bool:
