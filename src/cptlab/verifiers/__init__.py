@@ -287,8 +287,7 @@ def table() -> list[dict[str, str]]:
 
 
 def _load_builtin() -> None:
-    if not REGISTRY:
-        from . import answers, code, tool_call  # noqa: F401  (they register themselves)
+    from . import answers, code, tool_call  # noqa: F401  (they register themselves on first import)
 
 
 def replace(verdict: Verdict, **changes: Any) -> Verdict:

@@ -35,7 +35,7 @@ _MATH_DELIMS = re.compile(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$")
 def normalize_text(text: str, case_sensitive: bool = False) -> str:
     """Whitespace collapsed, surrounding quotes, math delimiters and end punctuation removed."""
     text = _MATH_DELIMS.sub("", " ".join(str(text).split())).strip()
-    text = text.strip("\"'`").rstrip(".!").strip()
+    text = re.sub(r"^[\"'`\s]+|[\"'`.!\s]+$", "", text)
     return text if case_sensitive else text.lower()
 
 
