@@ -224,3 +224,110 @@ def test_a_jsonl_math_domain_trains_evaluates_and_shows_samples(tmp_path):
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.count("my_math sample") == 2 and "reward:" in shown.stdout
     assert "feedback:" in shown.stdout or shown.stdout.count("correct (") == 2
+
+
+DAPO = ("Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{}\n\n"
+        "Remember to put your answer on its own line after \"Answer:\".")
+
+
+def write_paper_data(root):
+    """A few rows of each data set of the `paper` preset, in the layouts and schemas it documents."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    datasets = pytest.importorskip("datasets")
+
+    def parquet(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+    d = root / "data" / "paper"
+    parquet(d / "DAPO-Math-17k" / "data" / "dapo-math-17k.parquet", [
+        {"data_source": "math_dapo", "prompt": [{"content": DAPO.format(f"What is ${k}^2$?"), "role": "user"}],
+         "ability": "MATH", "reward_model": {"ground_truth": str(k * k), "style": "rule-lighteval/MATH_v2"},
+         "extra_info": {"index": f"id-{k}"}} for k in range(2, 14)])
+    parquet(d / "SciKnowEval" / "data" / "test-00000-of-00001.parquet", [
+        {"question": f"Which element has atomic number {z}?", "choices": {"text": ["H", "He", "Li", "Be"],
+                                                                          "label": ["A", "B", "C", "D"]},
+         "answerKey": "ABCD"[z - 1], "type": "mcq-4-choices", "domain": "Chemistry" if z < 4 else "Physics",
+         "details": {"level": "L3", "task": "t", "subtask": "s"}} for z in range(1, 5)]
+        + [{"question": f"L2 question {k}?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A",
+            "type": "mcq-2-choices", "domain": "Chemistry", "details": {"level": "L2", "task": "t", "subtask": "s"}}
+           for k in range(3)])
+    (d / "tooluse").mkdir(parents=True)
+    for name, ks in (("train.json", range(6)), ("test.json", range(6, 9))):
+        (d / "tooluse" / name).write_text("".join(json.dumps({
+            "prompt": f"Your task is to answer the user's question using available tools.\nName: Axolotl\n"
+                      f"Question: show me {k} axolotls", "description": "...", "idx": k, "dataset": "tooluse",
+            "system": None, "tests": None, "kind": "tooluse", "elo": 1500,
+            "answer": json.dumps([{"Action": "searchAxolotlImages", "Action_Input": json.dumps({"page": k})}])}) + "\n"
+            for k in ks))
+    parquet(d / "Dolci-Think-RL-7B" / "data" / "train-00000-of-00001.parquet", [
+        {"id": f"c{k}", "prompt": f"Write add{k}(x) returning x + {k}.", "dataset": ["code"],
+         "ground_truth": [f"assert add{k}(1) == {1 + k}", f"assert add{k}(-{k}) == 0"]} for k in range(5)])
+    parquet(d / "math500" / "test-00000-of-00001.parquet",
+            [{"problem": f"Simplify $\\frac{{{2 * k}}}{{{4 * k}}}$.", "answer": "\\frac{1}{2}", "solution": "...",
+              "subject": "Algebra", "level": 1, "unique_id": f"u{k}"} for k in range(1, 4)])
+    with open(d / "gpqa_diamond.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                          "Incorrect Answer 3", "Record ID"])
+        w.writeheader()
+        for k in range(4):
+            w.writerow({"Question": f"Which gas is inert ({k})?", "Correct Answer": f"argon {k}",
+                        "Incorrect Answer 1": f"oxygen {k}", "Incorrect Answer 2": f"fluorine {k}",
+                        "Incorrect Answer 3": f"chlorine {k}", "Record ID": f"r{k}"})
+    (d / "bfcl_multiple.jsonl").write_text("".join(json.dumps({
+        "id": f"multiple_{k}", "question": [[{"role": "user", "content": f"Area of a triangle with base {k} cm?"}]],
+        "function": [{"name": "area", "description": "triangle area", "parameters": {
+            "type": "dict", "properties": {"base": {"type": "integer"}, "unit": {"type": "string"}},
+            "required": ["base"]}}, {"name": "perimeter", "description": "p", "parameters": {}}],
+        "ground_truth": [{"area": {"base": [k], "unit": ["", "cm"]}}]}) + "\n" for k in range(1, 4)))
+    tests = {"inputs": ["3\n4\n", "1\n1\n"], "outputs": ["7", "2"], "testtype": "stdin", "fn_name": "", "time_limit": 6}
+    parquet(d / "livecodebench" / "test.parquet", [
+        {"data_source": "livecodebench", "prompt": [{"role": "user", "content": f"Read two numbers, print their sum ({k})."}],
+         "ability": "code", "reward_model": {"style": "code", "ground_truth": json.dumps(tests)},
+         "extra_info": {"split": "test", "index": str(k)}} for k in range(3)])
+    datasets.Dataset.from_list([
+        {"question": f"What is {k} + {k}?", "choices": [str(2 * k), str(2 * k + 1), "0", "-1"], "answer": 0,
+         "error_type": "ok" if k else "wrong_groundtruth"} for k in range(4)]).save_to_disk(str(d / "mmlu-redux"))
+
+
+def test_the_paper_preset_reads_the_studys_schemas(tmp_path, monkeypatch):
+    write_paper_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("paper", ["domains.math.eval_pool=4", "domains.science.eval_pool=1", "domains.code.eval_pool=2"])
+    assert cfg.domains["math"].source == str(tmp_path / "data" / "paper" / "DAPO-Math-17k")
+    sizes = {name: (domain_info(name).get("train"), domain_info(name)["eval"]) for name in cfg.eval.domains}
+    assert sizes == {"math": (8, 4), "science": (2, 1), "tooluse": (6, 3), "code": (3, 2), "math500": (0, 3),
+                     "gpqa": (0, 4), "bfcl": (0, 3), "livecodebench": (0, 3), "mmlu_redux": (0, 3)}
+    assert domain_info("science")["filtered"] == 4 and domain_info("mmlu_redux")["filtered"] == 1
+
+    def first(name):
+        return make_split(name, "eval", 1, style="full", answer_format="boxed")[0]
+
+    math = first("math")
+    assert math.entry["question_text"].startswith("What is $") and "Answer:" not in math.question
+    assert verify(math, f"\\boxed{{{math.answer}}}").correct
+    wrong = verify(math, "\\boxed{-1}")
+    assert not wrong.correct and wrong.feedback == "answer -1 is wrong"  # reveal: false, as the study's scorer
+    for name in ("science", "gpqa", "mmlu_redux"):
+        ex = first(name)
+        assert verify(ex, f"\\boxed{{{ex.answer}}}").correct and "\nB. " in ex.question, name
+    tool = first("tooluse")
+    assert tool.answer_format == "react" and tool.solution().strip().startswith("Action: searchAxolotlImages")
+    assert verify(tool, tool.solution()).correct
+    assert verify(tool, 'Action: searchAxolotlImages\nAction Input: {"page": 99}').feedback.startswith(
+        "argument `page`: expected")
+    bfcl = first("bfcl")
+    assert bfcl.answer_format == "tool_call" and bfcl.entry["question_text"].startswith("Tools: [")
+    k = int(bfcl.entry["question_text"].split("base ")[1].split()[0])
+    assert verify(bfcl, f'<tool_call>{{"name": "area", "arguments": {{"base": {k}}}}}</tool_call>').correct
+    code = first("code")
+    k = int(code.entry["question_text"].split("x + ")[1].rstrip("."))
+    assert verify(code, f"```python\ndef add{k}(x):\n    return x + {k}\n```").correct
+    failed = verify(code, f"```python\ndef add{k}(x):\n    return x\n```")
+    assert not failed.correct and f"assert add{k}(1) == {1 + k}" in failed.feedback
+    lcb = first("livecodebench")
+    assert verify(lcb, "```python\na = int(input())\nb = int(input())\nprint(a + b)\n```").correct
+    assert "expected output '7', got '12'" in verify(lcb, "```python\nprint(int(input()) * int(input()))\n```").feedback

@@ -159,26 +159,17 @@ def read_rows(ref: TableRef, columns: list[str], where: str) -> Iterator[tuple[i
     if suffix == ".parquet":
         yield from enumerate(_arrow_batches([path], columns, where), start=1)
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            number = 0
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(where, ref.path, f"JSON lines (line {line_no} is not valid JSON: {e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(where, ref.path, f"one JSON object per line (line {line_no} is a "
-                                      f"{type(row).__name__})")
-                number += 1
-                _check_row(row, columns, where, ref.path, line_no)
-                yield line_no, row
+        yield from _jsonl_rows(path, ref.path, columns, where)
     elif suffix == ".json":
+        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(where, ref.path, f"valid JSON ({e.msg} at line {e.lineno})") from None
+            if e.msg != "Extra data":
+                raise ConfigError(where, ref.path, f"valid JSON ({e.msg} at line {e.lineno})") from None
+            # JSON lines under a .json name (the study's preprocessed ToolUse and SciKnowEval files)
+            yield from _jsonl_rows(path, ref.path, columns, where)
+            return
         if isinstance(data, dict):
             data = next((data[k] for k in ("data", "rows", "examples") if isinstance(data.get(k), list)), None)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -193,6 +184,21 @@ def read_rows(ref: TableRef, columns: list[str], where: str) -> Iterator[tuple[i
             yield from enumerate(reader, start=2)  # line 1 is the header
     else:
         raise ConfigError(where, ref.path, "a .jsonl, .json, .csv or .parquet file or a datasets directory")
+
+
+def _jsonl_rows(path: Path, shown: str, columns: list[str], where: str) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(where, shown, f"JSON lines (line {line_no} is not valid JSON: {e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(where, shown, f"one JSON object per line (line {line_no} is a {type(row).__name__})")
+            _check_row(row, columns, where, shown, line_no)
+            yield line_no, row
 
 
 def _check_row(row: dict, columns: list[str], where: str, path: str, number: int) -> None:
