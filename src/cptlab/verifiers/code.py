@@ -19,7 +19,9 @@ line and the exception, then the tail of stderr, as a test runner prints them.
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 from typing import TYPE_CHECKING
 
 from . import cap, register
@@ -96,16 +98,18 @@ def _reference(item: dict) -> str:
     return answer
 
 
-def programs(code: str, item: dict) -> list[tuple[str, str, dict | None]]:
+def programs(code: str, item: dict, done: str = "") -> list[tuple[str, str, dict | None]]:
     """(source, stdin, io test) of each program to run for this answer: one for assert-style tests,
-    one per input/output pair otherwise."""
+    one per input/output pair otherwise. A program that runs tests ends by printing `done`, so that an
+    answer which exits early (os._exit(0) before the tests) does not pass."""
     head = (str(item.get("prefix") or "") + "\n" + code).strip("\n") + "\n"
+    after = f"\nprint({done!r})\n" if done else "\n"
     io = _io_tests(item)
     if io is not None:
         out = []
         for t in io:
             if "program" in t:
-                out.append((head + "\n\n" + t["program"] + "\n", "", None))
+                out.append((head + "\n\n" + t["program"] + after, "", {"done": done}))
             elif "fn_name" in t:
                 out.append((head + _CALL.format(name=t["fn_name"]), str(t["input"]), t))
             else:
@@ -113,9 +117,9 @@ def programs(code: str, item: dict) -> list[tuple[str, str, dict | None]]:
         return out
     if item.get("test"):
         test = str(item["test"])
-        call = f"\n\ncheck({item['entry_point']})\n" if "def check" in test else "\n"
-        return [(head + "\n\n" + test + call, "", None)]
-    return [(head + "\n\n" + "\n".join(str(t) for t in item["tests"]) + "\n", "", None)]
+        call = f"\n\ncheck({item['entry_point']})" if "def check" in test else ""
+        return [(head + "\n\n" + test + call + after, "", {"done": done})]
+    return [(head + "\n\n" + "\n".join(str(t) for t in item["tests"]) + after, "", {"done": done})]
 
 
 def _lines(text: str) -> list[str]:
@@ -123,6 +127,8 @@ def _lines(text: str) -> list[str]:
 
 
 def _same_output(stdout: str, io: dict) -> bool:
+    if "done" in io:  # assert-style tests: they all ran when the program printed the marker last
+        return not io["done"] or (stdout.strip().splitlines() or [""])[-1] == io["done"]
     if "fn_name" not in io:
         return _lines(stdout) == _lines(str(io["output"]))
     try:  # a functional test: the JSON values, typed as the tool_call verifier compares them
@@ -138,6 +144,8 @@ def failure(source: str, result: ProgramResult, io: dict | None) -> str | None:
     if result.status == "ok":
         if io is None or _same_output(result.stdout, io):
             return None
+        if "done" in io:
+            return "the program ended before its tests finished (it exited early)"
         return (f"input {str(io['input'])[:120]!r}: expected output {str(io['output']).strip()[:120]!r}, "
                 f"got {result.stdout.strip()[:120]!r}")
     if result.status in ("timeout", "memory", "blocked", "error"):
@@ -157,14 +165,18 @@ def failure(source: str, result: ProgramResult, io: dict | None) -> str | None:
 def run_tests(answers: list[str], items: list[dict], *, timeout: float = 10.0, memory_mb: int = 1024,
               max_io_tests: int = 20, workers: int | None = None) -> list[tuple[bool, str]]:
     """(passed, feedback) of each answer; all programs of the batch go to one pool."""
-    jobs, owner = [], []
-    for k, (code, item) in enumerate(zip(answers, items)):
-        for job in programs(code, item)[:max_io_tests]:
-            jobs.append(job)
-            owner.append(k)
     from .sandbox import SandboxLimits, run_programs
 
-    limits = SandboxLimits(wall_seconds=timeout, cpu_seconds=max(1, int(timeout)), memory_mb=memory_mb)
+    done = "tests-done-" + secrets.token_hex(8)  # unknown to the program, so it cannot print it early
+    jobs, owner = [], []
+    for k, (code, item) in enumerate(zip(answers, items)):
+        for job in programs(code, item, done)[:max_io_tests]:
+            jobs.append(job)
+            owner.append(k)
+    workers = workers or os.cpu_count() or 1
+    # RLIMIT_NPROC counts every sandboxed process and thread on the machine, so it grows with the pool
+    limits = SandboxLimits(wall_seconds=timeout, cpu_seconds=max(1, int(timeout)), memory_mb=memory_mb,
+                           max_processes=16 * workers)
     results = run_programs([source for source, _, _ in jobs], stdins=[stdin for _, stdin, _ in jobs],
                            limits=limits, workers=workers)
     out: list[tuple[bool, str]] = [(True, "")] * len(answers)
