@@ -433,8 +433,8 @@ def test_model_text_renders_as_text_on_the_terminal():
 def test_domains_command_escapes_task_text(cli, monkeypatch):
     import cptlab.tasks
 
-    row = {c: EVIL for c in ("name", "family", "ood_of", "task", "example", "solution")}
-    monkeypatch.setattr(cptlab.tasks, "domain_table", lambda: [row])
+    row = {c: EVIL for c in ("name", "family", "ood_of", "task", "source", "example", "solution")}
+    monkeypatch.setattr(cptlab.tasks, "domain_table", lambda *args: [row])
     result = cli("domains")
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout and "[bold]" in result.stdout and ":thumbs_up:" in result.stdout
