@@ -28,6 +28,7 @@ def assert_one_line_error(proc, *needles):
     (["run", "smoke", "eval.domains=[astrology]"], ["eval.domains[0]", "astrology"]),
     (["run", "smoke", "method.sdpo.ema_rate=2"], ["method.sdpo.ema_rate", "[0, 1]"]),
     (["run", "smoke", "rollout.group_size=1"], ["rollout.group_size", ">= 2"]),
+    (["run", "smoke", "method.grpo.loss_type=ppo"], ["method.grpo.loss_type", "registered policy loss", "cispo"]),
     (["eval", "/nonexistent/model"], ["/nonexistent/model", "not a directory"]),
     (["study", "ood", "--variants", "grpo,nope"], ["--variants", "nope", "grpo, sdpo"]),
 ])

@@ -135,3 +135,11 @@ def test_sdpo_alpha_of_older_configs_reads_as_divergence():
         load_config("smoke", ["method.sdpo.distillation=sampled_token"])
     assert load_config("smoke", ["method.sdpo.distillation=sampled_token",
                                  "method.sdpo.divergence=reverse_kl"]).method.sdpo.distillation == "sampled_token"
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "gspo"])
+def test_registered_loss_types_resolve_and_unknown_ones_are_refused(loss_type):
+    cfg = load_config("smoke", [f"method.grpo.loss_type={loss_type}", "method.grpo.cispo_max_ratio=2"])
+    assert cfg.method.grpo.loss_type == loss_type and cfg.method.grpo.cispo_max_ratio == 2.0
+    with pytest.raises(ConfigError, match="stages\\[1\\].method.grpo.loss_type"):
+        load_config("smoke", ["stages=[{domain: gcd, steps: 1}, {domain: gcd, steps: 1, method: {grpo: {loss_type: x}}}]"])

@@ -7,7 +7,7 @@ import torch
 
 from cptlab.losses import (
     DIVERGENCES,
-    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
     gather_logprobs,
     generalized_jsd,
     group_advantages,
@@ -130,7 +130,7 @@ def test_grpo_loss_each_loss_type_on_ragged_mask(loss_type, expected):
     assert stats["clip_fraction_low"] == pytest.approx(1 / 5)
     assert stats["ratio_mean"] == pytest.approx((1 + 1.5 + 0.5 + 1.1 + 0.7) / 5)
     assert stats["advantage_mean"] == pytest.approx(-0.5) and stats["advantage_std"] == pytest.approx(1.5)
-    assert set(LOSS_AGGREGATIONS) == {"grpo", "bnpo", "dr_grpo"}
+    assert set(POLICY_LOSSES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "gspo"}
 
 
 def test_dr_grpo_normaliser_is_the_completion_budget_not_the_padded_width():
@@ -217,7 +217,7 @@ def test_grpo_loss_k3_penalty():
 def test_grpo_loss_validates_names_and_shapes():
     lp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_loss(lp, lp, torch.zeros(2), torch.ones(2, 3), loss_type="dapo")
+        grpo_loss(lp, lp, torch.zeros(2), torch.ones(2, 3), loss_type="ppo")
     with pytest.raises(ValueError, match="old_logprobs"):
         grpo_loss(lp, torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
 
@@ -492,3 +492,65 @@ def test_token_entropy_in_pieces(monkeypatch):
     _as_pieces(monkeypatch, 30)
     torch.testing.assert_close(token_entropy(logits), whole)
     torch.testing.assert_close(token_entropy(logits[:, 0]), whole[:, 0])
+
+
+def trl_batch():
+    """Two sequences (2 and 3 counted tokens), A = [1, -0.5], token ratios rho = [[1.5, 0.5], [1.0, 1.1, 0.7]]."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    lp = torch.tensor([[-0.5, -1.0, 0.0], [-0.2, -0.3, -2.0]], dtype=torch.float64, requires_grad=True)
+    rho = torch.tensor([[1.5, 0.5, 1.0], [1.0, 1.1, 0.7]], dtype=torch.float64)
+    old = lp.detach() - rho.log()
+    return lp, old, torch.tensor([1.0, -0.5], dtype=torch.float64), mask.double()
+
+
+def test_dapo_is_the_clipped_token_mean_over_the_batch():
+    """TRL 1.16 `dapo`: sum of -min(rho A, clip(rho) A) over all counted tokens / their number."""
+    lp, old, adv, mask = trl_batch()
+    loss, _ = grpo_loss(lp, old, adv, mask, loss_type="dapo")
+    # per token: -min(1.5, 1.2) = -1.2; -0.5; row 2 (A=-0.5): 0.5, 0.55, 0.4 (0.7 clipped up to 0.8)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.5 + 0.55 + 0.4) / 5)
+    loss.backward()
+    expected = torch.tensor([[0.0, -0.1, 0.0], [0.1, 0.11, 0.0]], dtype=torch.float64)  # dL/dlp = -rho A / 5
+    assert torch.allclose(lp.grad, expected)
+    grpo, _ = grpo_loss(lp.detach(), old, adv, mask, loss_type="grpo")
+    assert grpo.item() == pytest.approx((-(1.2 + 0.5) / 2 + (0.5 + 0.55 + 0.4) / 3) / 2)
+
+
+@pytest.mark.parametrize("cap", [5.0, 1.2])
+def test_cispo_is_reinforce_weighted_by_the_stopped_capped_ratio(cap):
+    """TRL 1.16 `cispo`: -sg[min(rho, epsilon_high)] A lp, token mean; no token loses its gradient."""
+    lp, old, adv, mask = trl_batch()
+    loss, stats = grpo_loss(lp, old, adv, mask, loss_type="cispo", cispo_max_ratio=cap)
+    w = [[min(1.5, cap), 0.5], [1.0, 1.1, 0.7]]
+    terms = [-w[0][0] * 1 * -0.5, -w[0][1] * 1 * -1.0, -w[1][0] * -0.5 * -0.2, -w[1][1] * -0.5 * -0.3,
+             -w[1][2] * -0.5 * -2.0]
+    assert loss.item() == pytest.approx(sum(terms) / 5)
+    loss.backward()
+    expected = torch.tensor([[-w[0][0], -w[0][1], 0.0], [0.5 * w[1][0], 0.5 * w[1][1], 0.5 * w[1][2]]],
+                            dtype=torch.float64) / 5
+    assert torch.allclose(lp.grad, expected)
+    assert stats["clip_fraction"] == pytest.approx(0.2 if cap < 1.5 else 0.0)
+
+
+@pytest.mark.parametrize("eps, clipped", [(0.2, False), (3e-4, True)])
+def test_gspo_clips_one_sequence_level_ratio(eps, clipped):
+    """GSPO (TRL importance_sampling_level="sequence"): s_i = exp(mean_t log rho), clipped surrogate per
+    sequence, sequence mean of token means."""
+    lp, old, adv, mask = trl_batch()
+    s = [math.sqrt(1.5 * 0.5), (1.0 * 1.1 * 0.7) ** (1 / 3)]
+    loss, _ = grpo_loss(lp, old, adv, mask, loss_type="gspo", clip_eps=eps,
+                        clip_eps_high=4e-4 if eps < 0.01 else None)
+    row1 = 0.5 * (1 - eps) if clipped else 0.5 * s[1]  # A < 0: -min(s A, clip(s) A) = 0.5 max(s, 1 - eps)
+    assert loss.item() == pytest.approx((-s[0] + row1) / 2)
+    loss.backward()
+    # d/dlp_t of -s_0 over row 0 (2 tokens): -s_0 / 2 per token, then / 2 sequences
+    assert torch.allclose(lp.grad[0, :2], torch.full((2,), -s[0] / 4, dtype=torch.float64))
+    row1_grad = torch.zeros(3, dtype=torch.float64) if clipped else torch.full((3,), 0.5 * s[1] / 3 / 2,
+                                                                                  dtype=torch.float64)
+    assert torch.allclose(lp.grad[1], row1_grad)
+
+
+def test_unknown_loss_type_names_the_registered_ones():
+    lp, old, adv, mask = trl_batch()
+    with pytest.raises(ValueError, match="'cispo', 'dapo'"):
+        grpo_loss(lp, old, adv, mask, loss_type="ppo")

@@ -192,10 +192,16 @@ class GRPOConfig:
     """Upper clip (DAPO's clip-higher); None: same as clip_eps."""
     beta: float = 0.0
     """Weight of the k3 KL to the stage's reference (base) model; 0 skips the reference forward."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
-    """How token losses become the loss: grpo, mean over sequences of each one's token mean; bnpo,
-    mean over all tokens of the batch; dr_grpo, sum / (B * rollout.max_new_tokens), a constant
-    normaliser without length bias (Dr. GRPO, TRL)."""
+    loss_type: str = "grpo"
+    """The policy loss and what it is a mean over (losses.POLICY_LOSSES): grpo, the clipped surrogate,
+    mean over sequences of each one's token mean; bnpo and dapo (TRL's default), the same surrogate,
+    mean over all tokens of the batch on all ranks; dr_grpo, sum / (B * rollout.max_new_tokens), a
+    constant normaliser without length bias (Dr. GRPO); cispo, -sg[min(rho, cispo_max_ratio)] A log pi,
+    token mean (MiniMax-M1, as TRL 1.16); gspo, the clipped surrogate on one ratio per sequence,
+    exp(mean_t log rho), sequence mean (GSPO: use a small clip, e.g. clip_eps 3e-4, clip_eps_high 4e-4)."""
+    cispo_max_ratio: float = 5.0
+    """loss_type cispo: the cap on the stopped importance ratio (TRL's epsilon_high for cispo; 5.0 as
+    ScaleRL recommends). Only read by cispo."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO's centring only."""
 
@@ -782,6 +788,11 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
            g.clip_eps_high, "a positive value or null")
     _check(g.beta >= 0, f"{where}.grpo.beta", g.beta, "a value >= 0")
+    from .losses import POLICY_LOSSES
+
+    _check(g.loss_type in POLICY_LOSSES, f"{where}.grpo.loss_type", g.loss_type,
+           "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")")
+    _check(g.cispo_max_ratio > 0, f"{where}.grpo.cispo_max_ratio", g.cispo_max_ratio, "a positive cap")
     _check(0 < s.jsd_alpha < 1, f"{where}.sdpo.jsd_alpha", s.jsd_alpha,
            "a value in (0, 1) (for 0 or 1 use divergence=forward_kl or reverse_kl)")
     _check(s.distillation == "logits" or s.divergence == "reverse_kl", f"{where}.sdpo.divergence", s.divergence,

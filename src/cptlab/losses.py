@@ -12,14 +12,15 @@ Notation follows the papers:
       prompt x; the self-teacher pi_theta(. | x, f, y_<t) is the same network reading the reprompt f
       (a successful sibling and/or feedback). Loss: sum_t D(student_t || stopgrad teacher_t).
 
-Registries (name -> function), like verl's core_algos: LOSS_AGGREGATIONS (GRPO loss types) and
-DIVERGENCES (SDPO divergences); `generalized_jsd` covers the reference's `alpha` knob.
+Registries (name -> function), like verl's core_algos: POLICY_LOSSES (GRPO loss types: grpo, bnpo,
+dr_grpo, dapo, cispo, gspo; `register_policy_loss`), UNITS (what a loss is a mean over) and DIVERGENCES
+(SDPO divergences); `generalized_jsd` covers the reference's `alpha` knob.
 
 Normalisation has one owner. Every loss here is `numerator / units`, and `loss_units` says what the
-units are: sequences with a counted token ("grpo"), counted tokens ("bnpo", and every token-mean loss:
-SDPO, SFT), or the constant B * L_max ("dr_grpo", L_max the run's completion budget). The trainer
-weights each micro-batch's loss by its units over the units of the whole batch on all ranks, so the
-accumulated gradient is the whole batch's (trainer._backward).
+units are: sequences with a counted token ("grpo", "gspo"), counted tokens ("bnpo", "dapo", "cispo",
+and every token-mean loss: SDPO, SFT), or the constant B * L_max ("dr_grpo", L_max the run's completion
+budget). The trainer weights each micro-batch's loss by its units over the units of the whole batch on
+all ranks, so the accumulated gradient is the whole batch's (trainer._backward).
 """
 
 from __future__ import annotations
@@ -254,57 +255,128 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
 
 
 def _sum_of_sequence_means(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Sum over sequences of each sequence's token mean ("grpo"; sequences without a token add 0).
-
-    Divided by the sequences that have tokens this is verl's seq-mean-token-mean; TRL's "grpo" counts
-    token-less sequences as zeros instead. The two agree whenever every sequence has a token.
+    """Sum over sequences of each sequence's token mean ("sequence" units; sequences without a token
+    add 0). Divided by the sequences that have tokens this is verl's seq-mean-token-mean; TRL's "grpo"
+    counts token-less sequences as zeros instead. The two agree whenever every sequence has a token.
     """
     per_seq = masked_mean(per_token, mask, dim=-1)
     has_tokens = (mask.to(per_token.dtype).sum(-1) > 0).to(per_token.dtype)
     return (per_seq * has_tokens).sum()
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "grpo": _sum_of_sequence_means,  # / sequences with a counted token
-    "bnpo": masked_sum,  # / counted tokens (token mean over the batch)
-    "dr_grpo": masked_sum,  # / (B * L_max): a constant, no length bias (Dr. GRPO, TRL)
+def _sequences(mask: Tensor, budget: int | None, dtype=torch.float32) -> Tensor:
+    return (mask.sum(-1) > 0).sum().to(dtype)
+
+
+def _tokens(mask: Tensor, budget: int | None, dtype=torch.float32) -> Tensor:
+    return mask.to(dtype).sum()
+
+
+def _budget(mask: Tensor, budget: int | None, dtype=torch.float32) -> Tensor:
+    return torch.tensor(float(mask.shape[0] * budget), dtype=dtype, device=mask.device)
+
+
+UNITS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[..., Tensor]]] = {
+    "sequence": (_sum_of_sequence_means, _sequences),  # mean over sequences of each one's token mean
+    "token": (masked_sum, _tokens),                      # mean over all counted tokens
+    "budget": (masked_sum, _budget),                     # sum / (rows * L_max), L_max the completion budget
 }
-"""loss_type -> the numerator of the loss; `loss_units` is its denominator."""
+"""What a loss is a mean over: units -> (numerator(per_token, mask), denominator(mask, L_max)). The one
+normaliser: every loss here is numerator / denominator, and the trainer weights each micro-batch by
+its denominator over the whole batch's on all ranks (verl's agg_loss with global counts)."""
 
 
-def _check_loss_type(loss_type: str, max_completion_length: int | None, fn: str) -> None:
-    if loss_type not in LOSS_AGGREGATIONS:
-        raise ValueError(f"{fn}: loss_type={loss_type!r} is unknown; expected one of {sorted(LOSS_AGGREGATIONS)}")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(f"{fn}: loss_type='dr_grpo' needs max_completion_length (the run's completion budget, "
+PolicyLoss = Callable[..., Tensor]
+POLICY_LOSSES: dict[str, tuple[PolicyLoss, str]] = {}
+"""loss_type -> (per-token policy loss, its units): `grpo_loss(loss_type=...)` looks it up."""
+
+
+def register_policy_loss(name: str, units: str):
+    """Register `fn(log_ratio, adv, logprobs, mask, *, eps_low, eps_high, cispo_max_ratio) -> [B, T]`, a
+    per-token policy-gradient loss, under `name`, aggregated as a mean over `units` (UNITS)."""
+    if units not in UNITS:
+        raise ValueError(f"register_policy_loss: units {units!r} is not one of {sorted(UNITS)}")
+
+    def wrap(fn: PolicyLoss) -> PolicyLoss:
+        POLICY_LOSSES[name] = (fn, units)
+        return fn
+
+    return wrap
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), per element (PPO's clipped surrogate)."""
+    return -torch.min(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+
+
+def _token_clipped(log_ratio, adv, logprobs, mask, *, eps_low, eps_high, cispo_max_ratio):
+    """GRPO / DAPO: the clipped surrogate on each token's own ratio rho_{i,t}."""
+    return _clipped_surrogate(log_ratio.exp(), adv, eps_low, eps_high)
+
+
+for _name, _units_name in (("grpo", "sequence"), ("bnpo", "token"), ("dr_grpo", "budget"), ("dapo", "token")):
+    # grpo: sequence mean of token means; bnpo and dapo (TRL's default, over the tokens of the whole
+    # batch on all processes): token mean, which is also what bnpo is here, since the trainer divides by
+    # the global token count; dr_grpo: sum / (B * L_max), no length bias (Dr. GRPO, arXiv 2503.20783)
+    register_policy_loss(_name, _units_name)(_token_clipped)
+
+
+@register_policy_loss("cispo", "token")
+def _cispo(log_ratio, adv, logprobs, mask, *, eps_low, eps_high, cispo_max_ratio):
+    """CISPO (MiniMax-M1, arXiv 2506.13585), as TRL 1.16 writes it: L = -sg[min(rho, cap)] A log pi, a
+    REINFORCE term weighted by the stopped, capped ratio: no token loses its gradient to a clip."""
+    return -(log_ratio.exp().clamp(max=cispo_max_ratio).detach() * adv * logprobs)
+
+
+@register_policy_loss("gspo", "sequence")
+def _gspo(log_ratio, adv, logprobs, mask, *, eps_low, eps_high, cispo_max_ratio):
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071), TRL's importance_sampling_level="sequence": one ratio
+    per sequence, s_i = exp(mean_t(log rho_{i,t})), clipped like PPO's and broadcast over its tokens.
+    GSPO's clip range is small (TRL's docs: 3e-4 / 4e-4)."""
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    seq_adv = adv[:, :1] if adv.shape[-1] == 1 else masked_mean(adv, mask, dim=-1).unsqueeze(-1)
+    return _clipped_surrogate(seq_log_ratio.exp().unsqueeze(-1), seq_adv, eps_low, eps_high).expand_as(log_ratio)
+
+
+def loss_units_of(loss_type: str) -> str:
+    """The units (UNITS key) a loss type's loss is a mean over."""
+    if loss_type in POLICY_LOSSES:
+        return POLICY_LOSSES[loss_type][1]
+    if loss_type in UNITS:
+        return loss_type
+    raise ValueError(f"loss_type={loss_type!r} is unknown; expected one of {sorted(POLICY_LOSSES)} (or units "
+                     f"{sorted(UNITS)})")
+
+
+def _check_loss_type(loss_type: str, max_completion_length: int | None, fn: str) -> str:
+    try:
+        units = loss_units_of(loss_type)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
+    if units == "budget" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(f"{fn}: loss_type={loss_type!r} needs max_completion_length (the run's completion budget, "
                          f"rollout.max_new_tokens) >= 1, got {max_completion_length}")
-
-
-def _units(mask: Tensor, loss_type: str, max_completion_length: int | None, dtype=torch.float32) -> Tensor:
-    if loss_type == "grpo":
-        return (mask.sum(-1) > 0).sum().to(dtype)
-    if loss_type == "bnpo":
-        return mask.to(dtype).sum()
-    return torch.tensor(float(mask.shape[0] * max_completion_length), dtype=dtype, device=mask.device)
+    return units
 
 
 def loss_units(mask: Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
     """How many units `aggregate_loss(.., mask, loss_type)` is a mean over: sequences with a counted
-    token ("grpo"), counted tokens ("bnpo", and every token-mean loss), or rows * max_completion_length
-    ("dr_grpo": the run's completion budget, never the batch's padded width, so it is the same
-    constant per row on every rank and micro-batch). Weighting each part's loss by units(part) /
-    units(whole) sums the parts' losses to the whole's loss."""
-    _check_loss_type(loss_type, max_completion_length, "loss_units")
-    return float(_units(mask, loss_type, max_completion_length))
+    token ("grpo", "gspo"), counted tokens ("bnpo", "dapo", "cispo", and every token-mean loss: SDPO's,
+    SFT's), or rows * max_completion_length ("dr_grpo": the run's completion budget, never the batch's
+    padded width, so it is the same constant per row on every rank and micro-batch). Weighting each
+    part's loss by units(part) / units(whole) sums the parts' losses to the whole's loss."""
+    units = _check_loss_type(loss_type, max_completion_length, "loss_units")
+    return float(UNITS[units][1](mask, max_completion_length))
 
 
 def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str,
                    max_completion_length: int | None = None) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar: LOSS_AGGREGATIONS[loss_type] / loss_units (0 when
-    nothing is counted)."""
-    _check_loss_type(loss_type, max_completion_length, "aggregate_loss")
-    units = _units(mask, loss_type, max_completion_length, per_token_loss.dtype).to(per_token_loss.device)
-    return LOSS_AGGREGATIONS[loss_type](per_token_loss, mask) / units.clamp(min=torch.finfo(per_token_loss.dtype).tiny)
+    """Reduce a [B, T] per-token loss to a scalar: the numerator of its units over their count (0 when
+    nothing is counted). `loss_type` is a registered loss type or a units name (UNITS)."""
+    units = _check_loss_type(loss_type, max_completion_length, "aggregate_loss")
+    numerator, denominator = UNITS[units]
+    count = denominator(mask, max_completion_length, per_token_loss.dtype).to(per_token_loss.device)
+    return numerator(per_token_loss, mask) / count.clamp(min=torch.finfo(per_token_loss.dtype).tiny)
 
 
 def grpo_loss(
@@ -319,28 +391,36 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    cispo_max_ratio: float = 5.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped GRPO surrogate (+ beta * k3 KL to a reference policy) -> (scalar loss, stats).
+    """Policy-gradient loss of a registered `loss_type` (+ beta * k3 KL to a reference) -> (scalar, stats).
 
     logprobs, old_logprobs, mask, ref_logprobs: [B, T] (sampled-token log-probs under pi_theta,
     pi_theta_old, pi_ref); advantages: [B] (one A_i per sequence) or [B, T] (per token).
-    Per token:  L_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta * k3_{i,t},
-    with rho = exp(lp - old_lp), eps_high = clip_eps_high or clip_eps (DAPO's clip-higher), and
-    then aggregate_loss(loss_type): "grpo" sequence mean of token means, "bnpo" token mean, "dr_grpo"
-    sum / (B * max_completion_length), where max_completion_length (required for "dr_grpo") is the
-    run's completion budget, not T. Gradients flow through `logprobs` only.
+    rho = exp(lp - old_lp), eps_high = clip_eps_high or clip_eps (DAPO's clip-higher). Per token:
+      grpo, bnpo, dr_grpo, dapo  L = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)
+      cispo                      L = -sg[min(rho, cispo_max_ratio)] A lp          (TRL's epsilon_high)
+      gspo                       the clipped surrogate on s_i = exp(mean_t log rho), per sequence
+    plus beta * k3 where beta > 0, then the mean over the loss type's units (POLICY_LOSSES, UNITS):
+    grpo and gspo a sequence mean of token means, bnpo / dapo / cispo a token mean, dr_grpo sum / (B *
+    max_completion_length), where max_completion_length (required for dr_grpo) is the run's completion
+    budget, not T. Gradients flow through `logprobs` only.
     Stats (floats): pg_loss, kl (mean k3, when ref given), clip_fraction (share of tokens whose
-    gradient the clip removed; split into _low / _high), ratio_mean, approx_kl (mean old_lp - lp),
-    advantage_mean / advantage_std, num_tokens.
+    gradient the clip removed; split into _low / _high; for cispo the share capped), ratio_mean,
+    approx_kl (mean old_lp - lp), advantage_mean / advantage_std, num_tokens.
     """
     _check_same_shape("grpo_loss", logprobs=logprobs, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs)
     _check_loss_type(loss_type, max_completion_length, "grpo_loss")
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"grpo_loss: loss_type={loss_type!r} is not a policy loss; expected one of "
+                         f"{sorted(POLICY_LOSSES)}")
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"grpo_loss: beta={beta} needs ref_logprobs")
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not 0.0 <= eps_low < 1.0 or eps_high < 0.0:
-        raise ValueError(f"grpo_loss: need 0 <= clip_eps < 1 and clip_eps_high >= 0, got {eps_low}, {eps_high}")
+    if not 0.0 <= eps_low < 1.0 or eps_high < 0.0 or not cispo_max_ratio > 0:
+        raise ValueError(f"grpo_loss: need 0 <= clip_eps < 1, clip_eps_high >= 0 and cispo_max_ratio > 0, got "
+                         f"{eps_low}, {eps_high}, {cispo_max_ratio}")
     if advantages.shape == logprobs.shape[:1]:
         adv = advantages.detach().unsqueeze(-1)  # A_i broadcast over the tokens of sequence i
     elif advantages.shape == logprobs.shape:
@@ -353,8 +433,9 @@ def grpo_loss(
     logprobs, old_logprobs, ref_logprobs = (_zero_padding(x, mask) for x in (logprobs, old_logprobs, ref_logprobs))
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()  # rho_{i,t}
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    pg_per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    policy_loss, _ = POLICY_LOSSES[loss_type]
+    pg_per_token = policy_loss(log_ratio, adv, logprobs, mask, eps_low=eps_low, eps_high=eps_high,
+                               cispo_max_ratio=cispo_max_ratio)
     per_token = pg_per_token
     kl = None
     if ref_logprobs is not None:
@@ -366,8 +447,14 @@ def grpo_loss(
     with torch.no_grad():
         # The min picks the (constant) clipped term exactly when the ratio left the trust region in
         # the direction the advantage pushes it: those tokens get no gradient.
-        clipped_high = ((adv > 0) & (ratio > 1.0 + eps_high)).float()
-        clipped_low = ((adv < 0) & (ratio < 1.0 - eps_low)).float()
+        if loss_type == "cispo":  # the cap stops no gradient; count the capped tokens
+            clipped_high, clipped_low = (ratio > cispo_max_ratio).float(), torch.zeros_like(ratio)
+        else:
+            r = ratio
+            if loss_type == "gspo":
+                r = masked_mean(log_ratio, mask, dim=-1).exp().unsqueeze(-1).expand_as(ratio)
+            clipped_high = ((adv > 0) & (r > 1.0 + eps_high)).float()
+            clipped_low = ((adv < 0) & (r < 1.0 - eps_low)).float()
         if advantages.dim() == 1:  # one A_i per sequence
             adv_mean, adv_std = adv.float().mean(), adv.float().std(unbiased=False)
         else:  # per-token advantages: moments over the counted tokens

@@ -164,7 +164,7 @@ class OnPolicyMethod(Method):
         return grpo_loss(logprobs, old, batch.advantages, batch.rollout.completion_mask,
                          ref_logprobs=batch.ref_logprobs if g.beta > 0 else None, beta=g.beta, clip_eps=g.clip_eps,
                          clip_eps_high=g.clip_eps_high, loss_type=g.loss_type,
-                         max_completion_length=self.sampling.max_new_tokens)
+                         max_completion_length=self.sampling.max_new_tokens, cispo_max_ratio=g.cispo_max_ratio)
 
 
 class GRPO(OnPolicyMethod):
