@@ -29,7 +29,8 @@ from cptlab.models import build_tiny_model, build_tokenizer, count_parameters
 from cptlab.optim import make_optimizer
 from cptlab.rollout import make_generator
 from cptlab.sharding import shard
-from cptlab.trainer import TrainSampler, _backward, _step, derive_seed
+from cptlab.step import train_step
+from cptlab.trainer import TrainSampler, derive_seed
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         examples = dist.shard(sampler.batch(step, n), info.rank, info.world_size)
         batch = method.make_batch(model, examples, make_generator(derive_seed(0, step, info.rank), device))
-        _step(model, optimizer, lambda: _backward(method, model, batch, m.micro_batch_size, sync), m.grad_clip, sync)
+        train_step(method, model, optimizer, batch, micro_batch_size=m.micro_batch_size, grad_clip=m.grad_clip, sync=sync)
         method.after_batch()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -24,12 +24,14 @@ import time
 import torch
 
 from cptlab.config import load_config
+from cptlab.engine import engine_counts
 from cptlab.lora import base_reference
 from cptlab.methods import MethodContext, build_method, examples_per_step
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device
 from cptlab.optim import make_optimizer
 from cptlab.rollout import make_generator
-from cptlab.trainer import TrainSampler, _backward, _step
+from cptlab.step import train_step
+from cptlab.trainer import TrainSampler
 
 
 def sync(device):
@@ -39,13 +41,6 @@ def sync(device):
 
 def allocator_retries(device) -> int:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
-
-
-def engine_counts(model, cfg, device) -> dict | None:
-    from cptlab.engine import _ENGINES
-
-    eng = _ENGINES.get(model)
-    return dict(eng.counts) if eng is not None else None
 
 
 def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
@@ -79,13 +74,12 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
         t1 = time.perf_counter()
         marks = {}
 
-        def backward():
-            out = _backward(strategy, model, batch, m.micro_batch_size)
+        def backward_done():
             sync(device)
             marks["backward"] = time.perf_counter()
-            return out
 
-        _step(model, optimizer, backward, m.grad_clip)
+        train_step(strategy, model, optimizer, batch, micro_batch_size=m.micro_batch_size, grad_clip=m.grad_clip,
+                   after_backward=backward_done)
         sync(device)
         t2 = time.perf_counter()
         strategy.after_batch()
@@ -95,7 +89,7 @@ def bench(method: str, engine: str, a, overrides: list[str]) -> dict:
                     optimizer=t2 - marks["backward"], teacher=t3 - t2, tokens=float(batch.rollout.completion_mask.sum()),
                     rows=len(batch), alloc_retries=allocator_retries(device) - retries,
                     reserved_gib=torch.cuda.memory_reserved() / 2**30 if device.type == "cuda" else None,
-                    engine=engine_counts(model, cfg, device))
+                    engine=engine_counts(model))
 
     for step in range(a.warmup_steps + a.steps):
         record = one_step(step)

@@ -207,7 +207,7 @@ def run_cptlab(name: str, a, w: Workload) -> dict:
     from cptlab.models import compute_dtype
     from cptlab.optim import make_optimizer
     from cptlab.rollout import make_generator
-    from cptlab.trainer import _backward, _step
+    from cptlab.step import train_step
 
     P = a.prompts
     engine = name.split(":")[1]
@@ -221,8 +221,8 @@ def run_cptlab(name: str, a, w: Workload) -> dict:
         sync(w.device)
         begin.append(time.perf_counter())
         batch = method.make_batch(model, w.examples[step * P:(step + 1) * P], make_generator(step, w.device))
-        _step(model, optimizer, lambda: _backward(method, model, batch, cfg.method.micro_batch_size),
-              cfg.method.grad_clip)
+        train_step(method, model, optimizer, batch, micro_batch_size=cfg.method.micro_batch_size,
+                   grad_clip=cfg.method.grad_clip)
         method.after_batch()  # SDPO: the EMA teacher's step
         sync(w.device)
         end.append(time.perf_counter())

@@ -99,12 +99,12 @@ LR = 1e-3
 
 def _one_step(model, method, batch, micro: int, sync):
     from cptlab.optim import make_optimizer
-    from cptlab.trainer import _backward, _step
+    from cptlab.step import train_step
 
     optimizer = make_optimizer(model, LR, 0.0)
-    loss, stats = _step(model, optimizer, lambda: _backward(method, model, batch, micro, sync), 1.0, sync)
+    result = train_step(method, model, optimizer, batch, micro_batch_size=micro, grad_clip=1.0, sync=sync)
     method.after_batch()
-    return optimizer, stats
+    return optimizer, result.stats
 
 
 def _full(model) -> dict:
@@ -185,7 +185,7 @@ def _check_fsdp_resume(info, root):
     from cptlab.methods import build_method
     from cptlab.optim import make_optimizer
     from cptlab.sharding import shard
-    from cptlab.trainer import _backward, _step
+    from cptlab.step import train_step
 
     _, store = _open_store(info, root)
     mcfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference", teacher_mode="ema", ema_rate=0.3))
@@ -197,7 +197,7 @@ def _check_fsdp_resume(info, root):
 
     def step(model, method, optimizer, part):
         sync = D.gradient_sync(model)
-        _step(model, optimizer, lambda: _backward(method, model, part, 0, sync), 1.0, sync)
+        train_step(method, model, optimizer, part, grad_clip=1.0, sync=sync)
         method.after_batch()
 
     shard(model)

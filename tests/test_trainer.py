@@ -11,7 +11,8 @@ from cptlab.methods import MethodContext, build_method
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.rollout import make_generator
 from cptlab.tasks import make_split
-from cptlab.trainer import StageRun, TrainSampler, _backward, train_stage
+from cptlab.step import accumulate_gradients
+from cptlab.trainer import StageRun, TrainSampler, train_stage
 
 ROLL = RolloutConfig(group_size=4, max_new_tokens=12)
 LENGTHS = [12, 3, 7, 1, 12, 5, 2, 9, 4, 12, 6, 8, 1, 2, 3, 11]
@@ -77,7 +78,7 @@ def test_micro_batched_gradient_equals_the_whole_batch_gradient(case):
     expected = whole_batch_gradient(method, model, batch)
     for micro in (1, 3, 5):
         model.zero_grad(set_to_none=True)
-        loss, _ = _backward(method, model, batch, micro)
+        loss, _ = accumulate_gradients(method, model, batch, micro_batch_size=micro)
         assert_same_gradient(model, expected, f"{case}, micro_batch_size={micro}")
         terms, _ = method.loss(model, batch)
         assert loss == pytest.approx(float(sum(terms.values()).detach()), rel=1e-5)
@@ -98,8 +99,9 @@ def test_sdpo_loss_mix_grpo_term_is_grpo_with_the_grpo_config():
     pg, _ = grpo.loss(model, batch)
     assert float(terms["sdpo"]) == 0.0 and float(terms["grpo"]) == pytest.approx(float(pg["pg"]), rel=1e-6)
     assert stats["grpo/clip_fraction"] > 0  # the planted ratios leave the narrow clip range
-    assert sdpo.loss_units(batch) == {"sdpo": float(batch.rollout.completion_mask[batch.distill > 0].sum()),
-                                      "grpo": 16 * ROLL.max_new_tokens}
+    units = {k: (t.count(), t.scale) for k, t in sdpo.loss_terms(batch).items()}
+    assert units == {"sdpo": (float(batch.rollout.completion_mask[batch.distill > 0].sum()), 0.0),
+                     "grpo": (16 * ROLL.max_new_tokens, 1.0)}
 
 
 def test_behaviour_logprobs_are_computed_without_dropout_at_the_sampling_temperature():
@@ -159,7 +161,7 @@ def _check_two_ranks(info):
             from cptlab import distributed as D
 
             model.zero_grad(set_to_none=True)
-            loss, _ = _backward(method, model, local, micro)
+            loss, _ = accumulate_gradients(method, model, local, micro_batch_size=micro)
             D.all_reduce_grads(list(model.parameters()))
             assert_same_gradient(model, expected, f"{case}, 2 ranks, micro_batch_size={micro}")
             terms, _ = method.loss(model, batch)

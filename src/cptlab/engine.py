@@ -434,6 +434,12 @@ def bucket(rows: int, length: int, length_bucket: int) -> tuple[int, int]:
 _ENGINES: "weakref.WeakKeyDictionary[object, DecodeEngine]" = weakref.WeakKeyDictionary()
 
 
+def engine_counts(model) -> dict | None:
+    """What the model's engine has done so far (compiles, captures, replays ...), None if it has none."""
+    eng = _ENGINES.get(model)
+    return dict(eng.counts) if eng is not None else None
+
+
 def engine_for(model, *, dtype: torch.dtype, device: torch.device, cuda_graphs: bool,
                compile: bool = False) -> DecodeEngine:
     """The model's engine (built once per model object, dtype, device, graph and compile setting)."""

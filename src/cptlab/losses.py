@@ -379,6 +379,16 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str,
     return numerator(per_token_loss, mask) / count.clamp(min=torch.finfo(per_token_loss.dtype).tiny)
 
 
+def _reduce(per_token: Tensor, mask: Tensor, loss_type: str, max_completion_length: int | None,
+            reduction: str) -> Tensor:
+    """The mean over the loss type's units ("mean"), or its numerator alone ("sum")."""
+    if reduction == "mean":
+        return aggregate_loss(per_token, mask, loss_type, max_completion_length)
+    if reduction == "sum":
+        return UNITS[loss_units_of(loss_type)][0](per_token, mask)
+    raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -392,6 +402,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     cispo_max_ratio: float = 5.0,
+    reduction: str = "mean",
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy-gradient loss of a registered `loss_type` (+ beta * k3 KL to a reference) -> (scalar, stats).
 
@@ -404,7 +415,8 @@ def grpo_loss(
     plus beta * k3 where beta > 0, then the mean over the loss type's units (POLICY_LOSSES, UNITS):
     grpo and gspo a sequence mean of token means, bnpo / dapo / cispo a token mean, dr_grpo sum / (B *
     max_completion_length), where max_completion_length (required for dr_grpo) is the run's completion
-    budget, not T. Gradients flow through `logprobs` only.
+    budget, not T. Gradients flow through `logprobs` only. reduction="sum": the numerator alone (the
+    loss summed over its units), which the training step divides by the units of the whole batch.
     Stats (floats): pg_loss, kl (mean k3, when ref given), clip_fraction (share of tokens whose
     gradient the clip removed; split into _low / _high; for cispo the share capped), ratio_mean,
     approx_kl (mean old_lp - lp), advantage_mean / advantage_std, num_tokens.
@@ -442,7 +454,7 @@ def grpo_loss(
         kl = k3_kl(logprobs, ref_logprobs.detach())
         if beta != 0.0:
             per_token = per_token + beta * kl
-    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length)
+    loss = _reduce(per_token, mask, loss_type, max_completion_length, reduction)
 
     with torch.no_grad():
         # The min picks the (constant) clipped term exactly when the ratio left the trust region in
@@ -573,6 +585,7 @@ def sdpo_loss(
     sampled_logprobs: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     is_clip: float | None = None,
+    reduction: str = "mean",
 ) -> tuple[Tensor, dict[str, float]]:
     """Logit-level self-distillation: D(pi_S(.|x, y_<t) || stopgrad pi_T(.|x, f, y_<t)) per token.
 
@@ -637,7 +650,11 @@ def sdpo_loss(
         is_weight = _is_weights(sampled_logprobs, old_logprobs, is_clip, fn)[rows]
         weighted = per_token * is_weight
     weights = weights.to(weighted.dtype)
-    loss = (weighted * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    loss = (weighted * weights).sum()
+    if reduction == "mean":
+        loss = loss / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    elif reduction != "sum":
+        raise ValueError(f"{fn}: reduction={reduction!r}: expected 'mean' or 'sum'")
 
     with torch.no_grad():
         def token_stats(student: Tensor, teacher: Tensor) -> Tensor:  # [n, V] rows -> [n, 4]
@@ -679,6 +696,7 @@ def sdpo_token_loss(
     *,
     old_logprobs: Tensor | None = None,
     is_clip: float | None = None,
+    reduction: str = "mean",
 ) -> tuple[Tensor, dict[str, float]]:
     """Sampled-token SDPO: a policy gradient whose per-token advantage comes from the self-teacher.
 
@@ -701,7 +719,7 @@ def sdpo_token_loss(
     if is_clip is not None:
         is_weight = _is_weights(logprobs, old_logprobs, is_clip, fn)
         per_token = per_token * is_weight
-    loss = masked_mean(per_token, mask)
+    loss = masked_mean(per_token, mask) if reduction == "mean" else masked_sum(per_token, mask)
     with torch.no_grad():
         stats = {
             "log_ratio_mean": masked_mean(-adv, mask).item(),
@@ -717,13 +735,15 @@ def sdpo_token_loss(
 # ----------------------------------------------------------------------------- SFT
 
 
-def sft_loss(logprobs: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Token cross-entropy: -mean over masked tokens of log p(target). logprobs, mask: [B, T].
+def sft_loss(logprobs: Tensor, mask: Tensor, reduction: str = "mean") -> tuple[Tensor, dict[str, float]]:
+    """Token cross-entropy: -mean over masked tokens of log p(target) (reduction "sum": the sum).
+    logprobs, mask: [B, T].
 
-    `logprobs` are the targets' log-probs (gather_logprobs(logits, labels)). Stats: nll, perplexity
-    (exp nll), num_tokens.
+    `logprobs` are the targets' log-probs (gather_logprobs(logits, labels)). Stats: nll (the mean),
+    perplexity (exp nll), num_tokens.
     """
     _check_same_shape("sft_loss", logprobs=logprobs, mask=mask)
-    loss = -masked_mean(logprobs, mask)
-    nll = loss.detach().item()
+    mean = -masked_mean(logprobs, mask)
+    loss = mean if reduction == "mean" else -masked_sum(logprobs, mask)
+    nll = mean.detach().item()
     return loss, {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "num_tokens": mask.float().sum().item()}

@@ -2,16 +2,15 @@
 
 A method owns what its loss needs beyond the model being trained: the base reference it scores
 against (when it asks for one), the self-teacher's weights (SDPO), what of those a checkpoint keeps
-(`state_dict` / `load_state_dict`) and when they update (`after_batch`). The trainer asks it, per step:
+(`state_dict` / `load_state_dict`) and when they update (`after_batch`). Per step:
 
     batch = method.make_batch(model, examples, generator)   # once per rollout batch
-    method.loss_units(batch) -> {term: units}                # what each loss term is a mean over
-    method.loss(model, batch) -> ({term: loss}, stats)       # for each of the mu updates
+    method.loss_terms(batch) -> {term: LossTerm}              # what each term is a mean over (mask, units)
+    method.loss_sums(model, batch) -> ({term: sum}, stats)    # each term summed over its units
     method.after_batch()                                     # once, after the batch's updates
 
-Each loss term is a mean over its own units (`losses.loss_units`: sequences, tokens or B * L_max);
-the trainer weights it by its share of the units of the whole batch on all ranks (trainer._backward).
-The losses themselves are pure tensor functions in `losses.py`.
+`step.train_step` divides each sum by the units of the whole batch on all ranks (the one normaliser);
+the losses themselves are pure tensor functions in `losses.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +21,11 @@ import torch
 from torch import Tensor
 
 from .config import MethodConfig, PromptConfig, RolloutConfig
-from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss_units, masked_mean, sdpo_loss,
+from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss_units_of, masked_mean, sdpo_loss,
                      sdpo_token_loss, sft_loss, token_entropy, zero_variance_fraction)
 from .prompts import student_prompt
 from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
+from .step import LossTerm
 from .tasks import Example, Verdict, verify_batch
 from .teacher import Teacher, build_reprompts, restart_points
 
@@ -46,7 +46,7 @@ class Batch:
     stats: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return int(self.rollout.completion_ids.shape[0])
 
     def select(self, rows: slice) -> "Batch":
         """A micro-batch: every per-row field sliced; the batch-level stats stay with the batch."""
@@ -92,11 +92,24 @@ class Method:
     def make_batch(self, model, examples: list[Example], generator: torch.Generator | None) -> Batch:
         raise NotImplementedError
 
-    def loss_units(self, batch: Batch) -> dict[str, float]:
+    def loss_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        """What each loss term is a mean over (its mask and units), for the whole batch."""
+        raise NotImplementedError
+
+    def loss_sums(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
+        """Each loss term summed over its units, on `batch` (a micro-batch of the batch), and stats."""
         raise NotImplementedError
 
     def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
-        raise NotImplementedError
+        """Each term as a mean over its units on `batch`, times its scale: the loss in one piece, no
+        micro-batches or ranks (tests and benchmark checks; training goes through step.train_step)."""
+        terms = self.loss_terms(batch)
+        sums, stats = self.loss_sums(model, batch)
+        means = {}
+        for k, v in sums.items():
+            units = terms[k].count()
+            means[k] = terms[k].scale * (v / units if units > 0 else v * 0.0)
+        return means, stats
 
     def after_batch(self) -> None:
         """Called once per rollout batch, after its updates."""
@@ -154,17 +167,19 @@ class OnPolicyMethod(Method):
     def _advantages(self, batch: Batch) -> Tensor:
         return grouped_advantages(batch.rewards, batch.rollout.group_ids, scale=self.cfg.grpo.scale_rewards)
 
-    def _grpo_units(self, batch: Batch) -> float:
-        return loss_units(batch.rollout.completion_mask, self.cfg.grpo.loss_type, self.sampling.max_new_tokens)
+    def _grpo_term(self, batch: Batch, scale: float = 1.0) -> LossTerm:
+        return LossTerm(batch.rollout.completion_mask, loss_units_of(self.cfg.grpo.loss_type),
+                        self.sampling.max_new_tokens, scale)
 
     def _grpo_loss(self, logprobs: Tensor, batch: Batch) -> tuple[Tensor, dict]:
-        """The clipped policy gradient (+ beta k3 KL) with the `grpo` config section."""
+        """The policy gradient (+ beta k3 KL) of the `grpo` config section, summed over its units."""
         g = self.cfg.grpo
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         return grpo_loss(logprobs, old, batch.advantages, batch.rollout.completion_mask,
                          ref_logprobs=batch.ref_logprobs if g.beta > 0 else None, beta=g.beta, clip_eps=g.clip_eps,
                          clip_eps_high=g.clip_eps_high, loss_type=g.loss_type,
-                         max_completion_length=self.sampling.max_new_tokens, cispo_max_ratio=g.cispo_max_ratio)
+                         max_completion_length=self.sampling.max_new_tokens, cispo_max_ratio=g.cispo_max_ratio,
+                         reduction="sum")
 
 
 class GRPO(OnPolicyMethod):
@@ -177,10 +192,10 @@ class GRPO(OnPolicyMethod):
         batch.advantages = self._advantages(batch)
         return batch
 
-    def loss_units(self, batch: Batch) -> dict[str, float]:
-        return {"pg": self._grpo_units(batch)}
+    def loss_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        return {"pg": self._grpo_term(batch)}
 
-    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
+    def loss_sums(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         _, logprobs, stats = self._student(model, batch)
         loss, s = self._grpo_loss(logprobs, batch)
         return {"pg": loss}, {**stats, **s}
@@ -217,13 +232,13 @@ class SDPO(OnPolicyMethod):
     def _distill_mask(self, batch: Batch) -> Tensor:
         return batch.rollout.completion_mask * batch.distill[:, None]
 
-    def loss_units(self, batch: Batch) -> dict[str, float]:
-        units = {"sdpo": loss_units(self._distill_mask(batch), "bnpo")}
-        if self.cfg.sdpo.blend_lambda > 0:
-            units["grpo"] = self._grpo_units(batch)
-        return units
+    def loss_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        lam = self.cfg.sdpo.blend_lambda
+        if lam == 0:
+            return {"sdpo": LossTerm(self._distill_mask(batch), "token")}
+        return {"sdpo": LossTerm(self._distill_mask(batch), "token", scale=1 - lam), "grpo": self._grpo_term(batch, lam)}
 
-    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
+    def loss_sums(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         s, ro = self.cfg.sdpo, batch.rollout
         logits, logprobs, stats = self._student(model, batch)
         teacher_logits = self.teacher.logits(lambda m: ro.logits(m, batch.teacher_ids, batch.teacher_mask))
@@ -231,18 +246,18 @@ class SDPO(OnPolicyMethod):
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         if s.distillation == "sampled_token":
             loss, sd = sdpo_token_loss(logprobs, gather_logprobs(teacher_logits, ro.completion_ids), mask,
-                                       old_logprobs=old, is_clip=s.is_clip)
+                                       old_logprobs=old, is_clip=s.is_clip, reduction="sum")
         else:
             loss, sd = sdpo_loss(logits, teacher_logits, mask, divergence=s.divergence,
                                  alpha=s.jsd_alpha if s.divergence == "jsd" else None, top_k=s.top_k,
                                  add_tail=s.add_tail, top_k_from=s.top_k_from, temperature=s.temperature,
-                                 sampled_logprobs=logprobs, old_logprobs=old, is_clip=s.is_clip)
+                                 sampled_logprobs=logprobs, old_logprobs=old, is_clip=s.is_clip, reduction="sum")
         stats.update({f"sdpo/{k}": v for k, v in sd.items()})
         if s.blend_lambda == 0:
             return {"sdpo": loss}, stats
         pg, ps = self._grpo_loss(logprobs, batch)
         stats.update({f"grpo/{k}": v for k, v in ps.items()})
-        return {"sdpo": (1 - s.blend_lambda) * loss, "grpo": s.blend_lambda * pg}, stats
+        return {"sdpo": loss, "grpo": pg}, stats  # weighted 1 - lambda and lambda by their LossTerms
 
     def after_batch(self) -> None:
         self.teacher.update()
@@ -255,9 +270,16 @@ class SDPO(OnPolicyMethod):
 
 
 class SFT(Method):
-    """Off-policy baseline: token cross-entropy on the reference solutions."""
+    """Off-policy baseline: token cross-entropy on the reference solutions (and the warm-up, which
+    runs it on its corpus of (prompt, completion) pairs: `batch_from_pairs`)."""
 
     name = "sft"
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext, model, *, entropy: bool = True):
+        super().__init__(cfg, ctx, model)
+        self.entropy = entropy
+        """Log the token entropy (a full-vocabulary pass over the logits); the warm-up does not, and
+        scores its rows in chunks as every no-grad scoring does (rollout.score_rows)."""
 
     @classmethod
     def examples_per_step(cls, cfg: MethodConfig, group_size: int) -> int:
@@ -270,13 +292,21 @@ class SFT(Method):
         ro = rollout_from_texts(ctx.tokenizer, prompts, [ex.solution() for ex in examples], ctx.device)
         return Batch(list(examples), ro, stats={"response_length": float(ro.lengths.mean())})
 
-    def loss_units(self, batch: Batch) -> dict[str, float]:
-        return {"sft": loss_units(batch.rollout.completion_mask, "bnpo")}
+    def batch_from_pairs(self, pairs: list[tuple[str, str]]) -> Batch:
+        """A batch of given (prompt text, completion text) pairs (the warm-up corpus)."""
+        ro = rollout_from_texts(self.ctx.tokenizer, [p for p, _ in pairs], [c for _, c in pairs], self.ctx.device)
+        return Batch([], ro)
 
-    def loss(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
+    def loss_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        return {"sft": LossTerm(batch.rollout.completion_mask, "token")}
+
+    def loss_sums(self, model, batch: Batch) -> tuple[dict[str, Tensor], dict]:
         ro = batch.rollout
+        if not self.entropy:
+            loss, stats = sft_loss(ro.logprobs(model, batch_size=len(batch)), ro.completion_mask, reduction="sum")
+            return {"sft": loss}, stats
         logits = ro.logits(model)
-        loss, stats = sft_loss(gather_logprobs(logits, ro.completion_ids), ro.completion_mask)
+        loss, stats = sft_loss(gather_logprobs(logits, ro.completion_ids), ro.completion_mask, reduction="sum")
         stats["entropy"] = float(masked_mean(token_entropy(logits.detach()), ro.completion_mask))
         return {"sft": loss}, stats
 

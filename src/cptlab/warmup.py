@@ -20,10 +20,9 @@ import torch
 
 from .config import Config
 from .errors import NumericalFault
-from .losses import sft_loss
-from .optim import lr_factor, make_optimizer, set_lr
+from .optim import lr_factor, make_optimizer
 from .prompts import student_prompt, teacher_prompt
-from .rollout import completion_logprobs, rollout_from_texts
+from .step import train_step
 from .tasks import Example, all_domain_names, get_domain, make_split, verify_batch
 from .tasks.answer import format_answer
 from .verifiers import cap
@@ -72,9 +71,15 @@ def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str
 
 
 def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -> list[float]:
-    """SFT on the warm-up corpus; returns the loss curve (one value per step)."""
+    """SFT on the warm-up corpus through the one training step (the SFT method, this process alone:
+    the warm-up runs on rank 0 while the others wait); returns the loss curve (one value per step)."""
+    from .config import MethodConfig
+    from .methods import SFT, MethodContext
+
     w = cfg.warmup
     corpus = warmup_corpus(cfg, seed, tokenizer)
+    sft = SFT(MethodConfig(name="sft", lr=w.lr, weight_decay=w.weight_decay, grad_clip=1.0),
+              MethodContext(tokenizer, cfg.prompt, cfg.rollout, device), model, entropy=False)
     optimizer = make_optimizer(model, w.lr, w.weight_decay)
     # plain random batches: sorting batches by length (less padding) trained far worse (measured)
     rng = random.Random(seed + 1)
@@ -82,20 +87,14 @@ def run_warmup(model, tokenizer, cfg: Config, device: torch.device, seed: int) -
     model.train()
     with progress("warm-up SFT", w.steps) as advance:
         for step in range(w.steps):
-            batch = rng.sample(corpus, min(w.batch_size, len(corpus)))
-            ro = rollout_from_texts(tokenizer, [b[0] for b in batch], [b[1] for b in batch], device)
-            set_lr(optimizer, w.lr * lr_factor(step, w.steps, w.warmup_steps, "cosine"))
-            logprobs = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                           ro.completion_mask, batch_size=len(batch))
-            loss, _ = sft_loss(logprobs, ro.completion_mask)
-            if not torch.isfinite(loss):  # never cache (or train from) a broken base model
-                raise NumericalFault(f"warm-up step {step + 1} of {w.steps}: loss is {float(loss.detach())} "
-                                     f"(lower warmup.lr, now {w.lr:g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+            batch = sft.batch_from_pairs(rng.sample(corpus, min(w.batch_size, len(corpus))))
+            try:
+                result = train_step(sft, model, optimizer, batch, grad_clip=1.0, local=True,
+                                    lr=w.lr * lr_factor(step, w.steps, w.warmup_steps, "cosine"))
+            except NumericalFault as fault:  # never cache (or train from) a broken base model
+                raise NumericalFault(f"warm-up step {step + 1} of {w.steps}: {fault} (lower warmup.lr, now "
+                                     f"{w.lr:g})") from None
+            losses.append(result.loss)
             advance(info=f"loss {losses[-1]:.3f}")
     model.zero_grad(set_to_none=True)  # no stale gradients on weights that LoRA later freezes
     model.eval()
