@@ -23,7 +23,7 @@ from cptlab.lora import (apply_lora, base_reference, copy_sharing_base_weights, 
 from cptlab.models import build_tiny_model, build_tokenizer  # noqa: E402
 from cptlab.optim import make_optimizer  # noqa: E402
 from cptlab.store import RunStore  # noqa: E402
-from cptlab.teacher import Teacher, ema_update  # noqa: E402
+from cptlab.teacher import make_teacher, ema_update  # noqa: E402
 from test_e2e import records  # noqa: E402  (metrics.jsonl without wall-clock fields)
 from test_reliability import run_until_crash  # noqa: E402  (stands in for SIGKILL in-process)
 
@@ -149,7 +149,7 @@ def test_base_reference_is_the_unwrapped_base_sharing_frozen_weights():
 
 def test_ema_teacher_moves_the_adapters_only():
     model, base_state, _ = lora_model()
-    teacher = Teacher("ema", model, ema_rate=0.25)
+    teacher = make_teacher("ema", model, ema_rate=0.25)
     before = adapter_tensors(teacher.copy)
     train_one_step(model)
     teacher.update()
@@ -165,9 +165,9 @@ def test_ema_teacher_moves_the_adapters_only():
 def test_frozen_teacher_from_base_scores_like_the_base():
     model, _, base_logits = lora_model()
     train_one_step(model)
-    teacher = Teacher("frozen", model, base=base_reference(model), source="base")
+    teacher = make_teacher("frozen", model, base=base_reference(model), source="base")
     torch.testing.assert_close(teacher.logits(lambda m: m(IDS).logits), base_logits)
-    ema = Teacher("ema", model, ema_rate=0.5, base=base_reference(model), source="base")
+    ema = make_teacher("ema", model, ema_rate=0.5, base=base_reference(model), source="base")
     torch.testing.assert_close(ema.logits(lambda m: m(IDS).logits), base_logits)  # adapters' B zeroed
     assert ema.state_dict()["teacher"] and all(is_adapter_key(k) for k in ema.state_dict()["teacher"])
 
@@ -176,7 +176,7 @@ def test_stable_teacher_copies_adapters_only_and_mixes_the_merged_weights_exactl
     model, base_state, base_logits = lora_model()
     train_one_step(model)  # B != 0: the student computes W0 + (alpha / r) B A
     student = effective_state_dict(model)
-    teacher = Teacher("stable", model, gamma=0.4, anchor="base")
+    teacher = make_teacher("stable", model, gamma=0.4, anchor="base")
     merged = effective_state_dict(teacher.copy)
     for k, w0 in base_state.items():  # (1 - gamma) W0 + gamma (W0 + delta) = W0 + gamma delta, every matrix
         torch.testing.assert_close(merged[k], 0.6 * w0 + 0.4 * student[k])
@@ -184,7 +184,7 @@ def test_stable_teacher_copies_adapters_only_and_mixes_the_merged_weights_exactl
     assert all(is_adapter_key(k) for k in teacher.state_dict()["teacher"])
     shared = {id(p) for p in model.parameters()}
     assert all(id(p) in shared for n, p in teacher.copy.named_parameters() if not is_adapter_key(n))
-    torch.testing.assert_close(Teacher("stable", model, gamma=0.0, anchor="base").logits(lambda m: m(IDS).logits),
+    torch.testing.assert_close(make_teacher("stable", model, gamma=0.0, anchor="base").logits(lambda m: m(IDS).logits),
                                base_logits)
 
 
@@ -192,7 +192,7 @@ def test_stable_teacher_with_the_stage_start_anchor_mixes_each_adapter_tensor():
     model, _, _ = lora_model()
     train_one_step(model)
     start = adapter_tensors(model)
-    teacher = Teacher("stable", model, gamma=0.25, anchor="stage_start", restart_after=frozenset({1}))
+    teacher = make_teacher("stable", model, gamma=0.25, anchor="stage_start", restart_after=frozenset({1}))
     train_one_step(model)
     teacher.update()
     now, mixed = adapter_tensors(model), adapter_tensors(teacher.copy)

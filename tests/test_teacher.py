@@ -7,7 +7,7 @@ from cptlab.config import MethodConfig, PromptConfig, RolloutConfig, SDPOConfig
 from cptlab.methods import MethodContext, build_method
 from cptlab.prompts import student_prompt, teacher_prompt
 from cptlab.tasks import Verdict, make_split
-from cptlab.teacher import Teacher, build_reprompts, ema_update, remove_thinking, restart_points
+from cptlab.teacher import make_teacher, build_reprompts, ema_update, remove_thinking, restart_points
 
 P = PromptConfig()
 
@@ -91,11 +91,11 @@ def test_ema_update_formula(tiny_model):
 def test_teacher_modes(tiny_model):
     x = torch.randint(0, 50, (2, 5))
     fwd = lambda m: m(input_ids=x).logits
-    cur = Teacher("current", tiny_model)
+    cur = make_teacher("current", tiny_model)
     assert cur.copy is None  # no extra weights kept
-    frozen = Teacher("frozen", tiny_model)
-    ema = Teacher("ema", tiny_model, ema_rate=0.5)
-    tr = Teacher("trust_region", tiny_model, mix_coef=0.25)
+    frozen = make_teacher("frozen", tiny_model)
+    ema = make_teacher("ema", tiny_model, ema_rate=0.5)
+    tr = make_teacher("trust_region", tiny_model, mix_coef=0.25)
     ref_logits = fwd(tiny_model).detach()
     with torch.no_grad():
         for p in tiny_model.parameters():
@@ -116,7 +116,7 @@ def test_ema_teacher_from_base_starts_at_the_base_and_follows_the_student(tiny_m
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.add_(1.0)  # the student moved away from the base (a later stage)
-    ema = Teacher("ema", tiny_model, ema_rate=0.25, base=base, source="base")
+    ema = make_teacher("ema", tiny_model, ema_rate=0.25, base=base, source="base")
     assert all(torch.equal(t, b) for t, b in zip(ema.copy.parameters(), base.parameters()))
     assert ema.state_dict().keys() == {"teacher"}  # its own copy: a checkpoint keeps it
     base_before = [p.clone() for p in base.parameters()]
@@ -124,7 +124,7 @@ def test_ema_teacher_from_base_starts_at_the_base_and_follows_the_student(tiny_m
     for t, b, s in zip(ema.copy.parameters(), base_before, tiny_model.parameters()):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
     assert all(torch.equal(b0, b1) for b0, b1 in zip(base_before, base.parameters()))  # the base stays put
-    frozen = Teacher("frozen", tiny_model, base=base, source="base")
+    frozen = make_teacher("frozen", tiny_model, base=base, source="base")
     assert frozen.copy is base and frozen.state_dict() == {}  # the base itself, nothing to checkpoint
 
 
@@ -171,7 +171,7 @@ def test_stable_teacher_mixes_base_and_student_at_build_and_restarts_then_stays_
     base = copy.deepcopy(tiny_model).eval().requires_grad_(False)
     _fill(base, 1.0)
     _fill(tiny_model, 2.0)
-    teacher = Teacher("stable", tiny_model, base=base, gamma=0.4, anchor="base", restart_after=frozenset({2}))
+    teacher = make_teacher("stable", tiny_model, base=base, gamma=0.4, anchor="base", restart_after=frozenset({2}))
     assert _teacher_values(teacher) == {1.4}  # 0.6 * 1 + 0.4 * 2
     _fill(tiny_model, 3.0)
     teacher.update()  # one batch done: no restart, frozen
@@ -181,14 +181,14 @@ def test_stable_teacher_mixes_base_and_student_at_build_and_restarts_then_stays_
     _fill(tiny_model, 5.0)
     teacher.update()
     assert _teacher_values(teacher) == {1.8}
-    assert _teacher_values(Teacher("stable", tiny_model, base=base, gamma=0.0)) == {1.0}  # gamma 0: the anchor
-    assert _teacher_values(Teacher("stable", tiny_model, base=base, gamma=1.0)) == {5.0}  # gamma 1: the student
+    assert _teacher_values(make_teacher("stable", tiny_model, base=base, gamma=0.0)) == {1.0}  # gamma 0: the anchor
+    assert _teacher_values(make_teacher("stable", tiny_model, base=base, gamma=1.0)) == {5.0}  # gamma 1: the student
     assert all(float(p.unique()) == 1.0 for p in base.parameters())  # the anchor itself is untouched
 
 
 def test_stable_teacher_from_the_stage_start_keeps_its_anchor_for_the_restarts(tiny_model):
     _fill(tiny_model, 2.0)
-    teacher = Teacher("stable", tiny_model, gamma=0.4, anchor="stage_start", restart_after=frozenset({1}))
+    teacher = make_teacher("stable", tiny_model, gamma=0.4, anchor="stage_start", restart_after=frozenset({1}))
     assert _teacher_values(teacher) == {2.0}  # the anchor is the student at the build
     _fill(tiny_model, 5.0)
     teacher.update()
@@ -198,20 +198,20 @@ def test_stable_teacher_from_the_stage_start_keeps_its_anchor_for_the_restarts(t
     assert {float(t.unique()) for t in state["teacher_anchor"].values()} == {2.0}
     assert int(state["teacher_schedule"]["batches"]) == 1
     # no restart scheduled: the anchor is not kept (nor checkpointed), the teacher is the stage start
-    once = Teacher("stable", tiny_model, gamma=0.4, anchor="stage_start")
+    once = make_teacher("stable", tiny_model, gamma=0.4, anchor="stage_start")
     assert once.anchor is None and "teacher_anchor" not in once.state_dict()
     with pytest.raises(ValueError, match="base model"):
-        Teacher("stable", tiny_model, anchor="base")
+        make_teacher("stable", tiny_model, anchor="base")
 
 
 def test_stable_teacher_state_restores_weights_anchor_and_clock(tiny_model):
     _fill(tiny_model, 2.0)
-    teacher = Teacher("stable", tiny_model, gamma=0.5, anchor="stage_start", restart_after=frozenset({1, 3}))
+    teacher = make_teacher("stable", tiny_model, gamma=0.5, anchor="stage_start", restart_after=frozenset({1, 3}))
     _fill(tiny_model, 4.0)
     teacher.update()  # restart: 3.0
     saved = {k: {n: t.clone() for n, t in v.items()} for k, v in teacher.state_dict().items()}
     # a resumed stage builds its method from the resumed student (here 4.0), then loads the checkpoint
-    resumed = Teacher("stable", tiny_model, gamma=0.5, anchor="stage_start", restart_after=frozenset({1, 3}))
+    resumed = make_teacher("stable", tiny_model, gamma=0.5, anchor="stage_start", restart_after=frozenset({1, 3}))
     assert _teacher_values(resumed) == {4.0}
     resumed.load_state_dict(saved)
     assert _teacher_values(resumed) == {3.0} and resumed.batches == 1
@@ -279,3 +279,21 @@ def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(t
     assert [r for r in records(killed) if r["event"] == "train"] == train and len(train) == 5
     assert records(killed) == records(full)
     assert len({r["sdpo/divergence"] for r in train}) == 5  # a distillation signal that the teacher shapes
+
+
+def test_stable_ema_mixes_once_then_follows_the_student(tiny_model):
+    """The authors' StableSDPO: theta_T = (1 - gamma) base + gamma student at the start, then an EMA."""
+    base = copy.deepcopy(tiny_model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.fill_(1.0)
+        for p in tiny_model.parameters():
+            p.fill_(5.0)
+    teacher = make_teacher("stable_ema", tiny_model, base=base, gamma=0.25, ema_rate=0.5)
+    assert _teacher_values(teacher) == {2.0}  # 0.75 * 1 + 0.25 * 5
+    teacher.update()
+    assert _teacher_values(teacher) == {3.5}  # 0.5 * 2 + 0.5 * 5: an EMA step, no restart
+    frozen = make_teacher("stable_ema", tiny_model, base=base, gamma=0.25, ema_rate=0.0)
+    frozen.update()
+    assert _teacher_values(frozen) == {2.0}  # rate 0: frozen after the mix
+    assert set(teacher.state_dict()) == {"teacher", "teacher_schedule"}

@@ -236,26 +236,28 @@ class SDPOConfig:
     temperature: float = 1.0
     """Distillation temperature: both distributions are softened by it inside the divergence, on top
     of the sampling temperature the forwards already use; 1: none."""
-    teacher_mode: Literal["current", "ema", "frozen", "trust_region", "stable"] = "ema"
-    """Teacher weights: current (the student itself, no copy), ema (a copy following the student at
-    ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current, mix_coef)),
-    stable (StableSDPO, our reading: a copy set to (1 - stable_gamma) * anchor + stable_gamma *
-    student at the stage start and at each scheduled restart, frozen in between; see README)."""
+    teacher_mode: str = "ema"
+    """Teacher weights (teacher.TEACHERS): current (the student itself, no copy), ema (a copy following
+    the student at ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current,
+    mix_coef)), stable (StableSDPO, our restart-and-freeze reading: a copy set to (1 - stable_gamma) *
+    anchor + stable_gamma * student at the stage start and at each scheduled restart, frozen in
+    between), stable_ema (StableSDPO as its authors' code runs it: mixed so once at the stage start,
+    then an EMA at ema_rate); see README."""
     ema_rate: float = 0.05
     """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S, once per rollout batch after its
-    updates_per_batch optimizer steps (as the reference does)."""
+    updates_per_batch optimizer steps (as the reference does); teacher_mode ema and stable_ema."""
     mix_coef: float = 0.05
     """trust_region: teacher logits = lerp(reference logits, current logits, mix_coef)."""
     frozen_source: Literal["stage_start", "base"] = "stage_start"
     """Where a teacher copy starts: the stage's starting weights or the base model. A frozen teacher
     (and the trust-region reference) keeps those weights; an EMA teacher starts there and follows."""
     stable_gamma: float = 0.4
-    """teacher_mode=stable: the student's weight gamma in theta_T = (1 - gamma) * theta_anchor + gamma *
-    theta_student, set at each (re)start. 0.4 matches the freshness of an EMA-0.05 teacher 10 updates
+    """teacher_mode=stable (and stable_ema): the student's weight gamma in theta_T = (1 - gamma) *
+    theta_anchor + gamma * theta_student, set at each (re)start (stable_ema: at the stage start only). 0.4 matches the freshness of an EMA-0.05 teacher 10 updates
     after it started (1 - 0.95^10 = 0.40); 0 is a frozen anchor, 1 a frozen copy of the student.
     (SDPO-CL's teacher_init_alpha is 1 - gamma.) In [0, 1]."""
     stable_anchor: Literal["base", "stage_start"] = "base"
-    """teacher_mode=stable: theta_anchor, the base model or the stage's starting weights. With
+    """teacher_mode=stable (and stable_ema): theta_anchor, the base model or the stage's starting weights. With
     stage_start the stage-start build is the student itself (gamma has no effect until a restart),
     which is why base is the default."""
     stable_restart_every: int = 0
@@ -801,6 +803,10 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(s.feedback_max_chars >= 20, f"{where}.sdpo.feedback_max_chars", s.feedback_max_chars, "an integer >= 20")
     _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
     _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
+    from .teacher import TEACHERS
+
+    _check(s.teacher_mode in TEACHERS, f"{where}.sdpo.teacher_mode", s.teacher_mode,
+           "a registered teacher (one of " + ", ".join(TEACHERS) + ")")
     _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
     _check(0 <= s.mix_coef <= 1, f"{where}.sdpo.mix_coef", s.mix_coef, "a value in [0, 1]")
     _check(0 <= s.blend_lambda <= 1, f"{where}.sdpo.blend_lambda", s.blend_lambda, "a value in [0, 1]")

@@ -27,7 +27,7 @@ from .prompts import student_prompt
 from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
 from .step import LossTerm
 from .tasks import Example, Verdict, verify_batch
-from .teacher import Teacher, build_reprompts, restart_points
+from .teacher import build_reprompts, teacher_from_config
 
 
 @dataclass
@@ -212,10 +212,7 @@ class SDPO(OnPolicyMethod):
     def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
         super().__init__(cfg, ctx, model)
         s = cfg.sdpo
-        self.teacher = Teacher(s.teacher_mode, model, ema_rate=s.ema_rate, mix_coef=s.mix_coef, base=ctx.base,
-                               source=s.frozen_source, gamma=s.stable_gamma, anchor=s.stable_anchor,
-                               restart_after=restart_points(ctx.stage_steps, s.stable_restart_every,
-                                                            s.stable_restart_at))
+        self.teacher = teacher_from_config(s, model, ctx.base, ctx.stage_steps)
 
     def make_batch(self, model, examples, generator):
         batch = super().make_batch(model, examples, generator)

@@ -1,5 +1,5 @@
-"""The SDPO self-teacher: reprompt building and the teacher's weights (current, EMA, frozen,
-trust-region, stable).
+"""The SDPO self-teacher: reprompt building and the teacher's weights (a registry of modes: current,
+ema, frozen, trust_region, stable, stable_ema).
 
 The teacher is the same network reading a reprompt: the question, a successful sibling's completion
 (the demonstration, its thinking removed) and/or the verifier's feedback on the student's own
@@ -104,60 +104,37 @@ def restart_points(steps: int, every: int, at: list[float]) -> frozenset[int]:
 
 
 class Teacher:
-    """The self-teacher's weights for a stage; `logits(forward)` scores reprompts with them.
+    """The self-teacher's weights for a stage; `logits(forward)` scores reprompts with them. One
+    subclass per `sdpo.teacher_mode`, registered by name (TEACHERS, `register_teacher`); `make_teacher`
+    builds one, `teacher_from_config` from a method's SDPO section.
 
-    current: the student itself under no_grad (no copy); ema: a copy that `update()` moves toward the
-    student, theta_T <- (1 - rate) theta_T + rate theta_S, called once per rollout batch after its
-    updates (the SDPO method does); frozen: a copy kept as it is; trust_region: logits
-    lerp(reference, current, mix_coef) with a frozen reference copy. `source` is where a copy starts:
-    the stage's starting weights (the student now) or the base model (`base`, the stage's frozen
-    reference); an EMA teacher starts there and then follows the student.
-
-    stable (StableSDPO, our reading of it; README, "Methods"): a copy set by `restart()` to
-    theta_T = (1 - gamma) * theta_anchor + gamma * theta_S, now (the stage start) and after each
-    count of updating batches in `restart_after`, frozen in between. `anchor`: "base" (the base
-    model) or "stage_start" (the student's weights now, kept for the restarts). With LoRA only the
-    adapters are mixed: with the base anchor that is exact (A from the student, B scaled by gamma:
-    W0 + gamma * (alpha / r) * B A), with the stage-start anchor it mixes A and B separately, which
-    is not the mix of the merged weights (B A is bilinear).
+    A copy starts at `source`: the stage's starting weights (the student now) or the base model (`base`,
+    the stage's frozen reference). With LoRA only the adapters are copied; the base weights are shared.
+    What a checkpoint keeps (`state_dict`): `teacher`, the copy's weights where the teacher owns one;
+    a stable teacher also `teacher_schedule` and `teacher_anchor`.
     """
 
-    def __init__(self, mode: str, student, *, ema_rate: float = 0.05, mix_coef: float = 0.05, base=None,
-                 source: str = "stage_start", gamma: float = 0.4, anchor: str = "base",
-                 restart_after: frozenset[int] = frozenset()):
-        self.mode, self.ema_rate, self.mix_coef = mode, ema_rate, mix_coef
-        self.student = student
+    mode = ""
+
+    def __init__(self, student, *, base=None):
+        self.student, self.base = student, base
         self.copy = None
         self._owns_copy = False
-        self.batches = 0  # rollout batches that updated the student this stage: the restart clock
-        self.anchor: dict[str, torch.Tensor] | None = None  # stable, stage_start: name -> each owned tensor
-        if mode == "current":
-            return
-        if mode == "stable":
-            self._init_stable(base, gamma, anchor, restart_after)
-            return
-        if source == "base" and base is None:
+        self.batches = 0  # rollout batches that updated the student this stage (a restart clock)
+
+    @classmethod
+    def from_config(cls, s: SDPOConfig, student, base, stage_steps: int) -> "Teacher":
+        """The teacher the SDPO config section describes, for a stage of `stage_steps` batches."""
+        return cls(student, base=base)
+
+    def _make_copy(self, source: str) -> None:
+        """A frozen copy of the student (stage_start) or of the student's architecture at the base."""
+        if source == "base" and self.base is None:
             raise ValueError("Teacher: source='base' needs the base model")
-        if source == "base" and mode != "ema":
-            self.copy = base  # already a frozen eval-mode reference: no second copy
-            return
-        # with LoRA only the adapters are copied; the frozen base weights are shared
-        self.copy = copy_sharing_base_weights(student) if source == "stage_start" else copy_at_base(student, base)
+        self.copy = copy_sharing_base_weights(self.student) if source == "stage_start" \
+            else copy_at_base(self.student, self.base)
         self.copy.eval().requires_grad_(False)
         self._owns_copy = True
-
-    def _init_stable(self, base, gamma: float, anchor: str, restart_after: frozenset[int]) -> None:
-        if anchor == "base" and base is None and not is_peft_model(self.student):
-            raise ValueError("Teacher: anchor='base' needs the base model")
-        self.gamma, self.anchor_kind, self.base = gamma, anchor, base
-        self.restart_after = frozenset(restart_after)
-        self.copy = copy_sharing_base_weights(self.student).eval().requires_grad_(False)
-        self._owns_copy = True
-        if anchor == "stage_start":
-            self.anchor = {name: t.detach().clone() for name, t, _ in self._owned()}  # the copy is the student now
-        self.restart()
-        if not self.restart_after:
-            self.anchor = None  # no restart will read it: do not hold a second copy of the weights for nothing
 
     def _owned(self):
         """(name, teacher tensor, student tensor) for every parameter the copy does not share with the
@@ -167,8 +144,153 @@ class Teacher:
                 yield name, t, s
 
     @torch.no_grad()
+    def logits(self, forward) -> torch.Tensor:
+        """`forward(model) -> logits` under the teacher's weights, detached."""
+        return forward(self.copy).detach()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """The teacher's step, once per rollout batch that updated the student (the SDPO method calls
+        it after the batch's updates)."""
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint must keep to resume the teacher, name -> tensors."""
+        return {"teacher": checkpoint_state_dict(self.copy)} if self._owns_copy else {}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what `state_dict` gave (ValueError naming what does not fit)."""
+        if "teacher" in state:
+            load_checkpoint_state(self.copy, state["teacher"])
+
+
+TEACHERS: dict[str, type[Teacher]] = {}
+
+
+def register_teacher(mode: str):
+    """Class decorator: the teacher of `sdpo.teacher_mode = mode`."""
+
+    def wrap(cls: type[Teacher]) -> type[Teacher]:
+        cls.mode = mode
+        TEACHERS[mode] = cls
+        return cls
+
+    return wrap
+
+
+def make_teacher(mode: str, student, **settings) -> Teacher:
+    """The teacher of mode `mode` over `student`, with its own settings (base=..., ema_rate=..., ...)."""
+    if mode not in TEACHERS:
+        raise ValueError(f"teacher mode {mode!r}: expected one of {', '.join(TEACHERS)}")
+    return TEACHERS[mode](student, **settings)
+
+
+def teacher_from_config(s: SDPOConfig, student, base, stage_steps: int) -> Teacher:
+    return TEACHERS[s.teacher_mode].from_config(s, student, base, stage_steps)
+
+
+@register_teacher("current")
+class CurrentTeacher(Teacher):
+    """The student itself under no_grad: no copy, the fastest-moving teacher."""
+
+    @torch.no_grad()
+    def logits(self, forward) -> torch.Tensor:
+        return forward(self.student).detach()
+
+
+@register_teacher("ema")
+class EMATeacher(Teacher):
+    """A copy that follows the student, theta_T <- (1 - rate) theta_T + rate theta_S, once per rollout
+    batch after its updates (the reference's default, rate 0.05); it starts at `source`."""
+
+    def __init__(self, student, *, base=None, ema_rate: float = 0.05, source: str = "stage_start"):
+        super().__init__(student, base=base)
+        self.ema_rate = ema_rate
+        self._make_copy(source)
+
+    @classmethod
+    def from_config(cls, s, student, base, stage_steps):
+        return cls(student, base=base, ema_rate=s.ema_rate, source=s.frozen_source)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        super().update()
+        ema_update(self.copy, self.student, self.ema_rate)
+
+
+@register_teacher("frozen")
+class FrozenTeacher(Teacher):
+    """A copy kept as it is: the stage's starting weights, or the base (then the base itself, which is
+    already a frozen reference: no second copy)."""
+
+    def __init__(self, student, *, base=None, source: str = "stage_start"):
+        super().__init__(student, base=base)
+        if source == "base":
+            if base is None:
+                raise ValueError("Teacher: source='base' needs the base model")
+            self.copy = base
+        else:
+            self._make_copy(source)
+
+    @classmethod
+    def from_config(cls, s, student, base, stage_steps):
+        return cls(student, base=base, source=s.frozen_source)
+
+
+@register_teacher("trust_region")
+class TrustRegionTeacher(FrozenTeacher):
+    """Logits lerp(reference, current, mix_coef): a frozen reference (as a frozen teacher's) pulled
+    toward the student's own logits (the reference implementation's alternative to EMA)."""
+
+    def __init__(self, student, *, base=None, source: str = "stage_start", mix_coef: float = 0.05):
+        super().__init__(student, base=base, source=source)
+        self.mix_coef = mix_coef
+
+    @classmethod
+    def from_config(cls, s, student, base, stage_steps):
+        return cls(student, base=base, source=s.frozen_source, mix_coef=s.mix_coef)
+
+    @torch.no_grad()
+    def logits(self, forward) -> torch.Tensor:
+        ref = forward(self.copy)
+        cur = forward(self.student)
+        return torch.lerp(ref, cur, self.mix_coef).detach()
+
+
+@register_teacher("stable")
+class StableTeacher(Teacher):
+    """StableSDPO, our restart-and-freeze reading (README, "Methods"): a copy set by `restart()` to
+    theta_T = (1 - gamma) * theta_anchor + gamma * theta_S, now (the stage start) and after each count
+    of updating batches in `restart_after`, frozen in between. `anchor`: "base" (the base model) or
+    "stage_start" (the student's weights now, kept for the restarts). With LoRA only the adapters are
+    mixed: with the base anchor that is exact (A from the student, B scaled by gamma: W0 + gamma *
+    (alpha / r) * B A), with the stage-start anchor it mixes A and B separately, which is not the mix
+    of the merged weights (B A is bilinear)."""
+
+    def __init__(self, student, *, base=None, gamma: float = 0.4, anchor: str = "base",
+                 restart_after: frozenset[int] = frozenset()):
+        super().__init__(student, base=base)
+        self.anchor: dict[str, torch.Tensor] | None = None  # stage_start: name -> each owned tensor
+        if anchor == "base" and base is None and not is_peft_model(student):
+            raise ValueError("Teacher: anchor='base' needs the base model")
+        self.gamma, self.anchor_kind = gamma, anchor
+        self.restart_after = frozenset(restart_after)
+        self._make_copy("stage_start")
+        if anchor == "stage_start":
+            self.anchor = {name: t.detach().clone() for name, t, _ in self._owned()}  # the copy is the student now
+        self.restart()
+        if not self.restart_after:
+            self.anchor = None  # no restart will read it: do not hold a second copy of the weights for nothing
+
+    @classmethod
+    def from_config(cls, s, student, base, stage_steps):
+        return cls(student, base=base, gamma=s.stable_gamma, anchor=s.stable_anchor,
+                   restart_after=restart_points(stage_steps, s.stable_restart_every, s.stable_restart_at))
+
+    @torch.no_grad()
     def restart(self) -> None:
-        """Stable mode: theta_T <- (1 - gamma) * theta_anchor + gamma * theta_S (buffers copied)."""
+        """theta_T <- (1 - gamma) * theta_anchor + gamma * theta_S (buffers copied)."""
         lora = is_peft_model(self.student)
         base = dict(self.base.named_parameters()) if self.anchor_kind == "base" and not lora else {}
         for name, t, s in self._owned():
@@ -184,45 +306,22 @@ class Teacher:
             t.copy_(s)
 
     @torch.no_grad()
-    def logits(self, forward) -> torch.Tensor:
-        """`forward(model) -> logits`; combines current and reference logits for trust_region."""
-        if self.mode == "current":
-            return forward(self.student).detach()
-        if self.mode == "trust_region":
-            ref = forward(self.copy)
-            cur = forward(self.student)
-            return torch.lerp(ref, cur, self.mix_coef).detach()
-        return forward(self.copy).detach()
-
-    @torch.no_grad()
     def update(self) -> None:
-        """The teacher's step, once per rollout batch that updated the student: EMA toward the
-        student, or a stable teacher's scheduled restart (other modes: nothing)."""
-        self.batches += 1
-        if self.mode == "ema":
-            ema_update(self.copy, self.student, self.ema_rate)
-        elif self.mode == "stable" and self.batches in self.restart_after:
+        super().update()
+        if self.batches in self.restart_after:
             self.restart()
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What a checkpoint must keep to resume the teacher, name -> tensors: `teacher`, its weights
-        where it owns a copy (not for current, nor a copy that is the base); for stable also
-        `teacher_schedule`, the restart clock, and `teacher_anchor`, the stage-start anchor while a
-        restart will read it (the student has moved on from it by a mid-stage checkpoint)."""
-        state = {}
-        if self._owns_copy:
-            state["teacher"] = checkpoint_state_dict(self.copy)
-        if self.mode == "stable":
-            state["teacher_schedule"] = {"batches": torch.tensor(self.batches, dtype=torch.int64)}
-            if self.anchor is not None:
-                state["teacher_anchor"] = self.anchor
+        """Also `teacher_schedule`, the restart clock, and `teacher_anchor`, the stage-start anchor while
+        a restart will read it (the student has moved on from it by a mid-stage checkpoint)."""
+        state = {**super().state_dict(), "teacher_schedule": {"batches": torch.tensor(self.batches, dtype=torch.int64)}}
+        if self.anchor is not None:
+            state["teacher_anchor"] = self.anchor
         return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Restore what `state_dict` gave (ValueError naming what does not fit)."""
-        if "teacher" in state:
-            load_checkpoint_state(self.copy, state["teacher"])
+        super().load_state_dict(state)
         if "teacher_schedule" in state:
             self.batches = int(state["teacher_schedule"]["batches"])
         if self.anchor is not None:
@@ -231,6 +330,27 @@ class Teacher:
                 raise ValueError(f"teacher anchor: {len(saved)} tensors, expected {len(self.anchor)}")
             for name, t in self.anchor.items():
                 t.copy_(saved[name])
+
+
+@register_teacher("stable_ema")
+class StableEMATeacher(StableTeacher):
+    """StableSDPO as its authors' code runs it (SDPO-CL `fsdp_workers.py`): the teacher is mixed once at
+    the stage start, (1 - gamma) * theta_anchor + gamma * theta_S, then follows the student as an EMA
+    at `ema_rate` (frozen only if the rate is 0); no restarts."""
+
+    def __init__(self, student, *, base=None, gamma: float = 0.4, anchor: str = "base", ema_rate: float = 0.05):
+        super().__init__(student, base=base, gamma=gamma, anchor=anchor)
+        self.ema_rate = ema_rate
+
+    @classmethod
+    def from_config(cls, s, student, base, stage_steps):
+        return cls(student, base=base, gamma=s.stable_gamma, anchor=s.stable_anchor, ema_rate=s.ema_rate)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.batches += 1
+        if self.ema_rate > 0:
+            ema_update(self.copy, self.student, self.ema_rate)
 
 
 @torch.no_grad()
