@@ -143,3 +143,14 @@ def test_registered_loss_types_resolve_and_unknown_ones_are_refused(loss_type):
     assert cfg.method.grpo.loss_type == loss_type and cfg.method.grpo.cispo_max_ratio == 2.0
     with pytest.raises(ConfigError, match="stages\\[1\\].method.grpo.loss_type"):
         load_config("smoke", ["stages=[{domain: gcd, steps: 1}, {domain: gcd, steps: 1, method: {grpo: {loss_type: x}}}]"])
+
+
+def test_settings_of_a_method_section_no_stage_reads_are_refused():
+    with pytest.raises(ConfigError, match=r"'method.sdpo.ema_rate' = 0.1: .*no stage reads the sdpo section"):
+        load_config("tiny", ["method.sdpo.ema_rate=0.1"])  # three GRPO stages
+    with pytest.raises(ConfigError, match=r"stages\[0\].method.grpo.beta"):
+        load_config("tiny", ["stages=[{domain: gcd, steps: 1, method: {name: sdpo, grpo: {beta: 0.1}}}]"])
+    blend = load_config("tiny", ["stages=[{domain: gcd, steps: 1, method: {name: sdpo, sdpo: {blend_lambda: 0.5}, "
+                                 "grpo: {beta: 0.1}}}]"])  # a blending SDPO stage reads grpo too
+    assert blend.stages[0].method["grpo"]["beta"] == 0.1
+    assert load_config("smoke", ["method.sdpo.ema_rate=0.1"]).method.sdpo.ema_rate == 0.1  # stage 2 is SDPO

@@ -301,9 +301,9 @@ class SDPOConfig:
 class MethodConfig:
     """The training method and its optimizer; a stage may override any of it (`stages[i].method`)."""
 
-    name: Literal["grpo", "sdpo", "sft"] = "grpo"
-    """grpo: group-relative policy gradient; sdpo: on-policy self-distillation; sft: cross-entropy on
-    reference solutions (the off-policy baseline)."""
+    name: str = "grpo"
+    """The method (methods.METHODS): grpo, group-relative policy gradient; sdpo, on-policy
+    self-distillation; sft, cross-entropy on reference solutions (the off-policy baseline)."""
     lr: float = 3e-5
     """AdamW peak learning rate (the tiny model drifts at 1e-4 and above under RL; see README)."""
     prompts_per_step: int = 16
@@ -708,12 +708,37 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(preset_or_file: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Preset or YAML file + dotted overrides -> validated Config."""
+    """Preset or YAML file + dotted overrides -> validated Config. Settings of a method section that no
+    stage reads are refused here (fresh input), not when a run's own config.yaml is read back."""
     data = apply_overrides(load_source(preset_or_file), overrides or [])
     cfg = from_dict(Config, data)
     absolute_sources(cfg)
     validate(cfg)
+    refuse_unused_settings(cfg)
     return cfg
+
+
+def refuse_unused_settings(cfg: Config) -> None:
+    """A method section (method.grpo, method.sdpo) that no stage's method reads must keep its defaults:
+    otherwise the setting would be silently ignored. ConfigError naming the first such field."""
+    from .methods import METHODS
+
+    used = {section for i, stage in enumerate(cfg.stages)
+            for section in METHODS[stage_method(cfg, stage, i).name].sections(stage_method(cfg, stage, i))}
+    names = sorted({stage_method(cfg, stage, i).name for i, stage in enumerate(cfg.stages)})
+    for section in ("grpo", "sdpo"):
+        if section in used:
+            continue
+        default = to_dict(getattr(MethodConfig(), section))
+        places = [("method", to_dict(getattr(cfg.method, section)))]
+        places += [(f"stages[{i}].method", stage.method.get(section) or {}) for i, stage in enumerate(cfg.stages)]
+        for where, values in places:
+            changed = [k for k, v in values.items() if where != "method" or v != default[k]]
+            if changed:
+                raise ConfigError(f"{where}.{section}.{changed[0]}", values[changed[0]],
+                                  f"no {section} setting, since no stage reads the {section} section (the "
+                                  f"stages use {', '.join(names)}); drop it or train a stage with a method "
+                                  f"that reads it")
 
 
 def absolute_sources(cfg: Config) -> None:
@@ -777,6 +802,9 @@ def _check_template(name: str, template: str) -> None:
 
 
 def _validate_method(m: MethodConfig, where: str) -> None:
+    from .methods import METHODS
+
+    _check(m.name in METHODS, f"{where}.name", m.name, "a registered method (one of " + ", ".join(METHODS) + ")")
     _check_finite(m, where)
     _check(m.lr > 0, f"{where}.lr", m.lr, "a positive learning rate")
     _check(m.prompts_per_step >= 1, f"{where}.prompts_per_step", m.prompts_per_step, "an integer >= 1")

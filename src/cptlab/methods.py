@@ -77,9 +77,19 @@ class MethodContext:
 
 
 class Method:
-    """What every method answers; see the module docstring for the order the trainer calls it in."""
+    """What every method answers; see the module docstring for the order the trainer calls it in.
+    A method is registered by name (`register_method`) and declares which sections of the method
+    config it reads (`sections`: settings of a section no stage reads are refused when a config is
+    loaded) and the training curves its report section draws (`report`)."""
 
     name = ""
+    report: tuple[str, str, tuple[str, ...]] | None = None
+    """(title, one-line meaning, train-record keys) of the report section of this method's own curves."""
+
+    @classmethod
+    def sections(cls, cfg: MethodConfig) -> set[str]:
+        """The sub-sections of `cfg` (MethodConfig fields holding a config section) this method reads."""
+        return set()
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
         self.cfg, self.ctx = cfg, ctx
@@ -120,6 +130,21 @@ class Method:
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
         """Restore what `state_dict` gave (raises ValueError if it does not fit)."""
+
+
+METHODS: dict[str, type[Method]] = {}
+"""method.name -> its class."""
+
+
+def register_method(name: str):
+    """Class decorator: the method of `method.name = name`."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
 
 
 class OnPolicyMethod(Method):
@@ -182,10 +207,13 @@ class OnPolicyMethod(Method):
                          reduction="sum")
 
 
+@register_method("grpo")
 class GRPO(OnPolicyMethod):
     """Group-normalised sequence rewards, clipped policy gradient, optional k3 KL (DeepSeekMath)."""
 
-    name = "grpo"
+    @classmethod
+    def sections(cls, cfg: MethodConfig) -> set[str]:
+        return {"grpo"}
 
     def make_batch(self, model, examples, generator):
         batch = super().make_batch(model, examples, generator)
@@ -201,13 +229,19 @@ class GRPO(OnPolicyMethod):
         return {"pg": loss}, {**stats, **s}
 
 
+@register_method("sdpo")
 class SDPO(OnPolicyMethod):
     """On-policy self-distillation: the student (plain prompt) is pulled toward the self-teacher's
     (reprompt) next-token distribution at every completion token. With `blend_lambda` = lambda > 0
     the loss is a mix of two terms, (1 - lambda) * SDPO (a mean over distilled tokens) + lambda *
     GRPO (a mean over its loss_type's units, with the `grpo` config section)."""
 
-    name = "sdpo"
+    report = ("SDPO self-teacher", "how the self-teacher was built and how far the student was from it",
+              ("sdpo/divergence", "sdpo/top1_agreement", "teacher/with_demo_frac", "teacher/feedback_only_frac"))
+
+    @classmethod
+    def sections(cls, cfg: MethodConfig) -> set[str]:
+        return {"sdpo", "grpo"} if cfg.sdpo.blend_lambda > 0 else {"sdpo"}
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext, model):
         super().__init__(cfg, ctx, model)
@@ -266,11 +300,10 @@ class SDPO(OnPolicyMethod):
         self.teacher.load_state_dict(state)
 
 
+@register_method("sft")
 class SFT(Method):
     """Off-policy baseline: token cross-entropy on the reference solutions (and the warm-up, which
     runs it on its corpus of (prompt, completion) pairs: `batch_from_pairs`)."""
-
-    name = "sft"
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext, model, *, entropy: bool = True):
         super().__init__(cfg, ctx, model)
@@ -306,9 +339,6 @@ class SFT(Method):
         loss, stats = sft_loss(gather_logprobs(logits, ro.completion_ids), ro.completion_mask, reduction="sum")
         stats["entropy"] = float(masked_mean(token_entropy(logits.detach()), ro.completion_mask))
         return {"sft": loss}, stats
-
-
-METHODS: dict[str, type[Method]] = {"grpo": GRPO, "sdpo": SDPO, "sft": SFT}
 
 
 def build_method(cfg: MethodConfig, ctx: MethodContext, model) -> Method:

@@ -244,8 +244,12 @@ def build_report(run: Run) -> str:
                  details.lenient_matrix(run))
     body += fold("Training curves", "reward, KL to the base, entropy and length at every step",
                  details.curves(run, details.TRAIN_CURVES, bounds))
-    body += fold("SDPO self-teacher", "how the self-teacher was built and how far the student was from it",
-                 details.curves(run, details.SDPO_CURVES, bounds))
+    from .methods import METHODS  # each method declares its own curves
+
+    for method in METHODS.values():
+        if method.report is not None:
+            title, meaning, keys = method.report
+            body += fold(title, meaning, details.curves(run, keys, bounds))
     for prefix, title, meaning in details.DRIFT_SECTIONS:
         body += fold(title, meaning, details.drift_section(run, prefix, title, drift, by_step, bounds, counts))
     body += fold("Weight geometry per module type", "how the weight matrices' spectra and top subspaces moved",

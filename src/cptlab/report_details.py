@@ -22,7 +22,6 @@ from .plots import finite
 
 SAMPLES_PER_STAGE = 6
 TRAIN_CURVES = ("reward", "kl_to_base", "entropy", "response_length")
-SDPO_CURVES = ("sdpo/divergence", "sdpo/top1_agreement", "teacher/with_demo_frac", "teacher/feedback_only_frac")
 DRIFT_SKIP = {"num_tensors", "char_level"}  # bookkeeping fields of the drift records, not measurements
 DRIFT_SECTIONS = [
     ("param", "Parameter drift", "how far the weights moved from the base model, after each stage"),
