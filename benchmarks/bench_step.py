@@ -25,7 +25,7 @@ import torch
 
 from cptlab.config import load_config
 from cptlab.engine import engine_counts
-from cptlab.lora import base_reference
+from cptlab.variants import base_reference
 from cptlab.methods import MethodContext, build_method, examples_per_step
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, load_model, resolve_device
 from cptlab.optim import make_optimizer

@@ -18,8 +18,8 @@ from cptlab.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from cptlab.config import LoraConfig, ModelConfig, load_config  # noqa: E402
 from cptlab.continual import run_continual  # noqa: E402
 from cptlab.errors import ConfigError, UserError  # noqa: E402
-from cptlab.lora import (apply_lora, base_reference, copy_sharing_base_weights, effective_state_dict,  # noqa: E402
-                         is_adapter_key)
+from cptlab.lora import apply_lora, is_adapter_key  # noqa: E402
+from cptlab.variants import base_reference, copy_sharing_base_weights, effective_state_dict  # noqa: E402
 from cptlab.models import build_tiny_model, build_tokenizer  # noqa: E402
 from cptlab.optim import make_optimizer  # noqa: E402
 from cptlab.store import RunStore  # noqa: E402

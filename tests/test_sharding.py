@@ -115,7 +115,9 @@ def _full(model) -> dict:
 
 def _check_fsdp_against_ddp_and_one_process(info, name: str, mcfg: MethodConfig):
     from cptlab.methods import build_method
-    from cptlab.sharding import full_state_dict, is_sharded, shard
+    from cptlab.sharding import full_state_dict, shard
+    from cptlab.variants import SHARDED, variant_of
+    from torch.distributed.tensor import DTensor
 
     model = tiny().train()
     method, batch = method_and_batch(model, mcfg)  # the same batch on every rank (seeded)
@@ -133,7 +135,7 @@ def _check_fsdp_against_ddp_and_one_process(info, name: str, mcfg: MethodConfig)
     _, ddp_stats = _one_step(ddp, ddp_method, local, 3, ddp_sync)
 
     shard(model)
-    assert is_sharded(model)
+    assert variant_of(model) is SHARDED and all(isinstance(p, DTensor) for p in model.parameters())
     fsdp_method = build_method(mcfg, ctx, model)  # an SDPO teacher: a sharded copy
     _, fsdp_stats = _one_step(model, fsdp_method, local, 3, D.gradient_sync(model))
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError
-from .lora import checkpoint_state_dict, load_checkpoint_state
+from .variants import checkpoint_state_dict, load_checkpoint_state
 from .store import RunStore, file_digest, write_synced
 
 
@@ -60,14 +60,14 @@ def save_checkpoint(store: RunStore, tag: str, state: dict, model, optimizer=Non
     first, on every rank (collectives: every rank calls this); only rank 0 writes (others return None).
     `keep` and `keep_stage_ends`: which older checkpoints stay (RunStore.commit_checkpoint)."""
     from . import distributed as dist
-    from .sharding import is_sharded, optimizer_state
+    from .variants import variant_of
 
-    # a LoRA model stores its adapters only (see lora.checkpoint_state_dict)
+    # a LoRA model stores its adapters only (variants.LoRA.checkpoint_state)
     weights = _contiguous_cpu(checkpoint_state_dict(model))
     extra = {key: _contiguous_cpu(t) for key, t in (method.state_dict() if method is not None else {}).items()}
     optim = None
     if optimizer is not None:  # a sharded model's: keyed by parameter name, whatever the number of ranks
-        optim = optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+        optim = variant_of(model).optimizer_state(model, optimizer)
     if not dist.is_main():
         return None
     tmp, final = store.new_checkpoint_dir(tag)
@@ -98,14 +98,11 @@ STAGE_MODELS_AUTO_BYTES = 64 * 2 ** 20
 def keeps_stage_models(setting, model) -> bool:
     """run.keep_stage_models resolved for `model` (before it is sharded): true/false as set; auto: whether
     the weights a checkpoint stores (a LoRA model's adapters only) fit STAGE_MODELS_AUTO_BYTES."""
-    from .lora import is_adapter_key, is_peft_model
+    from .variants import variant_of
 
     if setting != "auto":
         return bool(setting)
-    peft = is_peft_model(model)
-    stored = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                 if not peft or is_adapter_key(name))
-    return stored <= STAGE_MODELS_AUTO_BYTES
+    return variant_of(model).stored_bytes(model) <= STAGE_MODELS_AUTO_BYTES
 
 
 def verify_checkpoint(path: Path, state: dict) -> None:
@@ -162,7 +159,7 @@ def load_weights(path: Path, model, name: str = "model.safetensors") -> None:
 def load_checkpoint(path: Path, model, optimizer=None, method=None) -> dict:
     """Model, the method's own state (e.g. its teacher), optimizer and RNG states from `path` (for a
     sharded model: on every rank, each keeping its shard)."""
-    from .sharding import is_sharded, load_optimizer_state
+    from .variants import variant_of
 
     state = load_state(path)
     load_weights(path, model)
@@ -174,10 +171,7 @@ def load_checkpoint(path: Path, model, optimizer=None, method=None) -> dict:
         try:
             saved = torch.load(path / "optimizer.pt", weights_only=True)
             by_name = any(isinstance(k, str) for k in saved.get("state", {}))  # written by an FSDP run
-            if by_name or is_sharded(model):
-                load_optimizer_state(model, optimizer, saved)
-            else:
-                optimizer.load_state_dict(saved)
+            variant_of(model).load_optimizer_state(model, optimizer, saved, by_name)
         except Exception as e:
             raise UserError(f"checkpoint '{path}': optimizer.pt is unreadable ({str(e).splitlines()[0][:120]})") from None
     _load_rng(path)

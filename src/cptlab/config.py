@@ -741,6 +741,14 @@ def refuse_unused_settings(cfg: Config) -> None:
                                   f"that reads it")
 
 
+def load_run_config(path: str | Path) -> Config:
+    """A run's own config.yaml, validated as it was written (resume, export, distance): no refusal of
+    settings that fresh input would get (`refuse_unused_settings`), so an older run still loads."""
+    cfg = from_dict(Config, load_source(str(path)))
+    validate(cfg)
+    return cfg
+
+
 def absolute_sources(cfg: Config) -> None:
     """A data-set domain's relative `source` / `eval_source` is read from the current directory: it is
     made absolute now, so that the run's config.yaml (and a resume from another directory) reads the

@@ -21,7 +21,8 @@ from .config import (
 )
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_all
-from .lora import apply_lora, base_reference, effective_state_dict
+from .lora import apply_lora
+from .variants import base_reference, effective_state_dict
 from .methods import MethodContext, build_method
 from .models import (
     build_tiny_model, build_tokenizer, count_parameters, load_model, load_pretrained, resolve_device, save_model,

@@ -266,11 +266,9 @@ class GradientSync:
 def gradient_sync(model, bucket_mb: float = 25.0):
     """How the trainer gets each rank's gradients to their mean over ranks: `sharding.ShardedGradients`
     for an FSDP model (fully_shard reduce-scatters them itself), else a GradientSync."""
-    from .sharding import ShardedGradients, is_sharded
+    from .variants import variant_of
 
-    if is_sharded(model):
-        return ShardedGradients(model)
-    return GradientSync(model.parameters(), bucket_mb)
+    return variant_of(model).gradient_sync(model, bucket_mb)
 
 
 def all_reduce_sum(counts: dict[str, float]) -> dict[str, float]:

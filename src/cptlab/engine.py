@@ -125,7 +125,7 @@ class _Weights:
     graphs keep pointing at the same storage."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device):
-        from .lora import effective_state_dict
+        from .variants import effective_state_dict
 
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
@@ -153,7 +153,7 @@ class _Weights:
     @torch.no_grad()
     def sync(self, model) -> None:
         """Copy the model's current (merged) weights into the engine's buffers."""
-        from .lora import effective_state_dict
+        from .variants import effective_state_dict
 
         for k, v in _fused(effective_state_dict(model), self.n_layers).items():
             if k in self.t:

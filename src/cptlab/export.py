@@ -91,9 +91,10 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     import torch
 
     from .checkpoint import load_weights
-    from .config import load_config, resolve_eval
-    from .lora import apply_lora, is_peft_model
+    from .config import load_run_config, resolve_eval
+    from .lora import apply_lora
     from .models import load_model
+    from .variants import variant_of
 
     root, out = Path(run_dir), Path(out)
     if not (root / "config.yaml").is_file():
@@ -102,7 +103,7 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
         raise UserError(f"export: --lora {lora!r}: expected 'merge' (a full model) or 'adapter' (peft)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export: --out '{out}' already exists and is not empty; choose a new directory")
-    cfg = load_config(str(root / "config.yaml"))
+    cfg = load_run_config(root / "config.yaml")
     point = pick(available(root), stage, step)
     if lora == "adapter" and cfg.model.lora.rank == 0:
         raise UserError("export: --lora adapter: this run trained all weights (model.lora.rank = 0); export it "
@@ -120,13 +121,9 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        if is_peft_model(model) and lora == "adapter":
-            model.save_pretrained(tmp)
+        # this process's own copy of the model: nothing else shares its weights, so a merge may be in place
+        if variant_of(model).save_pretrained(model, tmp, adapter=lora == "adapter"):
             _point_adapter_at(tmp, base_dir)
-        else:
-            if is_peft_model(model):
-                model = model.merge_and_unload()  # this process's own copy: nothing else shares its weights
-            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "cptlab_export.json").write_text(json.dumps(_provenance(root, point, lora, out), indent=1) + "\n")
         _shareable(tmp)

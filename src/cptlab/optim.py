@@ -12,12 +12,12 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # on CUDA the fused kernel (a few launches instead of several per parameter tensor, as TRL uses);
-    # sharded (DTensor) parameters keep the default implementation
-    from .sharding import is_sharded
+    # on CUDA the fused kernel (a few launches instead of several per parameter tensor, as TRL uses),
+    # where the model's variant allows it (sharded DTensor parameters keep the default implementation)
+    from .variants import variant_of
 
     params = decay + no_decay
-    fused = bool(params) and all(p.device.type == "cuda" for p in params) and not is_sharded(model)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) and variant_of(model).fused_optimizer(model)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=fused or None)
 
 

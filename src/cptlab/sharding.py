@@ -32,12 +32,6 @@ def _dtensor():
     return DTensor
 
 
-def is_sharded(model) -> bool:
-    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
-    DTensor = _dtensor()
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _layers(model) -> list[nn.Module]:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -57,6 +51,9 @@ def shard(model):
     # a teacher or a reference only runs forwards, and EMA / state dicts need every parameter sharded
     fully_shard(model, reshard_after_forward=True)
     setattr(model, VERSION_ATTR, 0)
+    from .variants import SHARDED, set_variant
+
+    set_variant(model, SHARDED)
     return model
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import PromptConfig, SDPOConfig
-from .lora import (checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, is_output_adapter_key,
-                   is_peft_model, load_checkpoint_state)
+from .variants import (checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, load_checkpoint_state,
+                       variant_of)
 from .prompts import teacher_prompt
 from .tasks import Example, Verdict
 from .tasks.answer import format_answer
@@ -272,7 +272,7 @@ class StableTeacher(Teacher):
                  restart_after: frozenset[int] = frozenset()):
         super().__init__(student, base=base)
         self.anchor: dict[str, torch.Tensor] | None = None  # stage_start: name -> each owned tensor
-        if anchor == "base" and base is None and not is_peft_model(student):
+        if anchor == "base" and base is None and variant_of(student).needs_base_for_anchor():
             raise ValueError("Teacher: anchor='base' needs the base model")
         self.gamma, self.anchor_kind = gamma, anchor
         self.restart_after = frozenset(restart_after)
@@ -291,16 +291,12 @@ class StableTeacher(Teacher):
     @torch.no_grad()
     def restart(self) -> None:
         """theta_T <- (1 - gamma) * theta_anchor + gamma * theta_S (buffers copied)."""
-        lora = is_peft_model(self.student)
-        base = dict(self.base.named_parameters()) if self.anchor_kind == "base" and not lora else {}
+        variant = variant_of(self.student)
+        base = dict(self.base.named_parameters()) if self.anchor_kind == "base" and self.base is not None else {}
         for name, t, s in self._owned():
             s = s.detach().to(t.dtype)
-            if self.anchor_kind == "stage_start":
-                anchor = self.anchor[name]
-            elif lora:  # the base through this adapter: B zeroed (B = 0 computes W0 whatever A is)
-                anchor = torch.zeros_like(s) if is_output_adapter_key(name) else s
-            else:
-                anchor = base[name]
+            # a LoRA student's base anchor is its adapters with B zeroed (variants.LoRA.anchor)
+            anchor = self.anchor[name] if self.anchor_kind == "stage_start" else variant.anchor(name, s, base)
             t.copy_(torch.lerp(anchor.to(t.dtype), s, self.gamma))
         for t, s in zip(self.copy.buffers(), self.student.buffers()):
             t.copy_(s)
