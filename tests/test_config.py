@@ -103,9 +103,10 @@ def test_every_config_field_has_a_docstring():
     import dataclasses
 
     import cptlab.config as C
+    import cptlab.config.schema as schema
 
-    classes = [v for v in vars(C).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-               and v.__module__ == C.__name__]
+    classes = [v for v in vars(schema).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+               and v.__module__ == schema.__name__]
     assert len(classes) >= 12
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
                if not C.field_docs(cls).get(f.name, "").strip()]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, from_dict, load_config, _read_yaml
+from .config import ConfigError, from_dict, load_config, read_yaml
 from .errors import UserError
 from .ui import console
 
@@ -45,11 +45,11 @@ def load_study(name: str) -> StudyConfig:
         path = Path(name)
         if not path.is_file():
             raise UserError(f"study file '{name}' not found")
-        data = _read_yaml(path.read_text(), name)
+        data = read_yaml(path.read_text(), name)
     else:
         if name not in study_names():
             raise ConfigError("study", name, "one of " + ", ".join(study_names()) + " or a .yaml file")
-        data = _read_yaml((resources.files("cptlab") / "presets" / "studies" / f"{name}.yaml").read_text(),
+        data = read_yaml((resources.files("cptlab") / "presets" / "studies" / f"{name}.yaml").read_text(),
                           f"study {name}")
     study = from_dict(StudyConfig, data, "study")
     if not study.variants:

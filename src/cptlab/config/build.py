@@ -1,0 +1,129 @@
+"""Plain data <-> the schema's dataclasses, with type checks that name the field (ConfigError)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from .schema import SDPOConfig
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(where, value, _type_name(tp))
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(where, value, _type_name(tp))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(where, value, "null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(where, value, _type_name(tp))
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, value, "a mapping")
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):  # YAML 1.1 reads 5e-5 as text
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(where, value, _type_name(tp))
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
+    if cls is SDPOConfig and "alpha" in data:
+        data = _upgrade_sdpo_alpha(data, where)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _upgrade_sdpo_alpha(data: dict, where: str) -> dict:
+    """`alpha`, which overrode `divergence` before the two were merged, as divergence (+ jsd_alpha),
+    so that configs written then (runs/*/config.yaml, resumed) still load."""
+    data = dict(data)
+    alpha = data.pop("alpha")
+    if alpha is None:
+        return data
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ConfigError(f"{where}.alpha" if where else "alpha", alpha, "a value in [0, 1] or null "
+                          "(now written as divergence and jsd_alpha)")
+    if alpha == 0:
+        data["divergence"] = "forward_kl"
+    elif alpha == 1:
+        data["divergence"] = "reverse_kl"
+    else:
+        data.update(divergence="jsd", jsd_alpha=float(alpha))
+    return data
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,210 @@
+"""Range checks and refusals: every problem is a ConfigError naming the field, the value and what was
+expected. `validate` checks any config (a run's own config.yaml too); `refuse_unused_settings` only
+fresh input (load_config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+from ..errors import ConfigError
+from .build import to_dict
+from .resolve import stage_method
+from .schema import Config, MethodConfig
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, expected)
+
+
+def _check_finite(node: Any, where: str) -> None:
+    """Every float field of a config dataclass (nested ones too) is a finite number: YAML reads .inf
+    and .nan as floats, and a range check such as lr > 0 lets infinity through."""
+    for f in dataclasses.fields(node):
+        value, path = getattr(node, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, path)
+        elif isinstance(value, float):
+            _check(math.isfinite(value), path, value, "a finite number")
+
+
+# the slots each prompt template may use; {{ and }} are literal braces
+TEMPLATE_SLOTS = {"question_template": ("question",), "reprompt_template": ("prompt", "solution", "feedback"),
+                  "solution_template": ("solution",), "feedback_template": ("feedback",)}
+
+
+def _check_template(name: str, template: str) -> None:
+    """The template's slots are among its allowed ones and it formats (balanced braces, no format
+    spec that a string refuses), so no KeyError or ValueError waits for the first prompt."""
+    allowed = TEMPLATE_SLOTS[name]
+    expected = ("a template whose slots are among " + ", ".join("{" + a + "}" for a in allowed)
+                + " (write {{ and }} for literal braces)")
+    try:
+        slots = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        unknown = [f for f in slots if f not in allowed]
+        if not unknown:
+            template.format(**{a: "x" for a in allowed})
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ConfigError(f"prompt.{name}", template, f"{expected}; it does not parse ({e})") from None
+    if unknown:
+        shown = ", ".join("{" + f + "}" for f in unknown)
+        raise ConfigError(f"prompt.{name}", template, f"{expected}; unknown slot {shown}")
+
+
+def _validate_method(m: MethodConfig, where: str) -> None:
+    from ..methods import METHODS
+
+    _check(m.name in METHODS, f"{where}.name", m.name, "a registered method (one of " + ", ".join(METHODS) + ")")
+    _check_finite(m, where)
+    _check(m.lr > 0, f"{where}.lr", m.lr, "a positive learning rate")
+    _check(m.prompts_per_step >= 1, f"{where}.prompts_per_step", m.prompts_per_step, "an integer >= 1")
+    _check(m.updates_per_batch >= 1, f"{where}.updates_per_batch", m.updates_per_batch, "an integer >= 1")
+    _check(m.grad_clip > 0, f"{where}.grad_clip", m.grad_clip, "a positive gradient-norm clip")
+    _check(m.warmup_steps >= 0, f"{where}.warmup_steps", m.warmup_steps, "an integer >= 0")
+    _check(m.micro_batch_size >= 0, f"{where}.micro_batch_size", m.micro_batch_size, "an integer >= 0 (0: whole batch)")
+    _check(m.weight_decay >= 0, f"{where}.weight_decay", m.weight_decay, "a value >= 0")
+    g, s = m.grpo, m.sdpo
+    _check(0 < g.clip_eps < 1, f"{where}.grpo.clip_eps", g.clip_eps, "a value in (0, 1)")
+    _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
+           g.clip_eps_high, "a positive value or null")
+    _check(g.beta >= 0, f"{where}.grpo.beta", g.beta, "a value >= 0")
+    from ..losses import POLICY_LOSSES
+
+    _check(g.loss_type in POLICY_LOSSES, f"{where}.grpo.loss_type", g.loss_type,
+           "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")")
+    _check(g.cispo_max_ratio > 0, f"{where}.grpo.cispo_max_ratio", g.cispo_max_ratio, "a positive cap")
+    _check(0 < s.jsd_alpha < 1, f"{where}.sdpo.jsd_alpha", s.jsd_alpha,
+           "a value in (0, 1) (for 0 or 1 use divergence=forward_kl or reverse_kl)")
+    _check(s.distillation == "logits" or s.divergence == "reverse_kl", f"{where}.sdpo.divergence", s.divergence,
+           "reverse_kl with distillation=sampled_token (the sampled-token loss estimates only the reverse KL)")
+    _check(s.top_k is None or s.top_k >= 1, f"{where}.sdpo.top_k", s.top_k, "an integer >= 1 or null")
+    _check(s.feedback_max_chars >= 20, f"{where}.sdpo.feedback_max_chars", s.feedback_max_chars, "an integer >= 20")
+    _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
+    _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
+    from ..teacher import TEACHERS
+
+    _check(s.teacher_mode in TEACHERS, f"{where}.sdpo.teacher_mode", s.teacher_mode,
+           "a registered teacher (one of " + ", ".join(TEACHERS) + ")")
+    _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
+    _check(0 <= s.mix_coef <= 1, f"{where}.sdpo.mix_coef", s.mix_coef, "a value in [0, 1]")
+    _check(0 <= s.blend_lambda <= 1, f"{where}.sdpo.blend_lambda", s.blend_lambda, "a value in [0, 1]")
+    _check(0 <= s.stable_gamma <= 1, f"{where}.sdpo.stable_gamma", s.stable_gamma, "a value in [0, 1]")
+    _check(s.stable_restart_every >= 0, f"{where}.sdpo.stable_restart_every", s.stable_restart_every,
+           "an integer >= 0 (0: never)")
+    for i, f in enumerate(s.stable_restart_at):
+        _check(0 < f < 1, f"{where}.sdpo.stable_restart_at[{i}]", f, "a fraction of the stage in (0, 1)")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks; also installs the config's `domains` section into the domain registry, so that
+    everything after it (and every process that loads this config) sees those domains."""
+    from ..tasks import check_domain, install_domains
+    from ..tasks.answer import RUN_FORMATS
+
+    install_domains(cfg.domains)
+    m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
+    _check_finite(cfg, "")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
+        _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "an integer >= 1")
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+           f"a multiple of model.num_heads ({m.num_heads})")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"a divisor of model.num_heads ({m.num_heads})")
+    lo = m.lora
+    _check(lo.rank >= 0, "model.lora.rank", lo.rank, "an integer >= 0 (0: full fine-tuning)")
+    _check(lo.alpha > 0, "model.lora.alpha", lo.alpha, "a positive scale")
+    _check(0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "a value in [0, 1)")
+    _check(lo.rank == 0 or len(lo.target_modules) > 0, "model.lora.target_modules", lo.target_modules,
+           "a non-empty list of module names")
+    for name in TEMPLATE_SLOTS:
+        _check_template(name, getattr(cfg.prompt, name))
+    for slot in ("{prompt}",):
+        _check(slot in cfg.prompt.reprompt_template, "prompt.reprompt_template",
+               cfg.prompt.reprompt_template, f"a template containing {slot}")
+    _check("{question}" in cfg.prompt.question_template, "prompt.question_template",
+           cfg.prompt.question_template, "a template containing {question}")
+    _check(cfg.prompt.answer_format in RUN_FORMATS, "prompt.answer_format", cfg.prompt.answer_format,
+           "one of " + ", ".join(repr(f) for f in RUN_FORMATS) + " (code and tool-call formats belong to a "
+           "data-set domain: domains.NAME.answer_format)")
+    _check(not cfg.prompt.format_example or cfg.prompt.style == "full", "prompt.format_example", True,
+           "false unless prompt.style is 'full' (the example demonstrates the full-style instruction)")
+    _check(r.group_size >= 2, "rollout.group_size", r.group_size, "an integer >= 2 (groups need siblings)")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "an integer >= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a value in (0, 1]")
+    _check(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
+    _check(e.num_prompts >= 1, "eval.num_prompts", e.num_prompts, "an integer >= 1")
+    _check(e.num_samples >= 0, "eval.num_samples", e.num_samples, "an integer >= 0")
+    _check(e.every >= 0, "eval.every", e.every, "an integer >= 0")
+    _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature,
+           "a positive temperature or null (rollout.temperature)")
+    _check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens,
+           "an integer >= 1 or null (rollout.max_new_tokens)")
+    _check(e.save_samples is None or e.save_samples >= 0, "eval.save_samples", e.save_samples,
+           "an integer >= 0 or null (4, or 32 with model.path)")
+    _check(e.probe_per_domain >= (1 if e.drift else 0), "eval.probe_per_domain", e.probe_per_domain,
+           "an integer >= 1 (response drift needs probe prompts; eval.drift=false turns it off)")
+    _check(len(e.domains) >= 1, "eval.domains", e.domains, "a non-empty list of domains (or [all])")
+    _check(e.drift or e.general_probe is not True, "eval.general_probe", e.general_probe,
+           "'auto' or off while eval.drift is false (the probe's numbers are fields of the drift record)")
+    _check(w.steps >= 0, "warmup.steps", w.steps, "an integer >= 0")
+    _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, "an integer >= 1")
+    _check(w.lr > 0, "warmup.lr", w.lr, "a positive learning rate")
+    _check(w.warmup_steps >= 0, "warmup.warmup_steps", w.warmup_steps, "an integer >= 0")
+    _check(w.weight_decay >= 0, "warmup.weight_decay", w.weight_decay, "a value >= 0")
+    _check(not w.enabled or len(w.domains) >= 1, "warmup.domains", w.domains,
+           "a non-empty list of domains (or warmup.enabled=false)")
+    _check(0 <= w.reprompt_fraction <= 1, "warmup.reprompt_fraction", w.reprompt_fraction, "a value in [0, 1]")
+    _check(0 <= w.ood_fraction <= 1, "warmup.ood_fraction", w.ood_fraction, "a value in [0, 1]")
+    _check(w.examples_per_domain >= 1, "warmup.examples_per_domain", w.examples_per_domain, "an integer >= 1")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "an integer >= 0")
+    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer >= 1")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name, "a non-empty name without '/'")
+    _check(cfg.distributed.bucket_mb >= 0, "distributed.bucket_mb", cfg.distributed.bucket_mb, "a size >= 0 (0: no buckets)")
+    if cfg.distributed.strategy == "fsdp":
+        _check(m.lora.rank == 0, "model.lora.rank", m.lora.rank, "0 with distributed.strategy=fsdp (LoRA is not sharded)")
+        _check(r.engine != "plain", "rollout.engine", r.engine,
+               "'fast' or 'auto' with distributed.strategy=fsdp (rollouts sample from the fast engine's gathered weights)")
+    for i, d in enumerate(w.domains):
+        check_domain(d, f"warmup.domains[{i}]")
+    for i, d in enumerate(e.domains):
+        if d != "all":
+            check_domain(d, f"eval.domains[{i}]")
+    _validate_method(cfg.method, "method")
+    if cfg.model.path and w.pretrained and w.enabled:
+        stage_domains = {stage.domain for stage in cfg.stages}
+        overlap = [d for d in w.domains if d in stage_domains]
+        _check(not overlap, "warmup.domains", w.domains,
+               f"no stage domain in a pretrained model's format warm-up (found {', '.join(overlap)})")
+        _check(len(w.domains) >= 1, "warmup.domains", w.domains, "a non-empty list (warmup.pretrained is true)")
+    _check(len(cfg.stages) >= 1, "stages", cfg.stages, "a non-empty list of stages, e.g. [{domain: gcd, steps: 50}]")
+    for i, stage in enumerate(cfg.stages):
+        check_domain(stage.domain, f"stages[{i}].domain")
+        _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
+        _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
+
+
+def refuse_unused_settings(cfg: Config) -> None:
+    """A method section (method.grpo, method.sdpo) that no stage's method reads must keep its defaults:
+    otherwise the setting would be silently ignored. ConfigError naming the first such field."""
+    from ..methods import METHODS
+
+    used = {section for i, stage in enumerate(cfg.stages)
+            for section in METHODS[stage_method(cfg, stage, i).name].sections(stage_method(cfg, stage, i))}
+    names = sorted({stage_method(cfg, stage, i).name for i, stage in enumerate(cfg.stages)})
+    for section in ("grpo", "sdpo"):
+        if section in used:
+            continue
+        default = to_dict(getattr(MethodConfig(), section))
+        places = [("method", to_dict(getattr(cfg.method, section)))]
+        places += [(f"stages[{i}].method", stage.method.get(section) or {}) for i, stage in enumerate(cfg.stages)]
+        for where, values in places:
+            changed = [k for k, v in values.items() if where != "method" or v != default[k]]
+            if changed:
+                raise ConfigError(f"{where}.{section}.{changed[0]}", values[changed[0]],
+                                  f"no {section} setting, since no stage reads the {section} section (the "
+                                  f"stages use {', '.join(names)}); drop it or train a stage with a method "
+                                  f"that reads it")
