@@ -251,8 +251,8 @@ class SDPO(OnPolicyMethod):
     def make_batch(self, model, examples, generator):
         batch = super().make_batch(model, examples, generator)
         s, ctx, ro = self.cfg.sdpo, self.ctx, batch.rollout
-        rep = build_reprompts(batch.examples, ro.texts, batch.verdicts, ro.group_ids.tolist(), s, ctx.prompt,
-                              ctx.tokenizer)
+        rep = build_reprompts(batch.examples, ro.texts, batch.verdicts, ro.group_ids.tolist(), s.reprompt,
+                              ctx.prompt, ctx.tokenizer)
         batch.teacher_ids, batch.teacher_mask = encode_prompts(ctx.tokenizer, rep.texts, ctx.device)
         batch.distill = torch.tensor(rep.distill, dtype=torch.float32, device=ctx.device)
         batch.stats.update(rep.stats)
@@ -275,14 +275,15 @@ class SDPO(OnPolicyMethod):
         teacher_logits = self.teacher.logits(lambda m: ro.logits(m, batch.teacher_ids, batch.teacher_mask))
         mask = self._distill_mask(batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-        if s.distillation == "sampled_token":
+        d = s.distillation
+        if d.kind == "sampled_token":
             loss, sd = sdpo_token_loss(logprobs, gather_logprobs(teacher_logits, ro.completion_ids), mask,
-                                       old_logprobs=old, is_clip=s.is_clip, reduction="sum")
+                                       old_logprobs=old, is_clip=d.is_clip, reduction="sum")
         else:
-            loss, sd = sdpo_loss(logits, teacher_logits, mask, divergence=s.divergence,
-                                 alpha=s.jsd_alpha if s.divergence == "jsd" else None, top_k=s.top_k,
-                                 add_tail=s.add_tail, top_k_from=s.top_k_from, temperature=s.temperature,
-                                 sampled_logprobs=logprobs, old_logprobs=old, is_clip=s.is_clip, reduction="sum")
+            loss, sd = sdpo_loss(logits, teacher_logits, mask, divergence=d.divergence,
+                                 alpha=d.jsd_alpha if d.divergence == "jsd" else None, top_k=d.top_k,
+                                 add_tail=d.add_tail, top_k_from=d.top_k_from, temperature=d.temperature,
+                                 sampled_logprobs=logprobs, old_logprobs=old, is_clip=d.is_clip, reduction="sum")
         stats.update({f"sdpo/{k}": v for k, v in sd.items()})
         if s.blend_lambda == 0:
             return {"sdpo": loss}, stats

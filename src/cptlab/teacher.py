@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PromptConfig, SDPOConfig
+from .config import PromptConfig, RepromptConfig, SDPOConfig
 from .variants import (checkpoint_state_dict, copy_at_base, copy_sharing_base_weights, load_checkpoint_state,
                        variant_of)
 from .prompts import teacher_prompt
@@ -52,7 +52,7 @@ def _demo_text(completion: str, verdict: Verdict, content: str) -> str:
 
 
 def build_reprompts(examples: list[Example], completions: list[str], verdicts: list[Verdict], group_ids: list[int],
-                    cfg: SDPOConfig, pcfg: PromptConfig, tokenizer=None) -> Reprompts:
+                    cfg: RepromptConfig, pcfg: PromptConfig, tokenizer=None) -> Reprompts:
     """One teacher prompt per row; rows with the same group id are samples of the same example
     (examples[i] for row i) and so each other's siblings, taken in row order."""
     n = len(completions)
@@ -105,7 +105,7 @@ def restart_points(steps: int, every: int, at: list[float]) -> frozenset[int]:
 
 class Teacher:
     """The self-teacher's weights for a stage; `logits(forward)` scores reprompts with them. One
-    subclass per `sdpo.teacher_mode`, registered by name (TEACHERS, `register_teacher`); `make_teacher`
+    subclass per `sdpo.teacher.mode`, registered by name (TEACHERS, `register_teacher`); `make_teacher`
     builds one, `teacher_from_config` from a method's SDPO section.
 
     A copy starts at `source`: the stage's starting weights (the student now) or the base model (`base`,
@@ -169,7 +169,7 @@ TEACHERS: dict[str, type[Teacher]] = {}
 
 
 def register_teacher(mode: str):
-    """Class decorator: the teacher of `sdpo.teacher_mode = mode`."""
+    """Class decorator: the teacher of `sdpo.teacher.mode = mode` (its settings: sdpo.teacher.<mode>)."""
 
     def wrap(cls: type[Teacher]) -> type[Teacher]:
         cls.mode = mode
@@ -187,7 +187,7 @@ def make_teacher(mode: str, student, **settings) -> Teacher:
 
 
 def teacher_from_config(s: SDPOConfig, student, base, stage_steps: int) -> Teacher:
-    return TEACHERS[s.teacher_mode].from_config(s, student, base, stage_steps)
+    return TEACHERS[s.teacher.mode].from_config(s, student, base, stage_steps)
 
 
 @register_teacher("current")
@@ -211,7 +211,7 @@ class EMATeacher(Teacher):
 
     @classmethod
     def from_config(cls, s, student, base, stage_steps):
-        return cls(student, base=base, ema_rate=s.ema_rate, source=s.frozen_source)
+        return cls(student, base=base, ema_rate=s.teacher.ema.rate, source=s.teacher.ema.source)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -235,7 +235,7 @@ class FrozenTeacher(Teacher):
 
     @classmethod
     def from_config(cls, s, student, base, stage_steps):
-        return cls(student, base=base, source=s.frozen_source)
+        return cls(student, base=base, source=s.teacher.frozen.source)
 
 
 @register_teacher("trust_region")
@@ -249,7 +249,8 @@ class TrustRegionTeacher(FrozenTeacher):
 
     @classmethod
     def from_config(cls, s, student, base, stage_steps):
-        return cls(student, base=base, source=s.frozen_source, mix_coef=s.mix_coef)
+        tr = s.teacher.trust_region
+        return cls(student, base=base, source=tr.source, mix_coef=tr.mix_coef)
 
     @torch.no_grad()
     def logits(self, forward) -> torch.Tensor:
@@ -285,8 +286,9 @@ class StableTeacher(Teacher):
 
     @classmethod
     def from_config(cls, s, student, base, stage_steps):
-        return cls(student, base=base, gamma=s.stable_gamma, anchor=s.stable_anchor,
-                   restart_after=restart_points(stage_steps, s.stable_restart_every, s.stable_restart_at))
+        st = s.teacher.stable
+        return cls(student, base=base, gamma=st.gamma, anchor=st.anchor,
+                   restart_after=restart_points(stage_steps, st.restart_every, st.restart_at))
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -340,7 +342,8 @@ class StableEMATeacher(StableTeacher):
 
     @classmethod
     def from_config(cls, s, student, base, stage_steps):
-        return cls(student, base=base, gamma=s.stable_gamma, anchor=s.stable_anchor, ema_rate=s.ema_rate)
+        st = s.teacher.stable_ema
+        return cls(student, base=base, gamma=st.gamma, anchor=st.anchor, ema_rate=st.rate)
 
     @torch.no_grad()
     def update(self) -> None:

@@ -64,7 +64,7 @@ def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str
             verdicts = verify_batch([ex for _, ex, _ in pending],
                                     [format_answer(wrong, ex.answer_format) for _, ex, wrong in pending], p.style)
             for (i, ex, wrong), v in zip(pending, verdicts):
-                feedback = cap(v.feedback or f"answer {wrong} is wrong", cfg.method.sdpo.feedback_max_chars)
+                feedback = cap(v.feedback or f"answer {wrong} is wrong", cfg.method.sdpo.reprompt.feedback_max_chars)
                 pairs[i] = (teacher_prompt(p, ex.question, None, feedback, tokenizer), pairs[i][1])
     rng.shuffle(pairs)
     return pairs

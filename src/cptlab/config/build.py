@@ -86,8 +86,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
-    if cls is SDPOConfig and "alpha" in data:
-        data = _upgrade_sdpo_alpha(data, where)
+    if cls is SDPOConfig:
+        data = upgrade_flat_sdpo(data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -97,6 +97,53 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+FLAT_SDPO: dict[str, tuple[str, ...]] = {
+    "teacher_mode": ("teacher.mode",),
+    "ema_rate": ("teacher.ema.rate",),
+    "mix_coef": ("teacher.trust_region.mix_coef",),
+    "frozen_source": ("teacher.ema.source", "teacher.frozen.source", "teacher.trust_region.source"),
+    "stable_gamma": ("teacher.stable.gamma",),
+    "stable_anchor": ("teacher.stable.anchor",),
+    "stable_restart_every": ("teacher.stable.restart_every",),
+    "stable_restart_at": ("teacher.stable.restart_at",),
+    "distillation": ("distillation.kind",),
+    **{k: (f"distillation.{k}",) for k in ("divergence", "jsd_alpha", "top_k", "top_k_from", "add_tail", "is_clip",
+                                            "temperature")},
+    **{k: (f"reprompt.{k}",) for k in ("demo_source", "include_feedback", "feedback_max_chars",
+                                        "feedback_only_without_solution", "demo_content", "remove_thinking",
+                                        "skip_self_success", "success_threshold", "no_demo")},
+}
+"""The flat method.sdpo keys of configs written before the section was nested -> where each lives now
+(frozen_source was shared by the three modes with a copy: it goes to each)."""
+
+
+def upgrade_flat_sdpo(data: dict, where: str) -> dict:
+    """An SDPO section in the flat spelling (old run configs, presets, dotted overrides such as
+    method.sdpo.teacher_mode=stable) as the nested one; a flat key overrides its nested place (it is
+    the later, more specific setting: a stage's override or a command-line one)."""
+    if "alpha" in data:
+        data = _upgrade_sdpo_alpha(data, where)
+
+    def flat(key, value) -> bool:  # `distillation` is also the nested section's name: flat only as a string
+        return key in FLAT_SDPO and not (key == "distillation" and isinstance(value, dict))
+
+    if not any(flat(k, v) for k, v in data.items()):
+        return data
+    out = {k: v for k, v in data.items() if not flat(k, v)}
+    for key, value in data.items():
+        if not flat(key, value):
+            continue
+        for path in FLAT_SDPO[key]:
+            *parents, leaf = path.split(".")
+            node = out
+            for part in parents:
+                child = node.get(part)
+                node[part] = dict(child) if isinstance(child, dict) else {}
+                node = node[part]
+            node[leaf] = value
+    return out
 
 
 def _upgrade_sdpo_alpha(data: dict, where: str) -> dict:
@@ -115,7 +162,7 @@ def _upgrade_sdpo_alpha(data: dict, where: str) -> dict:
         data["divergence"] = "reverse_kl"
     else:
         data.update(divergence="jsd", jsd_alpha=float(alpha))
-    return data
+    return data  # flat divergence / jsd_alpha: upgrade_flat_sdpo moves them into distillation
 
 
 def to_dict(cfg: Any) -> Any:

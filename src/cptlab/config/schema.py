@@ -188,9 +188,13 @@ class GRPOConfig:
 
 
 @dataclass
-class SDPOConfig:
-    """On-policy self-distillation; defaults mirror the reference implementation (lasgroup/SDPO)."""
+class DistillationConfig:
+    """How the student is pulled toward the self-teacher (method.sdpo.distillation)."""
 
+    kind: Literal["logits", "sampled_token"] = "logits"
+    """logits: the divergence over the next-token distributions (full vocabulary or top-k + tail);
+    sampled_token: the reference's non-full-logit path, a policy gradient with per-token advantage
+    log p_teacher(y_t) - log p_student(y_t) on the sampled tokens (reverse KL only; top_k unused)."""
     divergence: Literal["jsd", "forward_kl", "reverse_kl"] = "jsd"
     """The per-token divergence D(student, teacher): jsd, the generalised Jensen-Shannon divergence
     with mixture weight jsd_alpha (the reference's default, alpha 0.5); forward_kl, KL(teacher ||
@@ -199,10 +203,6 @@ class SDPOConfig:
     jsd_alpha: float = 0.5
     """divergence=jsd: mixture M = (1 - a) student + a teacher, D = (1 - a) KL(S||M) + a KL(T||M);
     0.5 is the symmetric JSD. In (0, 1): the ends are forward_kl (0) and reverse_kl (1)."""
-    distillation: Literal["logits", "sampled_token"] = "logits"
-    """logits: the divergence over the next-token distributions (full vocabulary or top-k + tail);
-    sampled_token: the reference's non-full-logit path, a policy gradient with per-token advantage
-    log p_teacher(y_t) - log p_student(y_t) on the sampled tokens (reverse KL only; top_k unused)."""
     top_k: int | None = 100
     """Distil over the top-k tokens plus a tail bucket; None: full vocabulary."""
     top_k_from: Literal["student", "teacher"] = "student"
@@ -217,37 +217,93 @@ class SDPOConfig:
     temperature: float = 1.0
     """Distillation temperature: both distributions are softened by it inside the divergence, on top
     of the sampling temperature the forwards already use; 1: none."""
-    teacher_mode: str = "ema"
-    """Teacher weights (teacher.TEACHERS): current (the student itself, no copy), ema (a copy following
-    the student at ema_rate), frozen (a copy kept fixed), trust_region (logits lerp(reference, current,
-    mix_coef)), stable (StableSDPO, our restart-and-freeze reading: a copy set to (1 - stable_gamma) *
-    anchor + stable_gamma * student at the stage start and at each scheduled restart, frozen in
-    between), stable_ema (StableSDPO as its authors' code runs it: mixed so once at the stage start,
-    then an EMA at ema_rate); see README."""
-    ema_rate: float = 0.05
-    """theta_T <- (1 - ema_rate) * theta_T + ema_rate * theta_S, once per rollout batch after its
-    updates_per_batch optimizer steps (as the reference does); teacher_mode ema and stable_ema."""
+
+
+@dataclass
+class EMATeacherConfig:
+    """teacher.mode ema: a copy following the student."""
+
+    rate: float = 0.05
+    """theta_T <- (1 - rate) * theta_T + rate * theta_S, once per rollout batch after its
+    updates_per_batch optimizer steps (the reference's default 0.05)."""
+    source: Literal["stage_start", "base"] = "stage_start"
+    """Where the copy starts: the stage's starting weights or the base model."""
+
+
+@dataclass
+class FrozenTeacherConfig:
+    """teacher.mode frozen: a copy kept fixed."""
+
+    source: Literal["stage_start", "base"] = "stage_start"
+    """What it keeps: the stage's starting weights or the base model."""
+
+
+@dataclass
+class TrustRegionTeacherConfig:
+    """teacher.mode trust_region: the reference implementation's alternative to EMA."""
+
     mix_coef: float = 0.05
-    """trust_region: teacher logits = lerp(reference logits, current logits, mix_coef)."""
-    frozen_source: Literal["stage_start", "base"] = "stage_start"
-    """Where a teacher copy starts: the stage's starting weights or the base model. A frozen teacher
-    (and the trust-region reference) keeps those weights; an EMA teacher starts there and follows."""
-    stable_gamma: float = 0.4
-    """teacher_mode=stable (and stable_ema): the student's weight gamma in theta_T = (1 - gamma) *
-    theta_anchor + gamma * theta_student, set at each (re)start (stable_ema: at the stage start only). 0.4 matches the freshness of an EMA-0.05 teacher 10 updates
-    after it started (1 - 0.95^10 = 0.40); 0 is a frozen anchor, 1 a frozen copy of the student.
-    (SDPO-CL's teacher_init_alpha is 1 - gamma.) In [0, 1]."""
-    stable_anchor: Literal["base", "stage_start"] = "base"
-    """teacher_mode=stable (and stable_ema): theta_anchor, the base model or the stage's starting weights. With
-    stage_start the stage-start build is the student itself (gamma has no effect until a restart),
-    which is why base is the default."""
-    stable_restart_every: int = 0
-    """teacher_mode=stable: also rebuild the teacher from the current student and the anchor after
-    every K rollout batches of the stage that updated the student (a batch skipped by nan_policy=skip
-    does not count); 0: never."""
-    stable_restart_at: list[float] = field(default_factory=list)
-    """teacher_mode=stable: also rebuild it after these fractions of the stage's steps (e.g. [0.5]: after
-    round(0.5 * steps) batches), each in (0, 1); empty: never. Combines with stable_restart_every."""
+    """Teacher logits = lerp(reference logits, current logits, mix_coef)."""
+    source: Literal["stage_start", "base"] = "stage_start"
+    """The frozen reference: the stage's starting weights or the base model."""
+
+
+@dataclass
+class StableTeacherConfig:
+    """teacher.mode stable: StableSDPO, our restart-and-freeze reading (README, "Methods")."""
+
+    gamma: float = 0.4
+    """The student's weight in theta_T = (1 - gamma) * theta_anchor + gamma * theta_student, set at each
+    (re)start. 0.4 matches the freshness of an EMA-0.05 teacher 10 updates after it started (1 -
+    0.95^10 = 0.40); 0 is a frozen anchor, 1 a frozen copy of the student. (SDPO-CL's
+    teacher_init_alpha is 1 - gamma.) In [0, 1]."""
+    anchor: Literal["base", "stage_start"] = "base"
+    """theta_anchor: the base model or the stage's starting weights. With stage_start the stage-start
+    build is the student itself (gamma has no effect until a restart), which is why base is the default."""
+    restart_every: int = 0
+    """Also rebuild the teacher from the current student and the anchor after every K rollout batches of
+    the stage that updated the student (a batch skipped by nan_policy=skip does not count); 0: never."""
+    restart_at: list[float] = field(default_factory=list)
+    """Also rebuild it after these fractions of the stage's steps (e.g. [0.5]: after round(0.5 * steps)
+    batches), each in (0, 1); empty: never. Combines with restart_every."""
+
+
+@dataclass
+class StableEMATeacherConfig:
+    """teacher.mode stable_ema: StableSDPO as its authors' code runs it (SDPO-CL `fsdp_workers.py`)."""
+
+    gamma: float = 0.4
+    """The student's weight in the mix at the stage start, (1 - gamma) * anchor + gamma * student."""
+    anchor: Literal["base", "stage_start"] = "base"
+    """The anchor of that mix: the base model or the stage's starting weights."""
+    rate: float = 0.05
+    """Then an EMA toward the student at this rate (SDPO-CL's teacher_update_rate); 0: frozen."""
+
+
+@dataclass
+class TeacherConfig:
+    """The self-teacher's weights: the mode (teacher.TEACHERS) and one section per mode with settings."""
+
+    mode: str = "ema"
+    """current (the student itself, no copy), ema (a copy following the student), frozen (a copy kept
+    fixed), trust_region (logits lerp(reference, current)), stable (StableSDPO, restart-and-freeze),
+    stable_ema (StableSDPO as its authors run it: mixed once, then an EMA)."""
+    ema: EMATeacherConfig = field(default_factory=EMATeacherConfig)
+    """mode ema."""
+    frozen: FrozenTeacherConfig = field(default_factory=FrozenTeacherConfig)
+    """mode frozen."""
+    trust_region: TrustRegionTeacherConfig = field(default_factory=TrustRegionTeacherConfig)
+    """mode trust_region."""
+    stable: StableTeacherConfig = field(default_factory=StableTeacherConfig)
+    """mode stable."""
+    stable_ema: StableEMATeacherConfig = field(default_factory=StableEMATeacherConfig)
+    """mode stable_ema."""
+
+
+@dataclass
+class RepromptConfig:
+    """What the self-teacher reads: the demonstration and the feedback in its reprompt."""
+
     demo_source: Literal["sibling", "reference", "none"] = "sibling"
     """The demonstration in the reprompt: a successful sibling sample of the same prompt, the task's
     reference solution, or none (feedback only)."""
@@ -272,6 +328,20 @@ class SDPOConfig:
     """A sibling with reward >= this counts as a success (a demonstration)."""
     no_demo: Literal["feedback", "skip"] = "feedback"
     """When no sibling succeeded: distil from a feedback-only reprompt, or drop that sample."""
+
+
+@dataclass
+class SDPOConfig:
+    """On-policy self-distillation; defaults mirror the reference implementation (lasgroup/SDPO). Older
+    flat spellings (method.sdpo.teacher_mode, ema_rate, stable_gamma, divergence, demo_source, ...) are
+    still read (config/build.py, FLAT_SDPO)."""
+
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    """The divergence and its support."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The self-teacher's weights."""
+    reprompt: RepromptConfig = field(default_factory=RepromptConfig)
+    """The self-teacher's context."""
     blend_lambda: float = 0.0
     """Loss mix lambda: loss = (1 - lambda) * L_SDPO + lambda * L_GRPO, two terms each normalised by
     its own units (SDPO: distilled tokens; GRPO: its `grpo.loss_type`), the GRPO term with the `grpo`

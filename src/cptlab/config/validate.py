@@ -76,26 +76,30 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(g.loss_type in POLICY_LOSSES, f"{where}.grpo.loss_type", g.loss_type,
            "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")")
     _check(g.cispo_max_ratio > 0, f"{where}.grpo.cispo_max_ratio", g.cispo_max_ratio, "a positive cap")
-    _check(0 < s.jsd_alpha < 1, f"{where}.sdpo.jsd_alpha", s.jsd_alpha,
+    d, t, r = s.distillation, s.teacher, s.reprompt
+    w = f"{where}.sdpo"
+    _check(0 < d.jsd_alpha < 1, f"{w}.distillation.jsd_alpha", d.jsd_alpha,
            "a value in (0, 1) (for 0 or 1 use divergence=forward_kl or reverse_kl)")
-    _check(s.distillation == "logits" or s.divergence == "reverse_kl", f"{where}.sdpo.divergence", s.divergence,
-           "reverse_kl with distillation=sampled_token (the sampled-token loss estimates only the reverse KL)")
-    _check(s.top_k is None or s.top_k >= 1, f"{where}.sdpo.top_k", s.top_k, "an integer >= 1 or null")
-    _check(s.feedback_max_chars >= 20, f"{where}.sdpo.feedback_max_chars", s.feedback_max_chars, "an integer >= 20")
-    _check(s.is_clip is None or s.is_clip > 0, f"{where}.sdpo.is_clip", s.is_clip, "a positive value or null")
-    _check(s.temperature > 0, f"{where}.sdpo.temperature", s.temperature, "a positive temperature")
+    _check(d.kind == "logits" or d.divergence == "reverse_kl", f"{w}.distillation.divergence", d.divergence,
+           "reverse_kl with distillation.kind=sampled_token (the sampled-token loss estimates only the reverse KL)")
+    _check(d.top_k is None or d.top_k >= 1, f"{w}.distillation.top_k", d.top_k, "an integer >= 1 or null")
+    _check(d.is_clip is None or d.is_clip > 0, f"{w}.distillation.is_clip", d.is_clip, "a positive value or null")
+    _check(d.temperature > 0, f"{w}.distillation.temperature", d.temperature, "a positive temperature")
+    _check(r.feedback_max_chars >= 20, f"{w}.reprompt.feedback_max_chars", r.feedback_max_chars, "an integer >= 20")
     from ..teacher import TEACHERS
 
-    _check(s.teacher_mode in TEACHERS, f"{where}.sdpo.teacher_mode", s.teacher_mode,
-           "a registered teacher (one of " + ", ".join(TEACHERS) + ")")
-    _check(0 <= s.ema_rate <= 1, f"{where}.sdpo.ema_rate", s.ema_rate, "a value in [0, 1]")
-    _check(0 <= s.mix_coef <= 1, f"{where}.sdpo.mix_coef", s.mix_coef, "a value in [0, 1]")
-    _check(0 <= s.blend_lambda <= 1, f"{where}.sdpo.blend_lambda", s.blend_lambda, "a value in [0, 1]")
-    _check(0 <= s.stable_gamma <= 1, f"{where}.sdpo.stable_gamma", s.stable_gamma, "a value in [0, 1]")
-    _check(s.stable_restart_every >= 0, f"{where}.sdpo.stable_restart_every", s.stable_restart_every,
+    _check(t.mode in TEACHERS, f"{w}.teacher.mode", t.mode, "a registered teacher (one of " + ", ".join(TEACHERS) + ")")
+    for name, rate in (("ema", t.ema.rate), ("stable_ema", t.stable_ema.rate)):
+        _check(0 <= rate <= 1, f"{w}.teacher.{name}.rate", rate, "a value in [0, 1]")
+    _check(0 <= t.trust_region.mix_coef <= 1, f"{w}.teacher.trust_region.mix_coef", t.trust_region.mix_coef,
+           "a value in [0, 1]")
+    _check(0 <= s.blend_lambda <= 1, f"{w}.blend_lambda", s.blend_lambda, "a value in [0, 1]")
+    for name, gamma in (("stable", t.stable.gamma), ("stable_ema", t.stable_ema.gamma)):
+        _check(0 <= gamma <= 1, f"{w}.teacher.{name}.gamma", gamma, "a value in [0, 1]")
+    _check(t.stable.restart_every >= 0, f"{w}.teacher.stable.restart_every", t.stable.restart_every,
            "an integer >= 0 (0: never)")
-    for i, f in enumerate(s.stable_restart_at):
-        _check(0 < f < 1, f"{where}.sdpo.stable_restart_at[{i}]", f, "a fraction of the stage in (0, 1)")
+    for i, f in enumerate(t.stable.restart_at):
+        _check(0 < f < 1, f"{w}.teacher.stable.restart_at[{i}]", f, "a fraction of the stage in (0, 1)")
 
 
 def validate(cfg: Config) -> None:
@@ -187,24 +191,42 @@ def validate(cfg: Config) -> None:
         _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
 
 
-def refuse_unused_settings(cfg: Config) -> None:
-    """A method section (method.grpo, method.sdpo) that no stage's method reads must keep its defaults:
-    otherwise the setting would be silently ignored. ConfigError naming the first such field."""
-    from ..methods import METHODS
+def _dotted(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (lists are values)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for k, v in data.items():
+        out.update(_dotted(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
-    used = {section for i, stage in enumerate(cfg.stages)
-            for section in METHODS[stage_method(cfg, stage, i).name].sections(stage_method(cfg, stage, i))}
-    names = sorted({stage_method(cfg, stage, i).name for i, stage in enumerate(cfg.stages)})
-    for section in ("grpo", "sdpo"):
-        if section in used:
-            continue
-        default = to_dict(getattr(MethodConfig(), section))
-        places = [("method", to_dict(getattr(cfg.method, section)))]
-        places += [(f"stages[{i}].method", stage.method.get(section) or {}) for i, stage in enumerate(cfg.stages)]
-        for where, values in places:
-            changed = [k for k, v in values.items() if where != "method" or v != default[k]]
-            if changed:
-                raise ConfigError(f"{where}.{section}.{changed[0]}", values[changed[0]],
-                                  f"no {section} setting, since no stage reads the {section} section (the "
-                                  f"stages use {', '.join(names)}); drop it or train a stage with a method "
-                                  f"that reads it")
+
+def refuse_unused_settings(cfg: Config) -> None:
+    """A setting that nothing reads must not be given: a method section (method.grpo, method.sdpo) that
+    no stage's method reads, or the settings of a teacher mode (method.sdpo.teacher.<mode>) that no SDPO
+    stage uses. Otherwise it would be silently ignored. ConfigError naming the first such field."""
+    from ..methods import METHODS
+    from .build import upgrade_flat_sdpo
+
+    merged = [stage_method(cfg, stage, i) for i, stage in enumerate(cfg.stages)]
+    used = {section for m in merged for section in METHODS[m.name].sections(m)}
+    modes = {m.sdpo.teacher.mode for m in merged if "sdpo" in METHODS[m.name].sections(m)}
+    names = ", ".join(sorted({m.name for m in merged}))
+    default = _dotted(to_dict(MethodConfig()))
+    places = [("method", {k: v for k, v in _dotted(to_dict(cfg.method)).items() if v != default.get(k)})]
+    for i, stage in enumerate(cfg.stages):
+        over = dict(stage.method)
+        if isinstance(over.get("sdpo"), dict):
+            over["sdpo"] = upgrade_flat_sdpo(over["sdpo"], f"stages[{i}].method.sdpo")
+        places.append((f"stages[{i}].method", _dotted(over)))
+    for where, changed in places:
+        for key, value in changed.items():
+            section, _, rest = key.partition(".")
+            if section in ("grpo", "sdpo") and section not in used:
+                raise ConfigError(f"{where}.{key}", value, f"no {section} setting, since no stage reads the "
+                                  f"{section} section (the stages use {names}); drop it or train a stage with a "
+                                  "method that reads it")
+            parts = rest.split(".")
+            if section == "sdpo" and parts[0] == "teacher" and len(parts) > 2 and parts[1] not in modes:
+                raise ConfigError(f"{where}.{key}", value, f"no setting of teacher mode {parts[1]}, since no SDPO "
+                                  f"stage uses it (teacher.mode: {', '.join(sorted(modes))})")
