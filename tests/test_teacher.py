@@ -250,26 +250,18 @@ STABLE_RUN = ["stages=[{domain: arithmetic, steps: 5, method: {name: sdpo}}]", "
               "method.sdpo.stable_restart_every=2", "run.checkpoint_every=3", "run.keep_checkpoints=2"]
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy two-core machine (see test_reliability.py)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(tmp_path, one_thread):
+def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(tmp_path):
     """Restarts after batches 2 and 4 (from the student and the stage-start anchor); checkpoint at 3,
     killed while drawing step 5: the resumed run must rebuild the same teacher at 4 (the anchor and the
     clock come from the checkpoint), so every train record matches the uninterrupted run's."""
     from safetensors.torch import load_file
 
     from cptlab.continual import run_continual
-    from test_reliability import records, run_until_crash, tiny
+    from helpers import records, run_until_crash, tiny_config
 
-    full = run_continual(tiny(*STABLE_RUN), out_dir=str(tmp_path / "full"))
+    full = run_continual(tiny_config(*STABLE_RUN), out_dir=str(tmp_path / "full"))
     killed = tmp_path / "killed"
-    run_until_crash(tiny(*STABLE_RUN), killed, stage=1, step=4)
+    run_until_crash(tiny_config(*STABLE_RUN), killed, stage=1, step=4)
     ckpt = killed / "checkpoints" / "stage1-step3"
     assert int(load_file(str(ckpt / "teacher_schedule.safetensors"))["batches"]) == 3
     assert (ckpt / "teacher_anchor.safetensors").is_file()
