@@ -176,12 +176,14 @@ def cptlab_config(a, engine: str = "fast"):
         "method.grpo.beta=0.0", "method.grpo.loss_type=grpo", "method.grpo.scale_rewards=true",
         f"model.dtype={'auto' if a.weights_dtype == 'float32' else a.weights_dtype}"]
     sdpo = [
-        "method.name=sdpo", "method.sdpo.divergence=jsd", f"method.sdpo.jsd_alpha={ALPHA}", "method.sdpo.distillation=logits",
-        f"method.sdpo.top_k={TOP_K}", "method.sdpo.top_k_from=student", "method.sdpo.add_tail=true",
-        f"method.sdpo.is_clip={IS_CLIP}", "method.sdpo.teacher_mode=ema", f"method.sdpo.ema_rate={EMA_RATE}",
-        "method.sdpo.demo_source=sibling", "method.sdpo.demo_content=full", "method.sdpo.skip_self_success=true",
-        "method.sdpo.success_threshold=1.0", "method.sdpo.include_feedback=false", "method.sdpo.no_demo=skip",
-        "method.sdpo.blend_lambda=0.0"]
+        "method.name=sdpo", "method.sdpo.distillation.divergence=jsd", f"method.sdpo.distillation.jsd_alpha={ALPHA}",
+        "method.sdpo.distillation.kind=logits", f"method.sdpo.distillation.top_k={TOP_K}",
+        "method.sdpo.distillation.top_k_from=student", "method.sdpo.distillation.add_tail=true",
+        f"method.sdpo.distillation.is_clip={IS_CLIP}", "method.sdpo.teacher.mode=ema",
+        f"method.sdpo.teacher.ema.rate={EMA_RATE}", "method.sdpo.reprompt.demo_source=sibling",
+        "method.sdpo.reprompt.demo_content=full", "method.sdpo.reprompt.skip_self_success=true",
+        "method.sdpo.reprompt.success_threshold=1.0", "method.sdpo.reprompt.include_feedback=false",
+        "method.sdpo.reprompt.no_demo=skip", "method.sdpo.blend_lambda=0.0"]
     cfg = load_config("tiny", common + (sdpo if a.method == "sdpo" else ["method.name=grpo"]))
     if a.method == "sdpo":
         cfg.prompt = replace(cfg.prompt, question_template=QUESTION_TEMPLATE, answer_prefix="",

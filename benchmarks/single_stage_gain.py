@@ -4,7 +4,7 @@
 
 Builds (or reuses from the cache) the tiny base model, then for each method runs one stage on the
 domain and prints greedy accuracy before and after, the gain in points and the wall time. SDPO uses
-the `current` teacher here (the issue's setting); pass method.sdpo.teacher_mode=ema to change it.
+the `current` teacher here (the issue's setting); pass method.sdpo.teacher.mode=ema to change it.
 """
 
 import argparse
@@ -18,7 +18,8 @@ from cptlab.store import read_jsonl
 
 
 def one(method: str, domain: str, steps: int, extra: list[str], root: str) -> dict:
-    cfg = load_config("tiny", [f"method.name={method}", "method.sdpo.teacher_mode=current",
+    teacher = ["method.sdpo.teacher.mode=current"] if method == "sdpo" else []
+    cfg = load_config("tiny", [f"method.name={method}", *teacher,
                                f"eval.domains=[{domain}]", "eval.num_prompts=256", "eval.num_samples=0", "eval.drift=false",
                                "run.report=false", "run.checkpoint=false", *extra])
     cfg.stages = [StageConfig(domain=domain, steps=steps)]

@@ -124,17 +124,13 @@ def test_compare_html_shows_the_table_and_the_baseline(study, tmp_path):
     assert format_text(build_table(data(study))).count("vs grpo:") == 5
 
 
-def test_unknown_baseline_is_one_line_and_exit_2(study, tmp_path):
-    from typer.testing import CliRunner
-
-    import cptlab.cli
+def test_unknown_baseline_is_one_line_and_exit_2(study, tmp_path, cli):
     from cptlab.study import run_study
+    from helpers import assert_one_line_error
 
     cells = [str(p) for c in study.values() for p in c]
-    result = CliRunner().invoke(cptlab.cli.app, ["compare", *cells, "--out", str(tmp_path / "c.html"),
-                                                 "--baseline", "nope"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "--baseline" in result.output and "grpo, sdpo" in result.output
+    assert_one_line_error(cli("compare", *cells, "--out", tmp_path / "c.html", "--baseline", "nope"),
+                          "--baseline", "grpo, sdpo")
     mini = tmp_path / "mini.yaml"
     mini.write_text("question: q\npreset: smoke\nseeds: [0]\nvariants:\n  grpo: [method.name=grpo]\n")
     with pytest.raises(ConfigError, match="--baseline"):  # refused before any cell runs
@@ -147,7 +143,7 @@ def test_summary_is_rebuilt_from_records_whatever_summary_json_says(tmp_path):
     cptlab whose `mean_forgetting` meant the base-row forgetting) never replaces a number built afresh."""
     from cptlab.analysis.summary import build_summary
     from cptlab.runview import load_run
-    from test_report import make_run
+    from helpers import make_run
 
     run = make_run(tmp_path / "old", summary={"mean_forgetting": 0.99, "headline": ["kept"]})
     fresh = build_summary(read_jsonl(run / "metrics.jsonl"))

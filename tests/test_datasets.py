@@ -5,8 +5,6 @@ a data-set domain trains, evaluates and shows samples like a generator domain.""
 import csv
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -14,6 +12,7 @@ import yaml
 from cptlab.config import ConfigError, load_config
 from cptlab.errors import UserError
 from cptlab.tasks import domain_info, get_domain, make_split, train_pool_size, verify
+from helpers import assert_one_line_error
 
 ROWS = [{"problem": f"{a} + {b} / {c}", "solution": f"\\frac{{{a * c + b}}}{{{c}}}", "level": "L3" if a % 2 else "L1"}
         for a in range(1, 9) for b in range(1, 6) for c in (7, 11)]  # 80 distinct questions
@@ -180,24 +179,17 @@ def test_relative_sources_are_recorded_absolute(tmp_path, monkeypatch):
     assert cfg.domains["my_math"].source == str(tmp_path / "d.jsonl")
 
 
-def cptlab(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cptlab.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
-
-
-def test_cli_refuses_bad_data_in_one_line_and_writes_nothing(tmp_path):
+def test_cli_refuses_bad_data_in_one_line_and_writes_nothing(tmp_path, cli, monkeypatch):
     (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + "\n{oops\n")
     path = cfg_file(tmp_path, {"my_math": {"source": "bad.jsonl", "verifier": "math",
                                            "fields": {"question": "problem", "answer": "solution"}}})
-    proc = cptlab("run", str(path), cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "domains.my_math.source" in lines[0] and "line 2 is not valid JSON" in lines[0]
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli("run", path), "domains.my_math.source", "line 2 is not valid JSON")
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
-def test_a_jsonl_math_domain_trains_evaluates_and_shows_samples(tmp_path):
+def test_a_jsonl_math_domain_trains_evaluates_and_shows_samples(tmp_path, cli, monkeypatch):
     write_jsonl(tmp_path / "math.jsonl", ROWS)
     domains = {"my_math": {"source": "math.jsonl", "verifier": "math", "template": "{problem} =",
                            "fields": {"question": "problem", "answer": "solution"}}}
@@ -206,8 +198,9 @@ def test_a_jsonl_math_domain_trains_evaluates_and_shows_samples(tmp_path):
                     warmup={"domains": ["arithmetic", "my_math"], "examples_per_domain": 100, "steps": 10,
                             "cache_dir": ""}, rollout={"group_size": 2, "max_new_tokens": 16},
                     run={"name": "ds", "checkpoint_every": 0})
-    proc = cptlab("run", str(path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output[-2000:]
     run = tmp_path / "runs" / "ds"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r["event"] == "run_start")
@@ -220,8 +213,8 @@ def test_a_jsonl_math_domain_trains_evaluates_and_shows_samples(tmp_path):
     assert all(s["feedback"] for s in samples if not s["correct"])
     report = (run / "report.html").read_text()
     assert "Data-set domains" in report and "verifier feedback" in report
-    shown = cptlab("eval", str(run / "base"), "--config", str(path), "--domains", "my_math", "--show", "2", cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr[-2000:]
+    shown = cli("eval", run / "base", "--config", path, "--domains", "my_math", "--show", "2")
+    assert shown.exit_code == 0, shown.output[-2000:]
     assert shown.stdout.count("my_math sample") == 2 and "reward:" in shown.stdout
     assert "feedback:" in shown.stdout or shown.stdout.count("correct (") == 2
 

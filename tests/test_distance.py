@@ -3,8 +3,6 @@ of a tiny model, the `cptlab distance` verb and the forgetting-vs-distance point
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from cptlab.analysis.distance import (
 from cptlab.config import load_config, to_dict
 from cptlab.prompts import student_prompt
 from cptlab.tasks import make_split
+from helpers import PNG_MAGIC, assert_one_line_error, images, make_run
 
 
 def test_median_bandwidth_by_hand():
@@ -96,12 +95,11 @@ def _run_dir(tmp_path, tiny_model, tokenizer):
     return run
 
 
-def test_distance_verb_writes_the_matrix_and_compare_reuses_it(tmp_path, tiny_model, tokenizer):
+def test_distance_verb_writes_the_matrix_and_compare_reuses_it(tmp_path, tiny_model, tokenizer, cli):
     run = _run_dir(tmp_path, tiny_model, tokenizer)
-    proc = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(run)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "reversal" in proc.stdout and "distance.json" in proc.stdout
+    result = cli("distance", run)
+    assert result.exit_code == 0, result.output
+    assert "reversal" in result.stdout and "distance.json" in result.stdout
     data = json.loads((run / "distance.json").read_text())
     assert data["domains"] == ["arithmetic", "sorting", "reversal"] and data["prompts_per_domain"] == 12
     m = np.array(data["mmd2"])
@@ -113,7 +111,7 @@ def test_distance_verb_writes_the_matrix_and_compare_reuses_it(tmp_path, tiny_mo
     assert run_distance(tmp_path) is None  # no run here: nothing to compute from
 
 
-def test_distance_bad_input(tmp_path, tiny_model, tokenizer):
+def test_distance_bad_input(tmp_path, tiny_model, tokenizer, cli):
     from cptlab.analysis.distance import write_distance
     from cptlab.errors import UserError
 
@@ -123,13 +121,10 @@ def test_distance_bad_input(tmp_path, tiny_model, tokenizer):
         with pytest.raises(UserError, match=needle):
             write_distance(run, domains, prompts=prompts)
     assert not (run / "distance.json").exists()
-    missing = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1 and "not a run directory" in missing.stderr
+    assert_one_line_error(cli("distance", tmp_path / "nope"), "not a run directory")
 
 
-def test_distance_model_option_embeds_with_another_directory(tmp_path, tiny_model, tokenizer):
+def test_distance_model_option_embeds_with_another_directory(tmp_path, tiny_model, tokenizer, cli):
     """--model: a run without base weights (a GGUF run keeps only base/source.json) is embedded by the
     directory given; the same weights give the same matrix; a directory without config.json is refused."""
     from cptlab.analysis.distance import write_distance
@@ -143,15 +138,10 @@ def test_distance_model_option_embeds_with_another_directory(tmp_path, tiny_mode
         write_distance(run)
     _, other = write_distance(run, model=weights)
     assert other["model"] == str(weights) and np.allclose(other["mmd2"], own["mmd2"])
-    bad = subprocess.run([sys.executable, "-m", "cptlab.cli", "distance", str(run), "--model", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--model" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    assert_one_line_error(cli("distance", run, "--model", tmp_path), "--model")
 
 
 def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
-    from test_report import PNG_MAGIC, images, make_run
-
     from cptlab.comparison import write_compare
 
     runs = [make_run(tmp_path / n, name=n, seed=s) for n, s in (("grpo-s0", 0), ("grpo-s1", 1))]

@@ -2,82 +2,20 @@
 single-process computation over the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from cptlab import distributed as D
 from cptlab.errors import ConfigError
+from helpers import TwoDtypes, free_port, spawn, two_dtypes_batch
 
-WORLD = 2
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, port: int, body, timeout_minutes: float) -> None:
-    """What torchrun would set, then init_from_env, then the check; exceptions reach the parent."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = D.init_from_env("cpu", timeout_minutes=timeout_minutes)
-    try:
-        assert (info.rank, info.world_size, info.backend, info.device.type) == (rank, WORLD, "gloo", "cpu")
-        assert D.rank() == rank and D.world_size() == WORLD and D.is_main() == (rank == 0)
-        body(info)
-    finally:
-        D.destroy()
-    _exit_quietly()
-
-
-def _exit_quietly() -> None:
-    """End a rank whose check passed without running C++ static destructors: at interpreter exit a
-    worker thread still joinable aborts the process now and then ("terminate called without an active
-    exception", SIGABRT), which mp.spawn reports as a failure although every assertion held."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawn(body, timeout_minutes: float = 1) -> None:
-    """Run body(info) on WORLD gloo ranks; a collective waits at most timeout_minutes for the others."""
-    mp.spawn(_entry, args=(_free_port(), body, timeout_minutes), nprocs=WORLD, join=True)
-
-
-class TwoDtypes(nn.Module):
-    """A float32 and a float64 layer (two reduction buffers), one layer only rank 0 uses, one unused."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(3, 2).double()
-        self.only_rank0 = nn.Linear(4, 2)
-        self.unused = nn.Linear(2, 2)
-
-    def forward(self, x, use_extra: bool):
-        out = self.b(torch.tanh(self.a(x)).double())
-        if use_extra:
-            out = out + self.only_rank0(x).double()
-        return out
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g, dtype=torch.float64)
-
-
 def _check_grads(info):
-    x, y = _batch()
+    x, y = two_dtypes_batch()
     # single process, whole batch; the rank-0-only layer sees only the first half's rows
     full = TwoDtypes()
     out = full(x, use_extra=False) + torch.cat([full.only_rank0(x[:4]), torch.zeros(4, 2)]).double()
@@ -96,8 +34,9 @@ def _check_grads(info):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_all_reduce_grads_of_two_halves_equals_full_batch_gradient():
-    _spawn(_check_grads)
+    spawn(_check_grads, timeout_minutes=1)
 
 
 def _check_sum(info):
@@ -106,8 +45,9 @@ def _check_sum(info):
     assert D.all_reduce_sum(local) == {"tokens": 10.0, "sequences": 3.0}
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_all_reduce_sum_gives_every_rank_the_global_loss_units():
-    _spawn(_check_sum)
+    spawn(_check_sum, timeout_minutes=1)
 
 
 def _check_collectives(info):
@@ -124,8 +64,9 @@ def _check_collectives(info):
     D.barrier()
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_gather_broadcast_mean_and_any_rank_across_two_ranks():
-    _spawn(_check_collectives)
+    spawn(_check_collectives, timeout_minutes=1)
 
 
 def test_shard_splits_evenly_and_names_the_field_when_it_cannot():
@@ -193,7 +134,7 @@ def test_torchrun_two_ranks_write_one_run(tmp_path):
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "cptlab", "run", "smoke", "--out", str(out), "run.report=false", "eval.drift=false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,8 +3,6 @@ registered for every part of a run (splits, evaluation, `cptlab domains`, resume
 processes), with train and eval splits still disjoint."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -12,6 +10,7 @@ import yaml
 from cptlab.config import Config, ConfigError, eval_domains, from_dict, load_config, to_dict, validate
 from cptlab.errors import UserError
 from cptlab.tasks import all_domain_names, get_domain, make_split, verify
+from helpers import assert_one_line_error
 
 PRODUCTS = ["domains.products_small.task=products",
             "domains.products_small.config={min_digits: 1, max_digits: 2}",
@@ -94,21 +93,14 @@ def test_the_section_round_trips_through_a_run_directory_config(tmp_path):
     assert [e.question for e in make_split("products_small", "eval", 16)] == questions
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cptlab.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
-
-
-def test_cptlab_domains_lists_a_config_file_s_domains_and_bad_settings_exit_2(tmp_path):
+def test_cptlab_domains_lists_a_config_file_s_domains_and_bad_settings_exit_2(tmp_path, cli):
     f = tmp_path / "mine.yaml"
     f.write_text("extends: smoke\ndomains:\n  products_small: {task: products, config: {min_digits: 1, max_digits: 2}}\n")
-    proc = _cli("domains", str(f))
-    assert proc.returncode == 0, proc.stderr
-    assert "products_small" in proc.stdout and "gcd" in proc.stdout
-    proc = _cli("domains", str(f), "domains.products_small.config.max_digitz=3")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "domains.products_small.config" in lines[0]
-    assert "max_digitz" in lines[0] and "Traceback" not in proc.stderr
+    result = cli("domains", f)
+    assert result.exit_code == 0, result.output
+    assert "products_small" in result.stdout and "gcd" in result.stdout
+    assert_one_line_error(cli("domains", f, "domains.products_small.config.max_digitz=3"),
+                          "domains.products_small.config", "max_digitz")
 
 
 @pytest.mark.slow

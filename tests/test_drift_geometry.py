@@ -111,9 +111,8 @@ def test_principal_drift_per_kind_with_a_cached_base():
 def test_report_has_a_per_module_type_geometry_table(tmp_path):
     import json
 
-    from test_report import make_run
-
     from cptlab.report import write_report
+    from helpers import make_run
 
     run = make_run(tmp_path / "r")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

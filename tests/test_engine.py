@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from cptlab.config import ModelConfig
 from cptlab.engine import DecodeEngine, unsupported_reason
 from cptlab.errors import ConfigError
-from cptlab.models import build_tiny_model
 from cptlab.rollout import SamplingSpec, encode_prompts, generate, make_generator, stop_token_ids, use_fast_engine
+from helpers import noisy_model
 
 PROMPTS = ["Q: 1+2\nA:", "Q: a much longer question here\nA:", "Q: x\nA:", "Q: 45 67 8\nA:"]
 
@@ -18,17 +17,6 @@ def greedy(n, engine):
 
 def sampled(n, engine="fast", **kw):
     return SamplingSpec(max_new_tokens=n, engine=engine, **kw)
-
-
-def noisy_model(tokenizer, arch="qwen2", seed=1, scale=0.3):
-    """A random model with large enough weights that greedy decoding is not one repeated token."""
-    m = build_tiny_model(ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                     intermediate_size=64), tokenizer, seed=0).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return m
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -19,6 +19,7 @@ from cptlab.export import export_model
 from cptlab.lora import apply_lora
 from cptlab.models import load_model
 from cptlab.store import RunStore, read_jsonl
+from helpers import assert_one_line_error, run_until_crash
 
 # the smoke preset: stages of 3 steps, checkpoints every 2 steps, evaluations at steps 2 and 3
 SMOKE = ["run.report=false", "run.device=cpu", "run.keep_checkpoints=2"]
@@ -26,13 +27,13 @@ IDS = torch.tensor([[5, 9, 13, 17, 21, 25, 30], [6, 10, 14, 18, 22, 26, 31]])
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, warmup_cache, one_thread) -> Path:
+def full_run(tmp_path_factory, warmup_cache) -> Path:
     cfg = load_config("smoke", [*SMOKE, f"warmup.cache_dir={warmup_cache}"])
     return run_continual(cfg, out_dir=str(tmp_path_factory.mktemp("full") / "run"))
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, warmup_cache, one_thread) -> Path:
+def lora_run(tmp_path_factory, warmup_cache) -> Path:
     pytest.importorskip("peft")
     cfg = load_config("smoke", [*SMOKE, f"warmup.cache_dir={warmup_cache}", "model.lora.rank=4"])
     return run_continual(cfg, out_dir=str(tmp_path_factory.mktemp("lora") / "run"))
@@ -62,25 +63,17 @@ def recorded(run: Path, stage: int, global_step: int) -> dict[str, dict]:
             if r.get("event") == "eval" and r["stage"] == stage and r["global_step"] == global_step}
 
 
-def cptlab(*args: str):
-    """The CLI in this process (a subprocess per call would spend most of its time importing torch)."""
-    from typer.testing import CliRunner
-
-    import cptlab.cli
-
-    return CliRunner().invoke(cptlab.cli.app, list(args))
-
-
-def evaluated(model_dir: Path, run: Path, tmp: Path) -> dict[str, dict]:
-    """`cptlab eval MODEL --config RUN/config.yaml`, as the export tells a user to run it."""
+def evaluated(cli, model_dir: Path, run: Path, tmp: Path) -> dict[str, dict]:
+    """`cptlab eval MODEL --config RUN/config.yaml`, as the export tells a user to run it (`cli`: the
+    fixture, the command in this process)."""
     out = tmp / f"eval-{model_dir.name}.json"
-    result = cptlab("eval", str(model_dir), "--config", str(run / "config.yaml"), "--out", str(out))
+    result = cli("eval", model_dir, "--config", run / "config.yaml", "--out", out)
     assert result.exit_code == 0, result.output[-2000:]
     return {d: {k: r[k] for k in GREEDY} for d, r in json.loads(out.read_text())["results"].items()}
 
 
 @pytest.mark.slow
-def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(full_run, tmp_path):
+def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(full_run, tmp_path, cli):
     from transformers import AutoModelForCausalLM
 
     # keep_checkpoints=2 keeps stage2-step2 and stage2-step3; keep_stage_models (auto: on for the tiny model)
@@ -107,7 +100,7 @@ def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(f
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(stage0)),
                        logits(AutoModelForCausalLM.from_pretrained(full_run / "base")))
     for directory, stage, step in ((stage1, 1, 3), (mid, 2, 5), (stage0, 0, 0)):
-        assert evaluated(directory, full_run, tmp_path) == recorded(full_run, stage, step), directory
+        assert evaluated(cli, directory, full_run, tmp_path) == recorded(full_run, stage, step), directory
     # the default is the newest kept model: the last stage's end, which SDPO moved away from the base (the
     # smoke base never answers right, so GRPO's stage 1 had no reward and no gradient)
     newest = export_model(full_run, tmp_path / "newest")
@@ -115,11 +108,11 @@ def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(f
     base, trained = load_file(str(full_run / "base" / "model.safetensors")), load_file(str(newest / "model.safetensors"))
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(newest)), logits(run_model(full_run, "stage2-step3")))
-    assert evaluated(newest, full_run, tmp_path) == recorded(full_run, 2, 6) != recorded(full_run, 0, 0)
+    assert evaluated(cli, newest, full_run, tmp_path) == recorded(full_run, 2, 6) != recorded(full_run, 0, 0)
 
 
 @pytest.mark.slow
-def test_lora_run_exports_merged_and_as_adapter(lora_run, tmp_path):
+def test_lora_run_exports_merged_and_as_adapter(lora_run, tmp_path, cli):
     from transformers import AutoModelForCausalLM
 
     reference = logits(run_model(lora_run, "stage2-step3"))  # unmerged: base + (alpha / r) B A at run time
@@ -137,19 +130,18 @@ def test_lora_run_exports_merged_and_as_adapter(lora_run, tmp_path):
     assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(adapter)), reference, atol=1e-5)
     # both load in cptlab eval to the accuracies the run recorded at stage 2's end
     want = recorded(lora_run, 2, 6)
-    assert evaluated(merged, lora_run, tmp_path) == want
-    assert evaluated(adapter, lora_run, tmp_path) == want
+    assert evaluated(cli, merged, lora_run, tmp_path) == want
+    assert evaluated(cli, adapter, lora_run, tmp_path) == want
     with pytest.raises(UserError, match="--stage 0 is the base model itself"):
         export_model(lora_run, tmp_path / "base-adapter", stage=0, lora="adapter")
 
 
 @pytest.mark.slow
-def test_bad_requests_are_one_line_errors(full_run, tmp_path):
+def test_bad_requests_are_one_line_errors(full_run, tmp_path, cli):
     def refused(*args: str, needle: str) -> None:
-        result = cptlab("export", *args)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output[-1500:]
-        lines = [l for l in result.output.splitlines() if l.strip()]
-        assert len(lines) == 1 and needle in lines[0], lines
+        result = cli("export", *args)
+        assert_one_line_error(result, needle)
+        assert not result.stdout.strip(), result.stdout  # nothing but the error line
 
     out = str(tmp_path / "out")
     refused(str(full_run), "--stage", "3", "--out", out,
@@ -171,8 +163,6 @@ def test_a_run_killed_mid_stage_keeps_its_stage_models_and_resumes_to_the_same_o
                                                                                     tmp_path):
     """Stopped dead in stage 2 after its step-2 checkpoint, then resumed: the same checkpoints are kept
     and stage 1's model exports to the same weights as the uninterrupted run's."""
-    from test_reliability import run_until_crash  # stands in for SIGKILL in-process
-
     cfg = load_config("smoke", [*SMOKE, f"warmup.cache_dir={warmup_cache}"])
     run_until_crash(cfg, tmp_path / "run", stage=2, step=2)  # drawing its third (last) step's prompts
     assert [d.name for d in RunStore.open(tmp_path / "run").checkpoint_dirs()] == ["stage1-step3", "stage2-step2"]

@@ -6,7 +6,7 @@ import torch
 from cptlab.rollout import SamplingSpec
 from cptlab.config import ConfigError, EvalConfig, PromptConfig, load_config, resolve_eval
 from cptlab.tasks import all_domain_names, make_split, verify
-from cptlab.tasks.answer import FORMATS, RUN_FORMATS, format_answer, get_format, parse_answer
+from cptlab.tasks.answer import RUN_FORMATS, format_answer, get_format, parse_answer
 from cptlab.teacher import _demo_text
 
 B = "\\boxed"
@@ -195,20 +195,17 @@ def test_show_prints_model_text_literally():
     assert out.count("completion:") == 1  # one sample asked for
 
 
-def test_eval_command_shows_samples_with_the_rollout_budget(tmp_path, tiny_model, tokenizer):
+def test_eval_command_shows_samples_with_the_rollout_budget(tmp_path, tiny_model, tokenizer, cli):
     import json
-    import subprocess
-    import sys
 
     from cptlab.models import save_model
 
     save_model(tiny_model, tokenizer, tmp_path / "m")
     out = tmp_path / "e.json"
-    proc = subprocess.run([sys.executable, "-m", "cptlab.cli", "eval", str(tmp_path / "m"), "--domains", "gcd,sorting",
-                           "--show", "2", "--out", str(out), "rollout.max_new_tokens=3", "eval.num_prompts=3",
-                           "eval.num_samples=0"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("completion:") == 4 and proc.stdout.count("verdict:") == 4
+    result = cli("eval", tmp_path / "m", "--domains", "gcd,sorting", "--show", "2", "--out", out,
+                 "rollout.max_new_tokens=3", "eval.num_prompts=3", "eval.num_samples=0")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("completion:") == 4 and result.stdout.count("verdict:") == 4
     data = json.loads(out.read_text())
     for name in ("gcd", "sorting"):
         assert data["results"][name]["mean_length"] <= 3  # eval.max_new_tokens unset: the rollout's 3

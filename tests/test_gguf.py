@@ -5,7 +5,6 @@ one line."""
 import hashlib
 import importlib.util
 import json
-import subprocess
 import sys
 
 import gguf
@@ -19,6 +18,7 @@ from cptlab import gguf_model
 from cptlab.config import ModelConfig
 from cptlab.errors import UserError
 from cptlab.models import count_parameters, load_pretrained
+from helpers import assert_one_line_error
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e"]
@@ -130,11 +130,7 @@ def test_missing_packages_and_short_name_without_its_package(tmp_path, monkeypat
         load_pretrained("smollm2", ModelConfig(), torch.device("cpu"))
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cptlab.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_bad_gguf_inputs_are_one_line_errors(tmp_path):
+def test_bad_gguf_inputs_are_one_line_errors(tmp_path, cli):
     unsupported = tmp_path / "odd.gguf"
     w = gguf.GGUFWriter(str(unsupported), "nosucharch")
     w.add_block_count(1)
@@ -153,10 +149,7 @@ def test_bad_gguf_inputs_are_one_line_errors(tmp_path):
              (two, ["2 .gguf files", "a.gguf, b.gguf"]),
              (tmp_path / "absent.gguf", ["absent.gguf", "no such file"])]
     for path, needles in cases:
-        proc = _cli("eval", str(path), f"model.gguf_cache_dir={tmp_path / 'cache'}")
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and all(n in lines[0] for n in needles), proc.stderr
+        assert_one_line_error(cli("eval", path, f"model.gguf_cache_dir={tmp_path / 'cache'}"), *needles)
     assert not any((tmp_path / "cache").glob("*/config.json"))  # nothing half-written was kept
 
 
@@ -168,14 +161,14 @@ def test_smollm2_short_name_resolves_without_importing_its_package():
 
 
 @pytest.mark.slow
-def test_run_from_a_gguf_records_its_source_and_the_general_probe(tmp_path):
+def test_run_from_a_gguf_records_its_source_and_the_general_probe(tmp_path, cli):
     file = tmp_path / "tiny.gguf"
     write_tiny_gguf(file)
     out = tmp_path / "run"
-    proc = _cli("run", "smoke", "--out", str(out), f"model.path={file}", f"model.gguf_cache_dir={tmp_path / 'cache'}",
-                "eval.domains=[arithmetic]", "eval.num_prompts=4", "eval.num_samples=0", "eval.every=0",
-                "run.checkpoint_every=0", "method.lr=0.01")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = cli("run", "smoke", "--out", out, f"model.path={file}", f"model.gguf_cache_dir={tmp_path / 'cache'}",
+                 "eval.domains=[arithmetic]", "eval.num_prompts=4", "eval.num_samples=0", "eval.every=0",
+                 "run.checkpoint_every=0", "method.lr=0.01")
+    assert result.exit_code == 0, result.output[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start = records[0]["base"]
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -188,5 +181,5 @@ def test_run_from_a_gguf_records_its_source_and_the_general_probe(tmp_path):
     # the SDPO stage moved the model (KL 1e-4 on a 2-core CPU; this random base has near-uniform outputs)
     assert drift[2]["general/kl_to_base"] > 1e-6 and drift[2]["general/text_ppl"] != drift[0]["general/text_ppl"]
     assert "General ability" in (out / "report.html").read_text()
-    proc = _cli("compare", str(out), "-o", str(tmp_path / "compare.html"))
-    assert proc.returncode == 0 and "General ability after the last stage" in (tmp_path / "compare.html").read_text()
+    result = cli("compare", out, "-o", tmp_path / "compare.html")
+    assert result.exit_code == 0 and "General ability after the last stage" in (tmp_path / "compare.html").read_text()

@@ -23,9 +23,8 @@ from cptlab.variants import base_reference, copy_sharing_base_weights, effective
 from cptlab.models import build_tiny_model, build_tokenizer  # noqa: E402
 from cptlab.optim import make_optimizer  # noqa: E402
 from cptlab.store import RunStore  # noqa: E402
-from cptlab.teacher import make_teacher, ema_update  # noqa: E402
-from test_e2e import records  # noqa: E402  (metrics.jsonl without wall-clock fields)
-from test_reliability import run_until_crash  # noqa: E402  (stands in for SIGKILL in-process)
+from cptlab.teacher import ema_update, make_teacher  # noqa: E402
+from helpers import records, run_until_crash, sdpo_config  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj"]
@@ -203,10 +202,10 @@ def test_stable_teacher_with_the_stage_start_anchor_mixes_each_adapter_tensor():
 
 
 def sdpo_method(model):
-    from cptlab.config import MethodConfig, PromptConfig, RolloutConfig, SDPOConfig
+    from cptlab.config import MethodConfig, PromptConfig, RolloutConfig
     from cptlab.methods import MethodContext, build_method
 
-    cfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(teacher_mode="ema", ema_rate=0.5))
+    cfg = MethodConfig(name="sdpo", sdpo=sdpo_config(teacher_mode="ema", ema_rate=0.5))
     return build_method(cfg, MethodContext(None, PromptConfig(), RolloutConfig(), torch.device("cpu")), model)
 
 
@@ -239,7 +238,7 @@ LORA_SMOKE = ["model.lora.rank=4", "run.report=false", "run.device=cpu"]
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, warmup_cache, one_thread) -> Path:
+def lora_run(tmp_path_factory, warmup_cache) -> Path:
     """The smoke preset with LoRA; its base goes into a warm-up cache that `crashed_lora_run` reads."""
     cfg = load_config("smoke", [*LORA_SMOKE, f"warmup.cache_dir={warmup_cache}"])
     return run_continual(cfg, out_dir=str(tmp_path_factory.mktemp("lora") / "run"))
@@ -257,10 +256,10 @@ def crashed_lora_run(tmp_path_factory, warmup_cache, lora_run) -> Path:
 
 @pytest.mark.slow
 def test_lora_smoke_run_completes_and_drift_reads_the_merged_delta(lora_run):
-    events = [r["event"] for r in records(lora_run)]
+    events = [r["event"] for r in records(lora_run, drop=("base",))]
     assert events[0] == "run_start" and events[-1] == "run_end"
     assert json.loads((lora_run / "summary.json").read_text())["complete"]
-    drift = {r["stage"]: r for r in records(lora_run) if r["event"] == "drift"}
+    drift = {r["stage"]: r for r in records(lora_run, drop=("base",)) if r["event"] == "drift"}
     assert sorted(drift) == [0, 1, 2] and drift[0]["param/rel_l2_base"] == 0.0
     # the SDPO stage always has a gradient: the merged weights moved, in adapted layers only
     assert drift[2]["param/rel_l2_base"] > 0 and drift[2]["param/rel_l2_prev"] > 0
@@ -280,7 +279,7 @@ def test_lora_run_from_warmup_cache_resumes_to_the_uninterrupted_records(crashed
         assert all(is_adapter_key(k) for k in load_file(str(latest / name))), name
     run_continual(resume=str(crashed_lora_run))
     # drift vs the previous stage too: its end weights come from the stage-end checkpoint (adapters)
-    resumed, uninterrupted = records(crashed_lora_run), records(lora_run)
+    resumed, uninterrupted = records(crashed_lora_run, drop=("base",)), records(lora_run, drop=("base",))
     assert [r["param/rel_l2_prev"] > 0 for r in resumed if r["event"] == "drift" and r["stage"] == 2] == [True]
     # compared as JSON text: older runs' drift records held NaN (effective rank of a zero update), and NaN != NaN
     assert json.dumps(resumed) == json.dumps(uninterrupted)

@@ -1,12 +1,14 @@
 import copy
+import math
 
 import pytest
 import torch
 
-from cptlab.config import MethodConfig, PromptConfig, RolloutConfig, SDPOConfig
+from cptlab.config import MethodConfig, PromptConfig, RolloutConfig
 from cptlab.methods import GRPO, SDPO, SFT, MethodContext
 from cptlab.rollout import make_generator
 from cptlab.tasks import make_split
+from helpers import noisy_model, sdpo_config
 
 ROLL = RolloutConfig(group_size=4, max_new_tokens=10)
 
@@ -59,7 +61,7 @@ def test_grpo_step_raises_logprob_of_positive_advantage_sample(tiny_model, token
 def test_sdpo_with_identical_teacher_context_has_zero_loss_and_grad(tiny_model, tokenizer):
     # a reprompt that adds nothing: the teacher sees exactly the student's context
     same = PromptConfig(reprompt_template="{prompt}", solution_template="", feedback_template="")
-    cfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(teacher_mode="current", no_demo="feedback", demo_source="reference"))
+    cfg = MethodConfig(name="sdpo", sdpo=sdpo_config(teacher_mode="current", no_demo="feedback", demo_source="reference"))
     method = SDPO(cfg, ctx_for(tokenizer, prompt=same), tiny_model)
     batch = method.make_batch(tiny_model, make_split("arithmetic", "train", 2), gen(3))
     assert batch.distill.sum() == 8
@@ -70,14 +72,54 @@ def test_sdpo_with_identical_teacher_context_has_zero_loss_and_grad(tiny_model, 
     assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in tiny_model.parameters())
 
 
-def test_sdpo_demo_context_gives_signal_and_teacher_gets_no_grad(tiny_model, tokenizer):
-    cfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(teacher_mode="ema", ema_rate=0.1, demo_source="reference"))
-    method = SDPO(cfg, ctx_for(tokenizer), tiny_model)
-    batch = method.make_batch(tiny_model, make_split("arithmetic", "train", 2), gen(3))
-    terms, stats = method.loss(tiny_model, batch)
-    assert float(terms["sdpo"]) > 0
+def jsd_by_hand(student, teacher, batch, temperature: float) -> float:
+    """SDPO's logit-level loss computed here in float64 from two plain forwards: the student's
+    next-token distribution S after the plain prompt, the teacher's T after the reprompt, M = S/2 + T/2,
+    JSD = KL(S || M)/2 + KL(T || M)/2 per completion token, averaged over the distilled rows' tokens."""
+    ro = batch.rollout
+
+    def log_probs(model, prompt_ids, prompt_mask):
+        mask = torch.cat([prompt_mask, ro.completion_mask.long()], 1)
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt_ids, ro.completion_ids], 1), attention_mask=mask,
+                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        return torch.log_softmax(logits[:, prompt_ids.shape[1] - 1:-1].double() / temperature, -1)
+
+    log_s = log_probs(student, ro.prompt_ids, ro.prompt_mask)
+    log_t = log_probs(teacher, batch.teacher_ids, batch.teacher_mask)
+    log_m = torch.logsumexp(torch.stack([log_s, log_t]), 0) - math.log(2)
+    kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+    kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
+    mask = ro.completion_mask.double() * batch.distill.double()[:, None]
+    return float(((0.5 * kl_s + 0.5 * kl_t) * mask).sum() / mask.sum())
+
+
+def test_sdpo_loss_is_the_jensen_shannon_divergence_to_the_reprompted_teacher(tokenizer):
+    model = noisy_model(tokenizer)  # its next-token distributions depend on the context (the tiny one's barely)
+    cfg = MethodConfig(name="sdpo", sdpo=sdpo_config(teacher_mode="current", top_k=None, demo_source="reference"))
+    method = SDPO(cfg, ctx_for(tokenizer), model)
+    batch = method.make_batch(model, make_split("arithmetic", "train", 2), gen(3))
+    batch.distill = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1])  # rows without a teacher count for nothing
+    terms, stats = method.loss(model, batch)
+    expected = jsd_by_hand(model, model, batch, batch.rollout.temperature * cfg.sdpo.distillation.temperature)
+    assert expected > 1e-2  # the demonstration in the reprompt moved the teacher's distribution
+    assert float(terms["sdpo"]) == pytest.approx(expected, rel=1e-5)
+    batch.distill = torch.ones(8)
+    assert float(method.loss(model, batch)[0]["sdpo"]) != pytest.approx(expected, rel=1e-3)
+
+
+def test_sdpo_ema_teacher_is_a_copy_that_gets_no_grad(tokenizer):
+    model = noisy_model(tokenizer)
+    cfg = MethodConfig(name="sdpo", sdpo=sdpo_config(teacher_mode="ema", ema_rate=0.1, top_k=None,
+                                                    demo_source="reference"))
+    method = SDPO(cfg, ctx_for(tokenizer), model)
+    batch = method.make_batch(model, make_split("arithmetic", "train", 2), gen(3))
+    terms, stats = method.loss(model, batch)
+    # before any update the EMA copy holds the student's weights: the same divergence, from the copy
+    expected = jsd_by_hand(model, method.teacher.copy, batch, batch.rollout.temperature)
+    assert float(terms["sdpo"]) == pytest.approx(expected, rel=1e-5) and expected > 1e-2
     terms["sdpo"].backward()
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in tiny_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
     assert all(p.grad is None for p in method.teacher.copy.parameters())
     assert list(method.state_dict()) == ["teacher"]  # what a checkpoint keeps
 

@@ -17,7 +17,7 @@ from cptlab.analysis import per_prompt
 from cptlab.continual import run_continual
 from cptlab.models import weights_sha256
 from cptlab.tasks import eval_set_identity, make_split
-from test_reliability import one_thread, run_until_crash, tiny  # noqa: F401  (one_thread: a fixture)
+from helpers import run_until_crash, tiny_config
 
 EVERY_STEP = ["stages=[{domain: arithmetic, steps: 4}]", "run.checkpoint_every=2", "run.keep_checkpoints=2",
               "eval.every=1", "eval.num_prompts=5", "eval.num_samples=3", "eval.domains=[arithmetic,gcd]"]
@@ -29,7 +29,7 @@ def evals(run: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    return run_continual(tiny(*EVERY_STEP), out_dir=tmp_path_factory.mktemp("full") / "run")
+    return run_continual(tiny_config(*EVERY_STEP), out_dir=tmp_path_factory.mktemp("full") / "run")
 
 
 def test_records_match_the_metrics_and_name_the_eval_set(uninterrupted):
@@ -62,7 +62,7 @@ def test_eval_set_identity_changes_with_the_prompts():
 def test_resumed_run_rewrites_no_record_and_ends_identical(uninterrupted, tmp_path):
     out = tmp_path / "run"
     # stopped while drawing the 4th step's prompts: evals of steps 1-3 are on disk, the checkpoint is step 2's
-    run_until_crash(tiny(*EVERY_STEP), out, stage=1, step=3)
+    run_until_crash(tiny_config(*EVERY_STEP), out, stage=1, step=3)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()}
     assert sorted(before) == ["stage0-step0.json", "stage1-step1.json", "stage1-step2.json", "stage1-step3.json"]
     os.utime(out / "evals" / "stage1-step3.json", ns=(1, 1))  # a rewrite would change this

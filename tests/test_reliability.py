@@ -21,10 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import cptlab.checkpoint
-import cptlab.cli
 import cptlab.methods
 import cptlab.store
 from cptlab.checkpoint import load_state
@@ -32,79 +30,16 @@ from cptlab.config import load_config
 from cptlab.continual import Driver, open_run, run_continual
 from cptlab.errors import NumericalFault, UserError
 from cptlab.store import RunStore
-from cptlab.trainer import TrainSampler
-from test_e2e import TIMING  # wall-clock fields, which differ between identical runs
+from helpers import TINY, Crash, one_error_line, records, run_until_crash, tiny_config, tree_bytes
 
-TINY = ["warmup.enabled=false", "eval.domains=[arithmetic]", "eval.num_prompts=2", "eval.num_samples=0",
-        "eval.max_new_tokens=8", "eval.every=0", "eval.drift=false", "rollout.max_new_tokens=8",
-        "rollout.group_size=2", "method.prompts_per_step=2", "run.report=false", "run.device=cpu"]
 FOUR_STEPS = ["stages=[{domain: arithmetic, steps: 4}]", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
 SFT_THREE_STEPS = ["stages=[{domain: arithmetic, steps: 3, method: {name: sft}}]", "run.checkpoint_every=1",
                    "run.keep_checkpoints=10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def cli(monkeypatch):
-    """Invoke the real typer app in this process (so monkeypatched faults reach it)."""
-    monkeypatch.setattr(cptlab.cli, "_configure_threads", lambda: None)  # keep one thread (see above)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(cptlab.cli.app, [str(a) for a in args])
-
-
-def tiny(*extra: str):
-    return load_config("smoke", [*TINY, *extra])
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields (those differ between identical runs)."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.append({k: v for k, v in r.items() if k not in TIMING})
-    return out
-
-
-def one_error_line(result) -> str:
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL in-process (nothing in cptlab catches a BaseException)."""
-
-
-def run_until_crash(cfg, out, stage: int, step: int) -> None:
-    """run_continual(cfg) into `out`, killed (Crash) when stage `stage` draws the prompts of step `step`."""
-    original = TrainSampler.batch
-
-    def batch(self, s, n):
-        if self.stage_index == stage and s == step:
-            raise Crash
-        return original(self, s, n)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TrainSampler, "batch", batch)
-        with pytest.raises(Crash):
-            run_continual(cfg, out_dir=str(out))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    return run_continual(tiny(*FOUR_STEPS), out_dir=tmp_path_factory.mktemp("full") / "run")
+    return run_continual(tiny_config(*FOUR_STEPS), out_dir=tmp_path_factory.mktemp("full") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +47,7 @@ def crashed(tmp_path_factory) -> Path:
     """The same run, stopped dead at the 4th step of stage 1: after the step-2 checkpoint and after the
     step-3 train record, which that checkpoint has not seen."""
     out = tmp_path_factory.mktemp("crashed") / "run"
-    run_until_crash(tiny(*FOUR_STEPS), out, stage=1, step=3)
+    run_until_crash(tiny_config(*FOUR_STEPS), out, stage=1, step=3)
     return out
 
 
@@ -251,6 +186,7 @@ def test_resume_from_damaged_checkpoint_is_refused_and_changes_nothing(crashed_c
     assert {k: v for k, v in after.items() if k in before} == before  # not a byte lost or changed
 
 
+@pytest.mark.slow
 def test_resume_refusal_is_one_line_from_the_real_command(crashed_copy):
     _truncate(crashed_copy / "checkpoints" / "stage1-step2" / "model.safetensors")
     metrics = (crashed_copy / "metrics.jsonl").read_bytes()
@@ -328,7 +264,7 @@ def test_nan_loss_stops_the_stage_and_the_report_still_builds(tmp_path, monkeypa
 
 def test_nan_gradient_with_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
     nan_on_call(monkeypatch, "sft_loss", {1}, mode="grad")
-    cfg, store = open_run(tiny(*SFT_THREE_STEPS), out_dir=str(tmp_path / "run"))
+    cfg, store = open_run(tiny_config(*SFT_THREE_STEPS), out_dir=str(tmp_path / "run"))
     driver = Driver(cfg, store)
     with pytest.raises(NumericalFault, match=r"stage 1 \(arithmetic, sft\) step 1 of 3: gradient norm is nan"):
         driver.run()
@@ -341,7 +277,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_optimizer_step(tmp_path,
 
 def test_nan_policy_skip_skips_and_counts_the_bad_batch(tmp_path, monkeypatch):
     calls = nan_on_call(monkeypatch, "sft_loss", {2})
-    out = run_continual(tiny(*SFT_THREE_STEPS, "method.nan_policy=skip"), out_dir=tmp_path / "run")
+    out = run_continual(tiny_config(*SFT_THREE_STEPS, "method.nan_policy=skip"), out_dir=tmp_path / "run")
     assert len(calls) == 3
     recs = records(out)
     train = [r for r in recs if r["event"] == "train"]

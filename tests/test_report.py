@@ -3,11 +3,9 @@ browser decoding every image (headless Chromium, when installed)."""
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -16,96 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from cptlab.comparison import write_compare
 from cptlab.report import write_report
-
-EVIL = "<script>alert(1)</script> \x1b[31mred\x1b[0m"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-IMG_RE = re.compile(r'<img[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-
-PROMPTS = 200  # held-out prompts per domain in the hand-written runs: accuracies are whole counts of them
-
-
-def make_run(root: Path, *, name: str = "toy", seed: int = 0, lr: float = 1e-3, steps: int = 8,
-             domains=("arithmetic", "sorting", "arithmetic_ood"), methods=("grpo", "sdpo"),
-             drift: bool = True, fault: bool = False, summary: dict | None = None) -> Path:
-    """A plausible run directory written by hand: evals every 2 steps (with per-prompt records: the first
-    `hits` of 200 prompts right), drift per stage, samples. Each step adds 8 hits (+4 points) on the
-    trained domain and takes 3 (-1.5 points) from the others."""
-    root.mkdir(parents=True)
-    trained = [d for d in domains if not d.endswith("_ood")]
-    plan = [{"domain": trained[i % len(trained)], "steps": steps, "method": m} for i, m in enumerate(methods)]
-    config = {"run": {"name": name, "seed": seed, "out_dir": "runs"}, "method": {"lr": lr},
-              "stages": [{"domain": p["domain"], "steps": steps, "method": {"name": p["method"]}} for p in plan]}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    hits = {d: 40 + 10 * k + 4 * seed for k, d in enumerate(domains)}
-    records = [{"event": "run_start", "name": name, "base": {"source": "built", "parameters": 80768},
-                "domains": list(domains), "stages": plan}]
-
-    def evaluate(stage, stage_name, step, gstep, final):
-        records.extend({"event": "eval", "stage": stage, "stage_name": stage_name, "step": step, "global_step": gstep,
-                        "final": final, "domain": d, "greedy_acc": hits[d] / PROMPTS, "sampled_acc": hits[d] / PROMPTS / 2,
-                        "format_rate": 0.9, "mean_length": 12.0, "num_prompts": PROMPTS} for d in domains)
-        samples = {d: [{"question": f"{d} question {i} <b>bold</b>",
-                        "completion": EVIL if i == 0 else " <answer>4</answer>", "correct": i == 1,
-                        "well_formed": i == 1} for i in range(3)] for d in domains}
-        (root / "samples").mkdir(exist_ok=True)
-        (root / "samples" / f"stage{stage}-step{step}.json").write_text(json.dumps(samples))
-        per_prompt = {d: {"prompts": PROMPTS, "config_sha256": f"c-{d}", "prompts_sha256": f"p-{d}",
-                          "greedy": "1" * hits[d] + "0" * (PROMPTS - hits[d])} for d in domains}
-        (root / "evals").mkdir(exist_ok=True)
-        (root / "evals" / f"stage{stage}-step{step}.json").write_text(json.dumps(
-            {"stage": stage, "stage_name": stage_name, "step": step, "global_step": gstep, "final": final,
-             "domains": per_prompt}))
-
-    evaluate(0, "base", 0, 0, True)
-    gstep = 0
-    for s, p in enumerate(plan, start=1):
-        for step in range(1, steps + 1):
-            gstep += 1
-            hits[p["domain"]] = min(PROMPTS, hits[p["domain"]] + 8)
-            for d in domains:
-                if d != p["domain"] and not d.startswith(p["domain"]):
-                    hits[d] = max(0, hits[d] - 3)
-            acc = hits[p["domain"]] / PROMPTS
-            rec = {"event": "train", "stage": s, "domain": p["domain"], "method": p["method"], "step": step,
-                   "global_step": gstep, "reward": acc, "accuracy": acc,
-                   "entropy": 2.5 - 0.05 * gstep, "kl_to_base": 0.01 * gstep, "response_length": 10 + math.sin(gstep),
-                   "loss": 0.1, "grad_norm": 1.0}
-            if p["method"] == "sdpo":
-                rec.update({"sdpo/divergence": 0.01, "sdpo/top1_agreement": 0.9, "teacher/with_demo_frac": 0.5})
-            records.append(rec)
-            if fault and s == len(plan) and step == steps // 2:
-                records.append({"event": "fault", "stage": s, "global_step": gstep, "reason": "loss is NaN <x>",
-                                "action": "stopped"})
-                break
-            if step % 2 == 0 or step == steps:
-                evaluate(s, p["domain"], step, gstep, step == steps)
-        else:
-            records.append({"event": "stage_end", "stage": s, "domain": p["domain"], "method": p["method"],
-                            "steps": steps, "global_step": gstep})
-            if drift:
-                records.append({"event": "drift", "stage": s, "global_step": gstep, "param/rel_l2_base": 0.01 * s,
-                                "param/rel_l2_base/attention": 0.02 * s, "param/rel_l2_base/mlp": 0.015 * s,
-                                "param/sparsity": 0.5, "param/num_tensors": 12.0, "response/kl_to_base": 0.1 * s,
-                                "response/answer_changed_frac": 0.2 * s, "artifacts/repetition_rate": 0.05 * s,
-                                "artifacts/malformed_rate": 0.1 / s, "artifacts/char_level": 1.0})
-            continue
-        break
-    if not fault:
-        records.append({"event": "run_end", "seconds": 12.0, "global_step": gstep})
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    if summary is not None:
-        (root / "summary.json").write_text(json.dumps(summary))
-    return root
-
-
-def images(text: str) -> list[bytes]:
-    return [base64.b64decode(b) for b in IMG_RE.findall(text)]
+from helpers import PNG_MAGIC, images, make_run
 
 
 def test_report_is_self_contained_escaped_and_has_valid_pngs(tmp_path):

@@ -2,7 +2,7 @@
 reports of runs with unevaluated domains, bad inputs refused up front, the fault's true step, drift
 after a mid-stage resume, strict JSON and thread-independent drift.
 
-Same conventions as test_reliability.py (whose helpers and fixtures this reuses): the smoke preset
+Same conventions as test_reliability.py (helpers.py and conftest.py hold what both use): the smoke preset
 shrunk to seconds, one torch thread.
 """
 
@@ -28,7 +28,7 @@ from cptlab.continual import run_continual
 from cptlab.errors import ConfigError, UserError
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.store import RunStore
-from test_reliability import TINY, cli, one_error_line, one_thread, records, run_until_crash, tiny, tree_bytes  # noqa: F401
+from helpers import TINY, assert_one_line_error, one_error_line, records, run_until_crash, tiny_config, tree_bytes
 
 SFT = "stages=[{domain: arithmetic, steps: 3, method: {name: sft}}]"
 
@@ -39,12 +39,6 @@ def strict_loads(line: str):
         raise ValueError(f"non-standard JSON constant {name}")
 
     return json.loads(line, parse_constant=refuse)
-
-
-def cptlab_proc(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cptlab.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 # -- 1. one run per directory ---------------------------------------------------------------------------
@@ -61,7 +55,7 @@ def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
     """Two real `cptlab run` processes into one --out, started together, several times: one finishes,
     the other exits 2 with one line, and the directory holds exactly the winner's run."""
     stages = "stages=[{domain: arithmetic, steps: 3}]"  # with the smoke preset's checkpoint every 2 steps
-    reference = run_continual(tiny(stages, "run.name=ref"), out_dir=tmp_path / "ref")
+    reference = run_continual(tiny_config(stages, "run.name=ref"), out_dir=tmp_path / "ref")
     env = {**os.environ, "CPTLAB_NUM_THREADS": "1"}
     for trial in range(4):
         out = tmp_path / f"t{trial}"
@@ -91,7 +85,7 @@ def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
 
 
 def test_a_claimed_run_directory_is_refused_for_run_resume_and_overwrite(tmp_path, cli):
-    out = run_continual(tiny(SFT), out_dir=tmp_path / "run")
+    out = run_continual(tiny_config(SFT), out_dir=tmp_path / "run")
     holder = RunStore.open(out)
     holder.claim()  # stands in for a run that is writing the directory right now
     before = tree_bytes(out)
@@ -159,7 +153,7 @@ def test_a_refusal_during_setup_removes_the_directory_it_made(tmp_path, cli):
 def unevaluated(tmp_path_factory) -> Path:
     """Stage 2 trains sorting, which eval.domains leaves out (the README's eval.domains=[gcd,gcd_ood] case);
     the run's name holds mathtext."""
-    cfg = tiny("stages=[{domain: arithmetic, steps: 1}, {domain: sorting, steps: 1}]", "run.report=true",
+    cfg = tiny_config("stages=[{domain: arithmetic, steps: 1}, {domain: sorting, steps: 1}]", "run.report=true",
                "run.name=cost$_$x")
     return run_continual(cfg, out_dir=tmp_path_factory.mktemp("uneval") / "run")
 
@@ -243,7 +237,7 @@ def test_unwritable_cache_dir_is_refused_before_the_warmup(tmp_path, cli, monkey
 
 
 def test_report_of_a_corrupt_config_or_of_a_non_run_directory_is_one_line(tmp_path, cli):
-    out = run_continual(tiny(SFT), out_dir=tmp_path / "run")
+    out = run_continual(tiny_config(SFT), out_dir=tmp_path / "run")
     summary = (out / "summary.json").read_bytes()
     (out / "config.yaml").write_text("run: {name: [x\n")
     result = cli("report", out)
@@ -258,18 +252,14 @@ def test_report_of_a_corrupt_config_or_of_a_non_run_directory_is_one_line(tmp_pa
 
 # -- 5. a numerical fault: one line, the true step -------------------------------------------------------
 
-@pytest.mark.slow
-def test_nan_fault_is_one_line_and_names_its_global_step(tmp_path):
-    """The real command, a second-stage learning rate that blows the weights up: step 1 of stage 2
+def test_nan_fault_is_one_line_and_names_its_global_step(tmp_path, cli):
+    """The command, a second-stage learning rate that blows the weights up: step 1 of stage 2
     (global step 3) makes them infinite, its step 2 (global step 4) has a NaN loss."""
     out = tmp_path / "run"
     stages = ("stages=[{domain: arithmetic, steps: 2, method: {name: sft}}, "
               "{domain: arithmetic, steps: 3, method: {name: sft, lr: 1.0e+30}}]")
-    proc = cptlab_proc("run", "smoke", *TINY, stages, "run.report=true", "--out", out)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "stage 2 (arithmetic, sft) step 2 of 3: loss is nan" in lines[0], err
+    assert_one_line_error(cli("run", "smoke", *TINY, stages, "run.report=true", "--out", out),
+                          "stage 2 (arithmetic, sft) step 2 of 3: loss is nan", code=3)
     recs = records(out)
     assert [r["global_step"] for r in recs if r["event"] == "train"] == [1, 2, 3]
     (fault,) = [r for r in recs if r["event"] == "fault"]
@@ -286,9 +276,9 @@ DRIFT = ["eval.drift=true", "eval.probe_per_domain=2", "run.checkpoint_every=2",
 @pytest.fixture(scope="module")
 def drift_runs(tmp_path_factory) -> tuple[Path, Path]:
     """(uninterrupted, killed in stage 2 after its step-2 checkpoint and resumed)."""
-    full = run_continual(tiny(*DRIFT), out_dir=tmp_path_factory.mktemp("drift") / "full")
+    full = run_continual(tiny_config(*DRIFT), out_dir=tmp_path_factory.mktemp("drift") / "full")
     resumed = tmp_path_factory.mktemp("drift") / "resumed"
-    run_until_crash(tiny(*DRIFT), resumed, stage=2, step=3)
+    run_until_crash(tiny_config(*DRIFT), resumed, stage=2, step=3)
     assert RunStore.open(resumed).checkpoint_dirs()[-1].name == "stage2-step2"
     run_continual(resume=str(resumed))
     return full, resumed

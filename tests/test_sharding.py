@@ -10,28 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from cptlab import distributed as D
-from cptlab.config import GRPOConfig, MethodConfig, SDPOConfig, resolve_eval
-from test_distributed import TwoDtypes, _batch, _exit_quietly, _free_port
-from test_trainer import method_and_batch, tiny
+from cptlab.config import GRPOConfig, MethodConfig, resolve_eval
+from helpers import TwoDtypes, free_port, method_and_batch, new_tiny_model, noisy_model, spawn, two_dtypes_batch, sdpo_config
 
-
-def _entry(rank: int, world: int, port: int, body, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = D.init_from_env("cpu", timeout_minutes=3)
-    try:
-        body(info, *args)
-    finally:
-        D.destroy()
-    _exit_quietly()
-
-
-def _spawn(body, world: int, *args) -> None:
-    mp.spawn(_entry, args=(world, _free_port(), body, args), nprocs=world, join=True)
+pytestmark = pytest.mark.slow  # every test spawns its ranks or runs torchrun: seconds to a minute each on two cores
 
 
 # ------------------------------------------------------------------ overlapped all-reduce (ddp)
@@ -51,7 +35,7 @@ class UnusedFirst(TwoDtypes):
 
 
 def _check_overlapped_sync(info):
-    x, y = _batch()
+    x, y = two_dtypes_batch()
     rows = D.shard(list(range(8)), info.rank, info.world_size)
 
     def backward(model, sync):
@@ -89,7 +73,7 @@ def _check_overlapped_sync(info):
 
 
 def test_overlapped_bucketed_all_reduce_equals_one_all_reduce_after_the_backward():
-    _spawn(_check_overlapped_sync, 2)
+    spawn(_check_overlapped_sync, world=2)
 
 
 # ------------------------------------------------------------------ FSDP against ddp and one process
@@ -119,7 +103,7 @@ def _check_fsdp_against_ddp_and_one_process(info, name: str, mcfg: MethodConfig)
     from cptlab.variants import SHARDED, variant_of
     from torch.distributed.tensor import DTensor
 
-    model = tiny().train()
+    model = new_tiny_model().train()
     method, batch = method_and_batch(model, mcfg)  # the same batch on every rank (seeded)
     ctx = method.ctx
     n = len(batch) // info.world_size
@@ -140,7 +124,7 @@ def _check_fsdp_against_ddp_and_one_process(info, name: str, mcfg: MethodConfig)
     _, fsdp_stats = _one_step(model, fsdp_method, local, 3, D.gradient_sync(model))
 
     expected = one.state_dict()
-    changed = max(float((expected[k] - v).abs().max()) for k, v in tiny().state_dict().items())
+    changed = max(float((expected[k] - v).abs().max()) for k, v in new_tiny_model().state_dict().items())
     assert changed > LR / 2, "the step moved nothing: equality would prove nothing"
     for what, got, stats in (("ddp", ddp.state_dict(), ddp_stats), ("fsdp", full_state_dict(model), fsdp_stats)):
         for k, v in expected.items():
@@ -153,7 +137,7 @@ def _check_fsdp_against_ddp_and_one_process(info, name: str, mcfg: MethodConfig)
 
 
 FSDP_CASES = {
-    "sdpo-2": (2, MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference", teacher_mode="ema",
+    "sdpo-2": (2, MethodConfig(name="sdpo", sdpo=sdpo_config(demo_source="reference", teacher_mode="ema",
                                                              ema_rate=0.5))),
     "grpo-4": (4, MethodConfig(name="grpo", grpo=GRPOConfig(loss_type="bnpo", beta=0.1))),
 }
@@ -165,7 +149,7 @@ def test_fsdp_step_equals_ddp_and_one_process(case):
     holding shards of the weights, of their gradients and of AdamW's state gives the weights (and
     gradient norm, and teacher) of one process stepping on the whole batch; so does ddp."""
     world, mcfg = FSDP_CASES[case]
-    _spawn(_check_fsdp_against_ddp_and_one_process, world, case, mcfg)
+    spawn(_check_fsdp_against_ddp_and_one_process, case, mcfg, world=world)
 
 
 # ------------------------------------------------------------------ an FSDP checkpoint, resumed
@@ -190,8 +174,8 @@ def _check_fsdp_resume(info, root):
     from cptlab.step import train_step
 
     _, store = _open_store(info, root)
-    mcfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference", teacher_mode="ema", ema_rate=0.3))
-    model = tiny().train()
+    mcfg = MethodConfig(name="sdpo", sdpo=sdpo_config(demo_source="reference", teacher_mode="ema", ema_rate=0.3))
+    model = new_tiny_model().train()
     method, batch = method_and_batch(model, mcfg)
     n = len(batch) // info.world_size
     halves = [batch.select(slice(info.rank * n + s, info.rank * n + s + n // 2)) for s in (0, n // 2)]
@@ -232,7 +216,7 @@ def test_fsdp_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
     """Weights, AdamW state and the EMA teacher saved as full state dicts by 2 FSDP ranks and loaded into
     a freshly sharded model: the next step gives exactly the weights (and teacher) of the run that went
     on without stopping."""
-    _spawn(_check_fsdp_resume, 2, tmp_path / "run")
+    spawn(_check_fsdp_resume, tmp_path / "run", world=2)
 
 
 # ------------------------------------------------------------------ evaluation split over the ranks
@@ -245,7 +229,6 @@ def _check_split_evaluation(info, root, strategy):
     from cptlab.rollout import SamplingSpec
     from cptlab.sharding import shard
     from cptlab.trainer import derive_seed
-    from test_engine import noisy_model
 
     import zlib
 
@@ -284,7 +267,7 @@ def _check_split_evaluation(info, root, strategy):
 def test_evaluation_split_over_ranks_equals_one_process(tmp_path, strategy):
     """Two ranks evaluate two and one of the three domains (each domain's samples are seeded by the
     domain alone); rank 0 logs exactly what one process evaluating all three computes."""
-    _spawn(_check_split_evaluation, 2, tmp_path / "run", strategy)
+    spawn(_check_split_evaluation, tmp_path / "run", strategy, world=2)
 
 
 # ------------------------------------------------------------------ torchrun, end to end
@@ -295,7 +278,7 @@ def _torchrun(*args):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "cptlab", "run", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -310,7 +293,6 @@ def _records(run) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_torchrun_fsdp_run_resumes_to_the_uninterrupted_run(tmp_path):
     """`torchrun --nproc_per_node 2 -m cptlab run smoke distributed.strategy=fsdp` (GRPO then SDPO with an
     EMA teacher, evaluation and drift split/gathered, checkpoints every 2 steps); the same run resumed from

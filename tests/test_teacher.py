@@ -3,11 +3,12 @@ import copy
 import pytest
 import torch
 
-from cptlab.config import MethodConfig, PromptConfig, RolloutConfig, SDPOConfig
+from cptlab.config import MethodConfig, PromptConfig, RepromptConfig, RolloutConfig
 from cptlab.methods import MethodContext, build_method
 from cptlab.prompts import student_prompt, teacher_prompt
 from cptlab.tasks import Verdict, make_split
 from cptlab.teacher import make_teacher, build_reprompts, ema_update, remove_thinking, restart_points
+from helpers import sdpo_config
 
 P = PromptConfig()
 
@@ -30,7 +31,7 @@ def test_prompts_layout():
 
 def test_sibling_demo_skips_self_and_uses_first_success():
     exs, comps, verdicts = _group([True, False, True, False])
-    rep = build_reprompts(exs, comps, verdicts, [0] * 4, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 4, RepromptConfig(), P)
     q = exs[0].question
     # row 0 succeeded: its own completion is skipped, the first other success (row 2) is the demo
     assert rep.texts[0] == teacher_prompt(P, q, comps[2], None)
@@ -42,22 +43,22 @@ def test_sibling_demo_skips_self_and_uses_first_success():
 
 def test_lone_success_and_no_success_cases():
     exs, comps, verdicts = _group([True, False])
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(), P)
     # the lone success has no other demo and no feedback: dropped; the failure gets the success as demo
     assert rep.distill == [False, True]
     exs, comps, verdicts = _group([False, False])
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(), P)
     assert rep.distill == [True, True]
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, None, "answer 0 is wrong")
     assert rep.stats["teacher/feedback_only_frac"] == 1.0
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(no_demo="skip"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(no_demo="skip"), P)
     assert rep.distill == [False, False] and rep.stats["teacher/dropped_frac"] == 1.0
 
 
 def test_siblings_are_the_rows_with_the_same_group_id():
     exs, comps, verdicts = _group([False, False, True, True])
     # groups interleaved: rows 0 and 2 form group 7, rows 1 and 3 group 3
-    rep = build_reprompts(exs, comps, verdicts, [7, 3, 7, 3], SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [7, 3, 7, 3], RepromptConfig(), P)
     q = exs[0].question
     assert rep.texts[0] == teacher_prompt(P, q, comps[2], None)  # its sibling in group 7 succeeded
     assert rep.texts[1] == teacher_prompt(P, q, comps[3], None)
@@ -66,13 +67,13 @@ def test_siblings_are_the_rows_with_the_same_group_id():
 
 def test_answer_only_demo_reference_source_and_feedback_with_solution():
     exs, comps, verdicts = _group([False, True])
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(demo_content="answer_only"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(demo_content="answer_only"), P)
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, " <answer>1</answer>", None)
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(demo_source="reference"), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(demo_source="reference"), P)
     assert rep.texts[1] == teacher_prompt(P, exs[0].question, exs[0].solution(), None)
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(feedback_only_without_solution=False), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(feedback_only_without_solution=False), P)
     assert rep.texts[0] == teacher_prompt(P, exs[0].question, comps[1], "answer 0 is wrong")
-    rep = build_reprompts(exs, comps, verdicts, [0] * 2, SDPOConfig(skip_self_success=False), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 2, RepromptConfig(skip_self_success=False), P)
     assert rep.texts[1] == teacher_prompt(P, exs[0].question, comps[1], None)
 
 
@@ -147,10 +148,10 @@ def test_demonstrations_lose_their_thinking_unless_turned_off():
     exs, comps, verdicts = _group([False, True, False])
     comps[1] = "I add them.</think>\n <answer>1</answer>"
     q = exs[0].question
-    rep = build_reprompts(exs, comps, verdicts, [0] * 3, SDPOConfig(), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 3, RepromptConfig(), P)
     assert rep.texts[0] == rep.texts[2] == teacher_prompt(P, q, "<answer>1</answer>", None)
     assert rep.stats["teacher/thinking_removed_frac"] == pytest.approx(2 / 3)  # 2 demonstrations of 3 rows
-    rep = build_reprompts(exs, comps, verdicts, [0] * 3, SDPOConfig(remove_thinking=False), P)
+    rep = build_reprompts(exs, comps, verdicts, [0] * 3, RepromptConfig(remove_thinking=False), P)
     assert rep.texts[0] == teacher_prompt(P, q, comps[1], None)
     assert rep.stats["teacher/thinking_removed_frac"] == 0.0
 
@@ -235,7 +236,7 @@ def test_restart_points():
 
 def test_sdpo_method_schedules_stable_restarts_from_its_config_and_the_stage_length(tiny_model, tokenizer):
     base = copy.deepcopy(tiny_model).eval().requires_grad_(False)
-    cfg = MethodConfig(name="sdpo", sdpo=SDPOConfig(teacher_mode="stable", stable_gamma=0.25, stable_restart_every=4,
+    cfg = MethodConfig(name="sdpo", sdpo=sdpo_config(teacher_mode="stable", stable_gamma=0.25, stable_restart_every=4,
                                                      stable_restart_at=[0.5]))
     ctx = MethodContext(tokenizer, PromptConfig(), RolloutConfig(), torch.device("cpu"), base=base, stage_steps=10)
     method = build_method(cfg, ctx, tiny_model)
@@ -250,26 +251,18 @@ STABLE_RUN = ["stages=[{domain: arithmetic, steps: 5, method: {name: sdpo}}]", "
               "method.sdpo.stable_restart_every=2", "run.checkpoint_every=3", "run.keep_checkpoints=2"]
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy two-core machine (see test_reliability.py)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(tmp_path, one_thread):
+def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(tmp_path):
     """Restarts after batches 2 and 4 (from the student and the stage-start anchor); checkpoint at 3,
     killed while drawing step 5: the resumed run must rebuild the same teacher at 4 (the anchor and the
     clock come from the checkpoint), so every train record matches the uninterrupted run's."""
     from safetensors.torch import load_file
 
     from cptlab.continual import run_continual
-    from test_reliability import records, run_until_crash, tiny
+    from helpers import records, run_until_crash, tiny_config
 
-    full = run_continual(tiny(*STABLE_RUN), out_dir=str(tmp_path / "full"))
+    full = run_continual(tiny_config(*STABLE_RUN), out_dir=str(tmp_path / "full"))
     killed = tmp_path / "killed"
-    run_until_crash(tiny(*STABLE_RUN), killed, stage=1, step=4)
+    run_until_crash(tiny_config(*STABLE_RUN), killed, stage=1, step=4)
     ckpt = killed / "checkpoints" / "stage1-step3"
     assert int(load_file(str(ckpt / "teacher_schedule.safetensors"))["batches"]) == 3
     assert (ckpt / "teacher_anchor.safetensors").is_file()

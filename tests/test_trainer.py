@@ -6,55 +6,25 @@ import math
 import pytest
 import torch
 
-from cptlab.config import GRPOConfig, MethodConfig, ModelConfig, PromptConfig, RolloutConfig, SDPOConfig, StageConfig
+from cptlab.config import GRPOConfig, MethodConfig, PromptConfig, RolloutConfig, StageConfig
 from cptlab.methods import MethodContext, build_method
-from cptlab.models import build_tiny_model, build_tokenizer
+from cptlab.models import build_tokenizer
 from cptlab.rollout import make_generator
 from cptlab.tasks import make_split
 from cptlab.step import accumulate_gradients
 from cptlab.trainer import StageRun, TrainSampler, train_stage
-
-ROLL = RolloutConfig(group_size=4, max_new_tokens=12)
-LENGTHS = [12, 3, 7, 1, 12, 5, 2, 9, 4, 12, 6, 8, 1, 2, 3, 11]
-"""Planted completion lengths: ragged, so every loss type weights rows differently."""
+from helpers import BATCH_ROLLOUT, method_and_batch, new_tiny_model, spawn, sdpo_config
 
 CASES = {
     **{f"grpo-{t}": MethodConfig(name="grpo", grpo=GRPOConfig(loss_type=t, beta=0.1)) for t in ("grpo", "bnpo", "dr_grpo")},
-    "sdpo": MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference")),
-    "sdpo-sampled_token": MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference", divergence="reverse_kl",
+    "sdpo": MethodConfig(name="sdpo", sdpo=sdpo_config(demo_source="reference")),
+    "sdpo-sampled_token": MethodConfig(name="sdpo", sdpo=sdpo_config(demo_source="reference", divergence="reverse_kl",
                                                                     distillation="sampled_token")),
-    **{f"sdpo-mix-{t}": MethodConfig(name="sdpo", sdpo=SDPOConfig(demo_source="reference", blend_lambda=0.4),
+    **{f"sdpo-mix-{t}": MethodConfig(name="sdpo", sdpo=sdpo_config(demo_source="reference", blend_lambda=0.4),
                                      grpo=GRPOConfig(loss_type=t, clip_eps=0.1))
        for t in ("grpo", "bnpo", "dr_grpo")},
     "sft": MethodConfig(name="sft"),
 }
-
-
-def tiny():
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    return build_tiny_model(cfg, build_tokenizer(), seed=0)
-
-
-def method_and_batch(model, mcfg: MethodConfig):
-    """A method and a 16-row batch with planted ragged lengths, advantages and distilled rows (a
-    random tiny model solves nothing, so without them every GRPO and SDPO signal would be zero)."""
-    tokenizer = build_tokenizer()
-    ctx = MethodContext(tokenizer, PromptConfig(), ROLL, torch.device("cpu"), base=tiny().eval())
-    method = build_method(mcfg, ctx, model)
-    examples = make_split("arithmetic", "train", 16 if mcfg.name == "sft" else 4)  # 16 rows either way
-    batch = method.make_batch(model, examples, make_generator(0))
-    ro = batch.rollout
-    lengths = torch.tensor(LENGTHS).clamp(max=ro.completion_mask.shape[1])
-    ro.completion_mask = (torch.arange(ro.completion_mask.shape[1])[None] < lengths[:, None]).float()
-    g = torch.Generator().manual_seed(1)
-    if batch.advantages is not None:
-        batch.advantages = torch.randn(len(batch), generator=g)
-    if batch.distill is not None:
-        batch.distill = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0])
-    if mcfg.updates_per_batch == 1 and mcfg.name != "sft":  # a ratio != 1, so that clipping acts
-        batch.old_logprobs = ro.logprobs(model).detach() + 0.3 * torch.randn(ro.completion_mask.shape, generator=g)
-    return method, batch
 
 
 def whole_batch_gradient(method, model, batch) -> list[torch.Tensor]:
@@ -73,7 +43,7 @@ def assert_same_gradient(model, expected, what):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_micro_batched_gradient_equals_the_whole_batch_gradient(case):
-    model = tiny().train()
+    model = new_tiny_model().train()
     method, batch = method_and_batch(model, CASES[case])
     expected = whole_batch_gradient(method, model, batch)
     for micro in (1, 3, 5):
@@ -88,9 +58,9 @@ def test_sdpo_loss_mix_grpo_term_is_grpo_with_the_grpo_config():
     """blend_lambda = 1 leaves only the GRPO term: it is GRPO's loss with the grpo section's clip,
     loss type and reward scaling (before, it was a default-clipped "grpo" loss whatever the config)."""
     grpo_cfg = GRPOConfig(clip_eps=0.05, clip_eps_high=0.1, loss_type="dr_grpo", scale_rewards=False)
-    model = tiny().train()
+    model = new_tiny_model().train()
     sdpo, batch = method_and_batch(model, MethodConfig(name="sdpo", grpo=grpo_cfg,
-                                                       sdpo=SDPOConfig(demo_source="reference", blend_lambda=1.0)))
+                                                       sdpo=sdpo_config(demo_source="reference", blend_lambda=1.0)))
     grpo = build_method(MethodConfig(name="grpo", grpo=grpo_cfg), sdpo.ctx, model)
     batch.rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     batch.advantages = sdpo._advantages(batch)
@@ -101,11 +71,11 @@ def test_sdpo_loss_mix_grpo_term_is_grpo_with_the_grpo_config():
     assert stats["grpo/clip_fraction"] > 0  # the planted ratios leave the narrow clip range
     units = {k: (t.count(), t.scale) for k, t in sdpo.loss_terms(batch).items()}
     assert units == {"sdpo": (float(batch.rollout.completion_mask[batch.distill > 0].sum()), 0.0),
-                     "grpo": (16 * ROLL.max_new_tokens, 1.0)}
+                     "grpo": (16 * BATCH_ROLLOUT.max_new_tokens, 1.0)}
 
 
 def test_behaviour_logprobs_are_computed_without_dropout_at_the_sampling_temperature():
-    model = tiny()
+    model = new_tiny_model()
     for module in model.modules():  # dropout in attention: train-mode forwards are noisy
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.5
@@ -129,10 +99,10 @@ def test_behaviour_logprobs_are_computed_without_dropout_at_the_sampling_tempera
 
 def test_ema_teacher_updates_once_per_rollout_batch_after_its_updates():
     """mu = 3 optimizer steps on one batch, then one EMA update: theta_T = (1 - r) theta_0 + r theta_3."""
-    model = tiny()
+    model = new_tiny_model()
     initial = [p.detach().clone() for p in model.parameters()]
     mcfg = MethodConfig(name="sdpo", updates_per_batch=3, prompts_per_step=2, lr=1e-2, warmup_steps=0,
-                        track_base_kl=False, sdpo=SDPOConfig(demo_source="reference", teacher_mode="ema", ema_rate=0.5))
+                        track_base_kl=False, sdpo=sdpo_config(demo_source="reference", teacher_mode="ema", ema_rate=0.5))
     ctx = MethodContext(build_tokenizer(), PromptConfig(), RolloutConfig(group_size=2, max_new_tokens=6),
                         torch.device("cpu"))
     method = build_method(mcfg, ctx, model)
@@ -152,7 +122,7 @@ def test_ema_teacher_updates_once_per_rollout_batch_after_its_updates():
 
 def _check_two_ranks(info):
     for case, mcfg in CASES.items():
-        model = tiny().train()
+        model = new_tiny_model().train()
         method, batch = method_and_batch(model, mcfg)
         expected = whole_batch_gradient(method, model, batch)
         half = len(batch) // 2  # whole groups: rank r keeps prompts 2r, 2r+1 (rows 8r .. 8r+7)
@@ -168,7 +138,6 @@ def _check_two_ranks(info):
             assert math.isclose(D.all_reduce_mean({"loss": loss})["loss"], float(sum(terms.values()).detach()), rel_tol=1e-5)
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_two_ranks_gradient_equals_the_whole_batch_gradient():
-    from test_distributed import _spawn
-
-    _spawn(_check_two_ranks, timeout_minutes=5)  # both ranks build models between collectives: slack on a busy CPU
+    spawn(_check_two_ranks, timeout_minutes=5)  # both ranks build models between collectives: slack on a busy CPU

@@ -88,6 +88,17 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
     if cls is SDPOConfig:
         data = upgrade_flat_sdpo(data, where)
+        try:
+            return _build(cls, data, where)
+        except ConfigError as e:
+            named = with_older_spelling(e.field)
+            if "(" in e.field or named == e.field:
+                raise
+            raise ConfigError(named, e.value, e.expected) from None
+    return _build(cls, data, where)
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -117,6 +128,20 @@ FLAT_SDPO: dict[str, tuple[str, ...]] = {
 }
 """The flat method.sdpo keys of configs written before the section was nested -> where each lives now
 (frozen_source was shared by the three modes with a copy: it goes to each)."""
+
+
+_OLDER = {target: flat for flat, targets in FLAT_SDPO.items() for target in targets}
+
+
+def with_older_spelling(field: str) -> str:
+    """`method.sdpo.teacher.ema.rate (method.sdpo.ema_rate)`: an SDPO field that has a flat spelling is
+    named in both, so that a config or override written the older way finds its key in a message."""
+    head, sep, rest = field.partition(".sdpo.")
+    if not sep:
+        return field
+    path, bracket, index = rest.partition("[")
+    older = _OLDER.get(path)
+    return f"{field} ({head}.sdpo.{older}{bracket}{index})" if older else field
 
 
 def upgrade_flat_sdpo(data: dict, where: str) -> dict:

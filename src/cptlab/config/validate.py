@@ -10,14 +10,15 @@ import string
 from typing import Any
 
 from ..errors import ConfigError
-from .build import to_dict
+from .build import to_dict, with_older_spelling
 from .resolve import stage_method
 from .schema import Config, MethodConfig
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(field, value, expected)
+        raise ConfigError(with_older_spelling(field), value, expected)
+
 
 
 def _check_finite(node: Any, where: str) -> None:
@@ -223,10 +224,10 @@ def refuse_unused_settings(cfg: Config) -> None:
         for key, value in changed.items():
             section, _, rest = key.partition(".")
             if section in ("grpo", "sdpo") and section not in used:
-                raise ConfigError(f"{where}.{key}", value, f"no {section} setting, since no stage reads the "
+                raise ConfigError(with_older_spelling(f"{where}.{key}"), value, f"no {section} setting, since no stage reads the "
                                   f"{section} section (the stages use {names}); drop it or train a stage with a "
                                   "method that reads it")
             parts = rest.split(".")
             if section == "sdpo" and parts[0] == "teacher" and len(parts) > 2 and parts[1] not in modes:
-                raise ConfigError(f"{where}.{key}", value, f"no setting of teacher mode {parts[1]}, since no SDPO "
+                raise ConfigError(with_older_spelling(f"{where}.{key}"), value, f"no setting of teacher mode {parts[1]}, since no SDPO "
                                   f"stage uses it (teacher.mode: {', '.join(sorted(modes))})")
