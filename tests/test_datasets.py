@@ -324,3 +324,13 @@ def test_the_paper_preset_reads_the_studys_schemas(tmp_path, monkeypatch):
     lcb = first("livecodebench")
     assert verify(lcb, "```python\na = int(input())\nb = int(input())\nprint(a + b)\n```").correct
     assert "expected output '7', got '12'" in verify(lcb, "```python\nprint(int(input()) * int(input()))\n```").feedback
+
+
+def test_an_eval_only_domain_is_refused_as_a_stage_or_warm_up_domain(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    spec = {"eval_source": str(tmp_path / "d.jsonl"), "fields": {"question": "problem", "answer": "solution"},
+            "verifier": "math"}
+    with pytest.raises(ConfigError, match=r"stages\[0\].domain.*training rows"):
+        load([f"domains.held={json.dumps(spec)}", "eval.domains=[held]", "stages=[{domain: held, steps: 2}]"])
+    with pytest.raises(ConfigError, match=r"warmup.domains\[1\].*training rows"):
+        load([f"domains.held={json.dumps(spec)}", "warmup.domains=[arithmetic, held]"])

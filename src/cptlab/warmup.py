@@ -23,7 +23,7 @@ from .errors import NumericalFault
 from .optim import lr_factor, make_optimizer
 from .prompts import student_prompt, teacher_prompt
 from .step import train_step
-from .tasks import Example, all_domain_names, get_domain, make_split, verify_batch
+from .tasks import Example, all_domain_names, get_domain, make_split, train_pool_size, verify_batch
 from .tasks.answer import format_answer
 from .verifiers import cap
 from .ui import progress
@@ -38,7 +38,8 @@ def warmup_corpus(cfg: Config, seed: int, tokenizer=None) -> list[tuple[str, str
     sizes = {d: w.examples_per_domain for d in w.domains}
     for d in w.domains:
         ood = f"{d}_ood"
-        if w.ood_fraction > 0 and ood in all_domain_names() and ood not in sizes:
+        # a data set's variant held out for evaluation only (eval_source) has nothing to warm up on
+        if w.ood_fraction > 0 and ood in all_domain_names() and ood not in sizes and train_pool_size(ood, 1) > 0:
             sizes[ood] = max(1, round(w.examples_per_domain * w.ood_fraction))
     for domain, size in sizes.items():
         examples = make_split(domain, "train", size, seed=seed, style=p.style, answer_format=p.answer_format)

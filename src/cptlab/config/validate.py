@@ -106,7 +106,7 @@ def _validate_method(m: MethodConfig, where: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks; also installs the config's `domains` section into the domain registry, so that
     everything after it (and every process that loads this config) sees those domains."""
-    from ..tasks import check_domain, install_domains
+    from ..tasks import check_domain, install_domains, train_pool_size
     from ..tasks.answer import RUN_FORMATS
 
     install_domains(cfg.domains)
@@ -175,6 +175,8 @@ def validate(cfg: Config) -> None:
                "'fast' or 'auto' with distributed.strategy=fsdp (rollouts sample from the fast engine's gathered weights)")
     for i, d in enumerate(w.domains):
         check_domain(d, f"warmup.domains[{i}]")
+        _check(not w.enabled or train_pool_size(d, 1) > 0, f"warmup.domains[{i}]", d,
+               "a domain with training rows (this data set has only an eval_source)")
     for i, d in enumerate(e.domains):
         if d != "all":
             check_domain(d, f"eval.domains[{i}]")
@@ -188,6 +190,8 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.stages) >= 1, "stages", cfg.stages, "a non-empty list of stages, e.g. [{domain: gcd, steps: 50}]")
     for i, stage in enumerate(cfg.stages):
         check_domain(stage.domain, f"stages[{i}].domain")
+        _check(stage.steps == 0 or train_pool_size(stage.domain, 1) > 0, f"stages[{i}].domain", stage.domain,
+               "a domain with training rows (this data set has only an eval_source)")
         _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
         _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")
 
