@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from cptlab.config import StageConfig, load_config
-from cptlab.continual import run_continual
+from cptlab.api import run_continual
 from cptlab.store import read_jsonl
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from cptlab import distributed as D
 from cptlab.config import ModelConfig, PromptConfig, RolloutConfig, load_config
-from cptlab.continual import run_continual
+from cptlab.api import run_continual
 from cptlab.methods import MethodContext, build_method
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.rollout import make_generator

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cptlab.checkpoint import load_weights
 from cptlab.config import load_config
-from cptlab.continual import run_continual
+from cptlab.api import run_continual
 from cptlab.errors import UserError
 from cptlab.export import export_model
 from cptlab.lora import apply_lora

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from cptlab.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from cptlab.config import LoraConfig, ModelConfig, load_config  # noqa: E402
-from cptlab.continual import run_continual  # noqa: E402
+from cptlab.api import run_continual  # noqa: E402
 from cptlab.errors import ConfigError, UserError  # noqa: E402
 from cptlab.lora import apply_lora, is_adapter_key  # noqa: E402
 from cptlab.variants import base_reference, copy_sharing_base_weights, effective_state_dict  # noqa: E402

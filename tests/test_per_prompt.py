@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cptlab.analysis import per_prompt
-from cptlab.continual import run_continual
+from cptlab.api import run_continual
 from cptlab.models import weights_sha256
 from cptlab.tasks import eval_set_identity, make_split
 from helpers import run_until_crash, tiny_config
@@ -90,3 +90,14 @@ def test_weights_hash_by_hand():
     h.update(b"a|torch.float32|(2, 1)\n" + np.zeros(2, np.float32).tobytes())
     h.update(b"b|torch.float32|(1,)\n" + np.ones(1, np.float32).tobytes())
     assert weights_sha256(state) == h.hexdigest()
+
+
+def test_resuming_a_finished_run_changes_no_record(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "done"
+    shutil.copytree(uninterrupted, run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    run_continual(resume=str(run))
+    assert "already complete" in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_bytes() == metrics and evals(run) == evals(uninterrupted)

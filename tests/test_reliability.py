@@ -27,7 +27,8 @@ import cptlab.methods
 import cptlab.store
 from cptlab.checkpoint import load_state
 from cptlab.config import load_config
-from cptlab.continual import Driver, open_run, run_continual
+from cptlab.api import run_continual
+from cptlab.continual import Driver, open_run
 from cptlab.errors import NumericalFault, UserError
 from cptlab.store import RunStore
 from helpers import TINY, Crash, one_error_line, records, run_until_crash, tiny_config, tree_bytes

@@ -24,7 +24,7 @@ import yaml
 import cptlab.continual
 from cptlab.analysis.drift import parameter_drift
 from cptlab.config import load_config
-from cptlab.continual import run_continual
+from cptlab.api import run_continual
 from cptlab.errors import ConfigError, UserError
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.store import RunStore

@@ -64,7 +64,7 @@ def test_infinite_loop_times_out_on_the_wall_clock():
 def test_cpu_limit_counts_as_timeout():
     result = run_program("while True:\n    pass", limits=SandboxLimits(wall_seconds=8.0, cpu_seconds=1))
     assert result.status == "timeout"
-    assert result.reason == "exceeded the CPU time limit (1 s)"
+    assert result.reason == "timed out: exceeded the CPU time limit (1 s)"
 
 
 def test_fork_bomb_is_blocked_and_leaves_no_process():

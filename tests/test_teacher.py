@@ -257,7 +257,7 @@ def test_stable_teacher_run_killed_after_a_restart_resumes_to_the_same_records(t
     clock come from the checkpoint), so every train record matches the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    from cptlab.continual import run_continual
+    from cptlab.api import run_continual
     from helpers import records, run_until_crash, tiny_config
 
     full = run_continual(tiny_config(*STABLE_RUN), out_dir=str(tmp_path / "full"))

@@ -60,8 +60,8 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Build or load the base model, run the continual stages, evaluate, and write the report."""
+    from .api import run_continual
     from .config import load_config
-    from .continual import run_continual
 
     _configure_threads()
     if resume:
@@ -149,14 +149,12 @@ def eval_cmd(
 @friendly
 def report(run_dir: str = typer.Argument(..., help="A run directory.")) -> None:
     """(Re)write RUN_DIR/report.html from what the run directory holds."""
-    from .analysis.summary import build_summary
-    from .report import write_report
+    from .api import write_summary_and_report
     from .store import RunStore
 
     store = RunStore.open(Path(run_dir))
     store.read_config()  # a corrupt config.yaml is one line, before anything is rewritten
-    store.write_json("summary.json", build_summary(store.read_metrics()))
-    print(f"report written to {write_report(run_dir)}")
+    print(f"report written to {write_summary_and_report(store)}")
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Stage 0 is the base model itself. After every stage (and every `eval.every` steps) all configured
 domains are evaluated, so the run's records hold the full accuracy matrix R[stage][domain].
-A run resumes from its newest complete checkpoint (`resume=DIR`).
+A run resumes from its newest complete checkpoint (`resume=DIR`). What is written after the run
+(summary.json, report.html) is the caller's: api.run_continual.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -296,8 +298,23 @@ class Driver:
         shard(self.model)
         shard(self.base)
 
+    def complete(self) -> bool:
+        """Whether the run directory already holds the whole run: a run_end record after the newest
+        checkpoint, which is the last stage's end (or no checkpoint at all, with run.checkpoint off)."""
+        records = self.store.read_metrics()
+        ckpts = self.store.checkpoint_dirs()
+        if not ckpts:
+            return any(r.get("event") == "run_end" for r in records)
+        state = load_state(ckpts[-1])
+        after = records[state.get("metrics_lines", len(records)):]
+        return (state.get("stage") == len(self.cfg.stages) and bool(state.get("stage_done"))
+                and any(r.get("event") == "run_end" for r in after))
+
     def run(self) -> None:
         cfg, store = self.cfg, self.store
+        if self.complete():  # resuming a finished run: nothing to train, and its records stay as they are
+            console.print(f"{store.root}: the run is already complete; nothing to resume")
+            return
         t_start = time.perf_counter()
         state = self.setup()
         if state["path"] is None:
@@ -431,10 +448,12 @@ def _open_distributed(cfg: Config | None, out_dir, resume, overwrite) -> tuple[C
     return cfg, store, info
 
 
-def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
-                  overwrite: bool = False) -> Path:
-    """Run (or resume) a continual study; returns the run directory. Writes summary.json and report.html.
-    Under `torchrun --nproc_per_node N` the ranks split each step's prompts (see Driver)."""
+def drive(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
+          overwrite: bool = False, finish: Callable[[Config, RunStore], None] | None = None) -> Path:
+    """Run (or resume) a continual study; returns the run directory. `finish(cfg, store)` is called on
+    rank 0 once the stages end, and also after a failure that left records (api.run_continual passes
+    the writing of summary.json and report.html). Under `torchrun --nproc_per_node N` the ranks split
+    each step's prompts (see Driver)."""
     cfg, store, info = _open_distributed(cfg, out_dir, resume, overwrite)
     try:
         try:
@@ -443,13 +462,13 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
             if isinstance(e, Exception) and store.made and store.metrics_lines == 0:
                 store.abandon()  # refused before its first record: leave no directory to be refused later
                 raise
-            try:  # the summary and report of what is on disk, without masking the original error
-                if info.is_main:
+            try:  # what is on disk, without masking the original error
+                if info.is_main and finish is not None:
                     finish(cfg, store)
             except Exception:
                 pass
             raise
-        if info.is_main:
+        if info.is_main and finish is not None:
             finish(cfg, store)
     finally:
         store.close()
@@ -457,17 +476,4 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
     return store.root
 
 
-def finish(cfg: Config, store: RunStore) -> None:
-    """Summary and report from what is on disk (also after a numerical fault)."""
-    from .analysis.summary import build_summary
-
-    store.write_json("summary.json", build_summary(store.read_metrics()))
-    if cfg.run.report:
-        try:
-            from .report import write_report
-        except ImportError:
-            return
-        write_report(store.root)
-
-
-__all__ = ["run_continual", "base_model", "Driver", "UserError"]
+__all__ = ["drive", "base_model", "Driver", "UserError"]

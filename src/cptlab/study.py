@@ -86,7 +86,7 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
     jobs > 1 runs cells as parallel `cptlab run` processes (CPU threads split between them; on a GPU
     they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
     """
-    from .continual import run_continual
+    from .api import run_continual
     from .comparison import write_compare
 
     study = load_study(name)

@@ -208,7 +208,7 @@ def _classify(timed_out: bool, code: int, cpu_seconds: float, stderr: str, limit
     if code == 0:
         return "ok", ""
     if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu_seconds >= limits.cpu_seconds):
-        return "timeout", f"exceeded the CPU time limit ({limits.cpu_seconds} s)"
+        return "timeout", f"timed out: exceeded the CPU time limit ({limits.cpu_seconds} s)"
     if code == -signal.SIGXFSZ or f"[Errno {errno.EFBIG}]" in last:  # Python ignores SIGXFSZ: writes fail
         return "failed", f"wrote more than the output limit ({limits.max_output_bytes} bytes) to stdout, stderr or a file"
     if code == _SETUP_FAILED and last.startswith("sandbox setup failed"):

@@ -1,0 +1,52 @@
+"""The library's entry points, the ones the CLI calls:
+
+    run_continual(cfg | resume=DIR) -> Path       run (or resume) a continual study, then its summary and report
+    write_summary_and_report(run_dir) -> Path     rebuild summary.json (and report.html) from metrics.jsonl
+    load_run(run_dir) -> Run                       a run directory read for analysis and pages
+
+The driver (continual.py) runs the stages; this module puts what comes after it (the analyses and the
+pages), so that the driver never imports the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .continual import drive
+from .store import RunStore
+
+
+def write_summary_and_report(run_dir: Path | str | RunStore, report: bool = True) -> Path | None:
+    """summary.json from the run's records (the source of truth), then report.html unless `report` is
+    false; returns the report's path (None without one)."""
+    from .analysis.summary import build_summary
+
+    store = run_dir if isinstance(run_dir, RunStore) else RunStore.open(Path(run_dir))
+    store.write_json("summary.json", build_summary(store.read_metrics()))
+    if not report:
+        return None
+    from .report import write_report
+
+    return write_report(store.root)
+
+
+def _finish(cfg: Config, store: RunStore) -> None:
+    write_summary_and_report(store, cfg.run.report)
+
+
+def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """Run (or resume) a continual study; returns the run directory, with summary.json and report.html
+    (run.report) written at the end, also after a failure that left records."""
+    return drive(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, finish=_finish)
+
+
+def load_run(run_dir: Path | str):
+    """A run directory read for analysis: records, summary, config, plan, the accuracy matrix."""
+    from .runview import load_run as read
+
+    return read(run_dir)
+
+
+__all__ = ["run_continual", "write_summary_and_report", "load_run"]
