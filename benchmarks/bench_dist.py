@@ -74,7 +74,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        examples = dist.shard(sampler.batch(step, n), info.rank, info.world_size)
+        examples = dist.share(sampler.batch(step, n), info.rank, info.world_size, "method.prompts_per_step")
         batch = method.make_batch(model, examples, make_generator(derive_seed(0, step, info.rank), device))
         train_step(method, model, optimizer, batch, micro_batch_size=m.micro_batch_size, grad_clip=m.grad_clip, sync=sync)
         method.after_batch()

@@ -20,7 +20,7 @@ import torch
 from cptlab.analysis import drift as D
 from cptlab.analysis.response import response_drift
 from cptlab.config import eval_domains, load_config, resolve_eval
-from cptlab.continual import snapshot
+from cptlab.drift_probe import snapshot
 from cptlab.variants import base_reference
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, set_compute_dtype
 from cptlab.prompts import student_prompt

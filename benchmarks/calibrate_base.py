@@ -24,7 +24,7 @@ import yaml
 
 from cptlab.config import (Config, apply_overrides, deep_merge, eval_domains, from_dict, load_source, resolve_eval,
                            validate)
-from cptlab.continual import base_model
+from cptlab.basemodel import base_model
 from cptlab.evaluate import evaluate_domain
 from cptlab.models import count_parameters, resolve_device
 from cptlab.rollout import SamplingSpec

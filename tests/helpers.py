@@ -31,7 +31,11 @@ from cptlab.trainer import TrainSampler
 # -- run records -------------------------------------------------------------------------------------
 
 TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds", "eval_seconds"}
-"""Wall-clock fields, which differ between identical runs."""
+"""Wall-clock fields, which differ between identical runs (and every `seconds/<phase>` of a drift record)."""
+
+
+def is_timing(key: str) -> bool:
+    return key in TIMING or key.startswith("seconds/")
 
 
 def records(run_dir: Path, drop: tuple[str, ...] = ()) -> list[dict]:
@@ -40,7 +44,7 @@ def records(run_dir: Path, drop: tuple[str, ...] = ()) -> list[dict]:
     out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out.append({k: v for k, v in r.items() if k not in TIMING and k not in drop})
+        out.append({k: v for k, v in r.items() if not is_timing(k) and k not in drop})
     return out
 
 

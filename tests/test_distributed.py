@@ -22,7 +22,7 @@ def _check_grads(info):
     ((out - y) ** 2).mean().backward()
 
     local = TwoDtypes()
-    half = D.shard(list(range(8)), info.rank, info.world_size)
+    half = D.share(list(range(8)), info.rank, info.world_size, "method.prompts_per_step")
     xs, ys = x[half], y[half]
     ((local(xs, use_extra=info.rank == 0) - ys) ** 2).mean().backward()
     D.all_reduce_grads(local.parameters())
@@ -69,18 +69,22 @@ def test_gather_broadcast_mean_and_any_rank_across_two_ranks():
     spawn(_check_collectives, timeout_minutes=1)
 
 
-def test_shard_splits_evenly_and_names_the_field_when_it_cannot():
+def test_share_is_contiguous_even_when_asked_and_covers_every_item():
     items = list(range(8))
-    parts = [D.shard(items, r, 4) for r in range(4)]
+    parts = [D.share(items, r, 4, "method.prompts_per_step") for r in range(4)]
     assert parts == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert D.shard(items, 0, 1) == items
+    assert D.share(items, 0, 1) == items
     with pytest.raises(ConfigError) as err:
-        D.shard(list(range(6)), 0, 4)
+        D.share(list(range(6)), 0, 4, "method.prompts_per_step")
     message = str(err.value)
     assert "method.prompts_per_step" in message and "6" in message and "4 ranks" in message
     assert "\n" not in message
+    # without a field (domains, probes): uneven shares, differing by at most one, together every item once
+    uneven = [D.share(list(range(6)), r, 4) for r in range(4)]
+    assert uneven == [[0], [1, 2], [3], [4, 5]]
+    assert [D.share(list(range(3)), r, 4) for r in range(4)] == [[], [0], [1], [2]]
     with pytest.raises(ValueError, match="rank 4"):
-        D.shard(items, 4, 4)
+        D.share(items, 4, 4)
 
 
 def test_world_of_one_creates_no_group_and_every_call_is_a_no_op(monkeypatch):
@@ -113,7 +117,7 @@ def test_world_of_one_creates_no_group_and_every_call_is_a_no_op(monkeypatch):
 
 def test_prompts_per_step_must_split_over_the_ranks():
     from cptlab.config import load_config
-    from cptlab.continual import check_world_size
+    from cptlab.resume import check_world_size
     from cptlab.errors import ConfigError
 
     cfg = load_config("smoke", ["method.prompts_per_step=3"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cptlab.config import load_config
-from cptlab.continual import base_model
+from cptlab.basemodel import base_model
 from cptlab.errors import ConfigError
 from cptlab.models import save_model, weights_sha256
 

@@ -28,7 +28,8 @@ import cptlab.store
 from cptlab.checkpoint import load_state
 from cptlab.config import load_config
 from cptlab.api import run_continual
-from cptlab.continual import Driver, open_run
+from cptlab.continual import Driver
+from cptlab.resume import open_run
 from cptlab.errors import NumericalFault, UserError
 from cptlab.store import RunStore
 from helpers import TINY, Crash, one_error_line, records, run_until_crash, tiny_config, tree_bytes

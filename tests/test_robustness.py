@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-import cptlab.continual
+import cptlab.basemodel
 from cptlab.analysis.drift import parameter_drift
 from cptlab.config import load_config
 from cptlab.api import run_continual
@@ -228,7 +228,7 @@ def test_unwritable_cache_dir_is_refused_before_the_warmup(tmp_path, cli, monkey
     def no_warmup(*args, **kwargs):
         raise AssertionError("the warm-up ran before the cache directory was checked")
 
-    monkeypatch.setattr(cptlab.continual, "run_warmup", no_warmup)
+    monkeypatch.setattr(cptlab.basemodel, "run_warmup", no_warmup)
     out = tmp_path / "run"
     result = cli("run", "smoke", "warmup.steps=2", f"warmup.cache_dir={blocker / 'cache'}", "--out", out)
     assert result.exit_code == 2, result.output

@@ -36,7 +36,7 @@ class UnusedFirst(TwoDtypes):
 
 def _check_overlapped_sync(info):
     x, y = two_dtypes_batch()
-    rows = D.shard(list(range(8)), info.rank, info.world_size)
+    rows = D.share(list(range(8)), info.rank, info.world_size, "method.prompts_per_step")
 
     def backward(model, sync):
         """Two micro-batches; the rank-0-only layer gets a gradient on rank 0 alone."""
@@ -223,7 +223,8 @@ def test_fsdp_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
 
 
 def _check_split_evaluation(info, root, strategy):
-    from cptlab.continual import Driver
+    from cptlab.evaluator import Evaluator
+    from cptlab.config import eval_domains
     from cptlab.evaluate import evaluate_all
     from cptlab.models import build_tokenizer
     from cptlab.rollout import SamplingSpec
@@ -242,18 +243,18 @@ def _check_split_evaluation(info, root, strategy):
     cptlab.evaluate.verify_batch = by_text
     cfg, store = _open_store(info, root)
     cfg.distributed.strategy = strategy
-    driver = Driver(cfg, store, info)
+    domains = eval_domains(cfg)
     tokenizer = build_tokenizer()
     model = noisy_model(tokenizer, scale=0.2)
     ecfg = resolve_eval(cfg)
-    alone = evaluate_all(model, tokenizer, driver.domains, ecfg, cfg.prompt,
+    alone = evaluate_all(model, tokenizer, domains, ecfg, cfg.prompt,
                          SamplingSpec.for_eval(ecfg, cfg.rollout), seed=derive_seed(cfg.run.seed, 1, 2, "eval"))
-    driver.model, driver.tokenizer = (shard(model) if strategy == "fsdp" else model), tokenizer
-    results = driver.evaluate(1, "arithmetic", 2, 2, final=False)
+    evaluate = Evaluator(cfg, store, info, domains, tokenizer)
+    results = evaluate(shard(model) if strategy == "fsdp" else model, 1, "arithmetic", 2, 2, final=False)
     if not info.is_main:
         assert results == {}
         return
-    assert list(results) == driver.domains and len(driver.domains) == 3
+    assert list(results) == domains and len(domains) == 3
     for name, r in alone.items():
         assert results[name].metrics() == r.metrics() and results[name].per_prompt == r.per_prompt, name
         assert results[name].sampled_hits == r.sampled_hits and results[name].texts == r.texts, name

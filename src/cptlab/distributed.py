@@ -136,13 +136,17 @@ def per_rank(n: int, world: int, field: str, value: object) -> int:
     return n // world
 
 
-def shard(items: list, rank: int, world: int) -> list:
-    """This rank's contiguous slice of `items`; every rank gets len(items) / world of them (all ranks
-    draw the same `items`, the sampler is deterministic, so no broadcast is needed)."""
+def share(items: list, rank: int, world: int, field: str | None = None) -> list:
+    """This rank's contiguous share of `items`, the one way work is split over the ranks (a step's
+    prompts, the evaluated domains, the drift probes). Every rank holds the same `items` (samplers and
+    domain lists are deterministic, so nothing is broadcast). With `field` (the config field that sets
+    len(items)), the split must be even (ConfigError naming the field otherwise): equal shares keep the
+    gradient mean balanced; without it, shares differ by at most one item and some may be empty."""
     if not 0 <= rank < world:
-        raise ValueError(f"shard: rank {rank} is outside 0..{world - 1}")
-    n = per_rank(len(items), world, "method.prompts_per_step", len(items))
-    return items[rank * n:(rank + 1) * n]
+        raise ValueError(f"share: rank {rank} is outside 0..{world - 1}")
+    if field is not None:
+        per_rank(len(items), world, field, len(items))
+    return items[len(items) * rank // world:len(items) * (rank + 1) // world]
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:

@@ -139,7 +139,7 @@ def study_statistics(arms: dict[str, list[Path]], baseline: str | None = None) -
 def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list, jobs: int) -> None:
     import os
 
-    from .continual import base_model
+    from .basemodel import base_model
     from .gguf_model import find_gguf
     from .models import resolve_device
 

@@ -83,7 +83,8 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
         for step in range(start_step, stage.steps):
             t0 = time.perf_counter()
             # every rank draws the same prompts and keeps its own slice (all G samples of a prompt stay together)
-            examples = dist.shard(run.sampler.batch(step, n_examples), dist.rank(), dist.world_size())
+            examples = dist.share(run.sampler.batch(step, n_examples), dist.rank(), dist.world_size(),
+                                  "method.prompts_per_step")
             rollout_seed = derive_seed(run.seed, run.index, step, "rollout", *([dist.rank()] if dist.rank() else []))
             batch = method.make_batch(run.model, examples, make_generator(rollout_seed, device))
             t_rollout = time.perf_counter() - t0
