@@ -205,6 +205,13 @@ def test_registered_loss_types_resolve_and_unknown_ones_are_refused(loss_type):
     assert cfg.method.grpo.loss_type == loss_type and cfg.method.grpo.cispo_max_ratio == 2.0
     with pytest.raises(ConfigError, match="stages\\[1\\].method.grpo.loss_type"):
         load_config("smoke", ["stages=[{domain: gcd, steps: 1}, {domain: gcd, steps: 1, method: {grpo: {loss_type: x}}}]"])
+    # TRL's spelling, method.loss_type, is the same field, at the run's level and in a stage's method
+    trl = load_config("smoke", [f"method.loss_type={loss_type}", "method.grpo.clip_eps=0.1",
+                                "stages=[{domain: gcd, steps: 1}, {domain: gcd, steps: 1, method: {loss_type: bnpo}}]"])
+    assert trl.method.grpo.loss_type == loss_type and trl.method.grpo.clip_eps == 0.1
+    assert stage_method(trl, trl.stages[1], 1).grpo.loss_type == "bnpo"
+    with pytest.raises(ConfigError, match="method.grpo.loss_type"):
+        load_config("smoke", ["method.loss_type=x"])
 
 
 def test_settings_of_a_method_section_no_stage_reads_are_refused():

@@ -9,7 +9,7 @@ import typing
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from .schema import SDPOConfig
+from .schema import MethodConfig, SDPOConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -86,6 +86,10 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(where or "config", data, f"a mapping of {cls.__name__} fields")
+    if cls is MethodConfig and "loss_type" in data:  # TRL's spelling: the loss type is GRPOConfig's own field
+        grpo = data.get("grpo")
+        data = {**{k: v for k, v in data.items() if k != "loss_type"},
+                "grpo": {**(grpo if isinstance(grpo, dict) else {}), "loss_type": data["loss_type"]}}
     if cls is SDPOConfig:
         data = upgrade_flat_sdpo(data, where)
         try:

@@ -179,7 +179,8 @@ class GRPOConfig:
     mean over all tokens of the batch on all ranks; dr_grpo, sum / (B * rollout.max_new_tokens), a
     constant normaliser without length bias (Dr. GRPO); cispo, -sg[min(rho, cispo_max_ratio)] A log pi,
     token mean (MiniMax-M1, as TRL 1.16); gspo, the clipped surrogate on one ratio per sequence,
-    exp(mean_t log rho), sequence mean (GSPO: use a small clip, e.g. clip_eps 3e-4, clip_eps_high 4e-4)."""
+    exp(mean_t log rho), sequence mean (GSPO: use a small clip, e.g. clip_eps 3e-4, clip_eps_high 4e-4).
+    `method.loss_type` (TRL's spelling, also in a stage's method) is read as this field."""
     cispo_max_ratio: float = 5.0
     """loss_type cispo: the cap on the stopped importance ratio (TRL's epsilon_high for cispo; 5.0 as
     ScaleRL recommends). Only read by cispo."""
