@@ -226,3 +226,30 @@ def test_settings_of_a_method_section_no_stage_reads_are_refused():
     assert load_config("smoke", ["method.sdpo.ema_rate=0.1"]).method.sdpo.teacher.ema.rate == 0.1  # stage 2 is SDPO
     with pytest.raises(ConfigError, match=r"teacher.stable.gamma.*no setting of teacher mode stable"):
         load_config("smoke", ["method.sdpo.teacher.stable.gamma=0.1"])  # its SDPO stage's teacher is an EMA
+
+
+def test_resolve_fills_every_config_level_auto_and_null_and_changes_nothing_else():
+    import dataclasses
+
+    from cptlab.config import MODEL_DEPENDENT, resolve
+
+    cfg = load_config("smoke", ["eval.temperature=null", "eval.max_new_tokens=null", "eval.save_samples=null",
+                                "warmup.seed=null", "run.seed=7", "run.device=auto", "eval.general_probe=auto"])
+    before = to_dict(cfg)
+    out = resolve(cfg, cuda_available=False)
+    assert to_dict(cfg) == before  # the argument is not changed
+    assert (out.eval.temperature, out.eval.max_new_tokens) == (cfg.rollout.temperature, cfg.rollout.max_new_tokens)
+    assert out.eval.save_samples == 4 and out.eval.general_probe is False  # the built tiny model
+    assert out.warmup.seed == 7 and out.run.device == "cpu"
+    assert resolve(cfg, cuda_available=True).run.device == "cuda"
+    assert to_dict(resolve(out, cuda_available=False)) == to_dict(out)  # resolving twice gives the same
+    # what remains 'auto' is only what the built model decides
+    flat = {f"{section}.{k}": v for section, values in to_dict(out).items() if isinstance(values, dict)
+            for k, v in values.items()}
+    left = {k for k, v in flat.items() if v == "auto" or (v is None and not k.startswith("model.path"))}
+    assert left <= set(MODEL_DEPENDENT) | {"model.path"}, left
+    changed = {k for k, v in flat.items() if v != {f"{s}.{k2}": v2 for s, vs in before.items() if isinstance(vs, dict)
+                                                    for k2, v2 in vs.items()}.get(k)}
+    assert changed == {"eval.temperature", "eval.max_new_tokens", "eval.save_samples", "eval.general_probe",
+                       "warmup.seed", "run.device"}
+    assert dataclasses.is_dataclass(out) and out is not cfg

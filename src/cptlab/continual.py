@@ -24,7 +24,7 @@ import torch
 from . import distributed as dist
 from .basemodel import base_model
 from .checkpoint import keeps_stage_models, load_checkpoint, save_checkpoint
-from .config import Config, eval_domains, stage_method
+from .config import Config, eval_domains, resolve, stage_method
 from .drift_probe import DriftProbe, snapshot
 from .errors import ConfigError, UserError
 from .evaluator import Evaluator
@@ -44,7 +44,7 @@ class Driver:
     """Holds the run's pieces; `run()` is the stage loop. Call every method on every rank."""
 
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
-        self.cfg, self.store = cfg, store
+        self.cfg, self.store = resolve(cfg), store  # the config as written stays in the store
         install_domains(cfg.domains)  # this run's domains, whichever config the process loaded last
         self.info = info or dist.DistInfo(0, 1, 0, resolve_device(cfg.run.device), None)
         self.device = self.info.device

@@ -38,3 +38,29 @@ def resolve_eval(cfg: Config) -> EvalConfig:
         e, max_new_tokens=cfg.rollout.max_new_tokens if e.max_new_tokens is None else e.max_new_tokens,
         temperature=cfg.rollout.temperature if e.temperature is None else e.temperature,
         save_samples=(32 if cfg.model.path else 4) if e.save_samples is None else e.save_samples)
+
+
+MODEL_DEPENDENT = ("model.dtype", "model.compute_dtype", "rollout.engine", "run.keep_stage_models")
+"""The 'auto' fields that only the built model resolves (its size, its architecture, its variant):
+models.compute_dtype, rollout.use_fast_engine, checkpoint.keeps_stage_models. `resolve` leaves them."""
+
+
+def resolve(cfg: Config, cuda_available: bool | None = None) -> Config:
+    """The config as this run reads it: a new Config (the argument is not changed; resolving twice
+    gives the same) in which every null or 'auto' default that the config and the machine decide is
+    filled: eval.max_new_tokens / temperature / save_samples (resolve_eval), eval.general_probe,
+    warmup.seed (run.seed) and run.device ('cuda' where a GPU is there, else 'cpu'). The fields in
+    MODEL_DEPENDENT stay 'auto' until the model is built; a method's nulls (grpo.clip_eps_high: clip_eps)
+    are resolved per stage, after the stage's overrides are merged (stage_method, losses).
+    `cuda_available` (default: torch's answer) is for tests."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if cuda_available else "cpu")
+    return dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(resolve_eval(cfg), general_probe=general_probe_enabled(cfg)),
+        warmup=dataclasses.replace(cfg.warmup, seed=cfg.run.seed if cfg.warmup.seed is None else cfg.warmup.seed),
+        run=dataclasses.replace(cfg.run, device=device))
