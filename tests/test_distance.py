@@ -207,3 +207,24 @@ def test_distance_embeds_the_prompts_the_runs_eval_read(monkeypatch, tiny_model,
             E.evaluate_domain(tiny_model, tokenizer, domain, ecfg, cfg.prompt, SamplingSpec.for_eval(ecfg, cfg.rollout))
     assert embedded == generated and len(embedded[0]) == 6
     assert all("\\boxed{}" in p and "<answer>" not in p for p in embedded[0] + embedded[1])
+
+
+def test_pair_means_and_bins_by_hand():
+    from cptlab.analysis.distance import binned, pair_means
+
+    pts = [{"trained": "a", "domain": "b", "distance": 0.1, "forgetting": 0.2},
+           {"trained": "a", "domain": "b", "distance": 0.1, "forgetting": 0.4},   # the same pair, another run
+           {"trained": "a", "domain": "c", "distance": 0.9, "forgetting": -0.1},
+           {"trained": "b", "domain": "c", "distance": 0.5, "forgetting": 0.0},
+           {"trained": "b", "domain": "a", "distance": 0.3, "forgetting": 0.1}]
+    units = pair_means(pts)
+    assert [(u["trained"], u["domain"], u["points"]) for u in units] == [("a", "b", 2), ("b", "a", 1), ("b", "c", 1),
+                                                                         ("a", "c", 1)]
+    assert units[0]["forgetting"] == pytest.approx(0.3)
+    bins = binned(units, 2)
+    # pairs sorted by distance: 0.3, 0.1 | 0.0, -0.1; t interval of {0.3, 0.1}: 0.2 +- 12.706 * 0.1414 / sqrt 2
+    assert [(b["n"], b["pairs"]) for b in bins] == [(2, 2), (2, 2)]
+    assert bins[0]["mean"] == pytest.approx(0.2) and bins[1]["mean"] == pytest.approx(-0.05)
+    assert bins[0]["high"] - bins[0]["mean"] == pytest.approx(12.7062 * 0.1, rel=1e-4)
+    assert (bins[0]["low_distance"], bins[0]["high_distance"]) == (0.1, 0.3)
+    assert [b["n"] for b in binned(units, 3)] == [2, 1, 1]

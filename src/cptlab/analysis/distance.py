@@ -28,6 +28,10 @@ domains' prompts (its embedding model is not named). Here:
 The study's heatmap (Moenupa/SDPO-CL docs/DATA.md) shows values of 0 to 45 on a scale it does not state;
 only the ordering of distances, not their size, can be set beside it.
 
+Analysis units: the pooled points of `forgetting_vs_distance` share domain pairs across runs and
+stages, so intervals are taken over `pair_means` (one unit per trained/measured domain pair), binned
+by `binned`.
+
 `distance.json` (written into a run directory by `write_distance`, the `cptlab distance` verb):
 {"domains": [...], "mmd2": [[...]], "bandwidth": s, "estimator": "biased", "prompts_per_domain": n,
  "embedding": ..., "model": path}.
@@ -116,6 +120,44 @@ def forgetting_vs_distance(R: np.ndarray, domains: list[str], stage_domains: lis
                 points.append({"stage": s, "trained": domains[col], "domain": name,
                                "distance": float(row[index[name]]), "forgetting": float(drop)})
     return points
+
+
+def pair_means(points: list[dict]) -> list[dict]:
+    """Independent units for forgetting against distance: one per (trained domain, other domain) pair.
+
+    The points of `forgetting_vs_distance`, pooled over runs, are not independent: every run and stage
+    that trains domain A measures the same pairs (A, B) on the same prompts, so a bin of many points may
+    hold only a few distinct pairs. Each pair's unit is the mean drop over all its points, at the mean
+    of its distances (the same value where one distance.json serves every run). Sorted by distance:
+    [{trained, domain, distance, forgetting, points}]."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["trained"], p["domain"]), []).append(p)
+    units = [{"trained": a, "domain": b, "distance": float(np.mean([p["distance"] for p in ps])),
+              "forgetting": float(np.mean([p["forgetting"] for p in ps])), "points": len(ps)}
+             for (a, b), ps in groups.items()]
+    return sorted(units, key=lambda u: (u["distance"], u["trained"], u["domain"]))
+
+
+def binned(units: list[dict], bins: int, level: float = 0.95) -> list[dict]:
+    """Equal-count bins of `units` by distance (the first len % bins bins one larger), each with its
+    distance range, size, distinct pairs, and the mean drop with its t interval over the bin's units
+    (stats.describe): [{low_distance, high_distance, n, pairs, mean, low, high}]."""
+    from .stats import describe
+
+    units = sorted(units, key=lambda u: u["distance"])
+    size, extra = divmod(len(units), bins)
+    out, start = [], 0
+    for b in range(bins):
+        chunk = units[start:start + size + (b < extra)]
+        start += len(chunk)
+        if not chunk:
+            continue
+        s = describe([u["forgetting"] for u in chunk], level)
+        out.append({"low_distance": chunk[0]["distance"], "high_distance": chunk[-1]["distance"], "n": s.n,
+                    "pairs": len({(u["trained"], u["domain"]) for u in chunk}), "mean": s.mean, "low": s.low,
+                    "high": s.high})
+    return out
 
 
 # -- the base model's embeddings -------------------------------------------------------------------------
