@@ -89,7 +89,10 @@ ALPHA = 0.05
 
 
 def _r(x: float, scale: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(scale * x, 4 if scale == 1 else 2)
+    """Points to 2 decimals; raw numbers to 4 significant digits (a relative L2 of 6e-4 keeps its size)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return round(scale * x, 2) if scale != 1 else float(f"{x:.4g}")
 
 
 def _p(x: float) -> float | None:
@@ -682,9 +685,9 @@ def build(root: Path) -> tuple[dict, list[dict]]:
 
 # -- RESULTS.md's verdict tables ----------------------------------------------------------------------------
 SECTIONS = {"1": ("S.",), "gpu1": ("F1.",), "gpu1b": ("F1b.",), "gpu2": ("F2.",), "gpu3": ("F3.",),
-            "gpu4": ("F4.",), "gpu5": ("F5.",), "gpu6": ("F6.",)}
+            "gpu4": ("F4.",), "gpu5": ("F5.",), "gpu5b": ("F5.frozen",), "gpu6": ("F6.",)}
 """RESULTS.md block name -> the id prefixes of its rows (a block sits between `<!-- verdicts:NAME -->`
-and `<!-- /verdicts:NAME -->`)."""
+and `<!-- /verdicts:NAME -->`); a row goes to the block with its longest matching prefix."""
 
 
 def _num(x: float | None, unit: str) -> str:
@@ -722,8 +725,11 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def section_rows(rows: list[dict], name: str) -> list[dict]:
-    prefixes = SECTIONS[name]
-    return [r for r in rows if r["id"].startswith(prefixes) and not (name == "gpu1" and r["id"].startswith("F1b."))]
+    def block(row_id: str) -> str | None:
+        found = [(len(p), n) for n, ps in SECTIONS.items() for p in ps if row_id.startswith(p)]
+        return max(found)[1] if found else None
+
+    return [r for r in rows if block(r["id"]) == name]
 
 
 def results_with_tables(text: str, rows: list[dict]) -> str:
@@ -732,8 +738,8 @@ def results_with_tables(text: str, rows: list[dict]) -> str:
     import re
 
     for name in SECTIONS:
-        pattern = re.compile(rf"(<!-- verdicts:{name} -->\n).*?(\n<!-- /verdicts:{name} -->)", re.DOTALL)
-        text = pattern.sub(lambda m: m.group(1) + table_markdown(section_rows(rows, name)) + m.group(2), text)
+        pattern = re.compile(rf"(<!-- verdicts:{name} -->\n)(?:.*?\n)?(<!-- /verdicts:{name} -->)", re.DOTALL)
+        text = pattern.sub(lambda m: m.group(1) + table_markdown(section_rows(rows, name)) + "\n" + m.group(2), text)
     return text
 
 
