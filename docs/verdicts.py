@@ -449,7 +449,7 @@ def distance_facts(study_dir: Path, cells: dict[str, list[Cell]]) -> dict:
         return {}
 
     def rounded(bins: list[dict]) -> list[dict]:
-        return [{**b, **{k: round(b[k], 3) for k in ("low_distance", "high_distance")},
+        return [{**b, **{k: round(b[k], 3) for k in ("low_distance", "high_distance", "distance")},
                  **{k: _r(b[k], 100.0) for k in ("mean", "low", "high")}} for b in bins]
 
     by_point = binned([{**p, "points": 1} for p in points], DISTANCE_BINS)

@@ -226,5 +226,5 @@ def test_pair_means_and_bins_by_hand():
     assert [(b["n"], b["pairs"]) for b in bins] == [(2, 2), (2, 2)]
     assert bins[0]["mean"] == pytest.approx(0.2) and bins[1]["mean"] == pytest.approx(-0.05)
     assert bins[0]["high"] - bins[0]["mean"] == pytest.approx(12.7062 * 0.1, rel=1e-4)
-    assert (bins[0]["low_distance"], bins[0]["high_distance"]) == (0.1, 0.3)
+    assert (bins[0]["low_distance"], bins[0]["high_distance"], bins[0]["distance"]) == pytest.approx((0.1, 0.3, 0.2))
     assert [b["n"] for b in binned(units, 3)] == [2, 1, 1]

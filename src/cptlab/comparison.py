@@ -121,10 +121,10 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
     """Each domain's accuracy drop over a stage against its MMD^2 to the stage's trained domain, one dot
     per (run, stage, other domain), from each run's distance.json (computed first where it is missing and
     the run's base model is there)."""
-    from .analysis.distance import forgetting_vs_distance, run_distance
+    from .analysis.distance import binned, forgetting_vs_distance, pair_means, run_distance
 
     memo: dict = {}  # runs on one base model share one computation
-    series = []
+    series, pooled = [], []
     for i, run in enumerate(runs):
         try:
             distance = run_distance(run.root, memo)
@@ -132,6 +132,7 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
             warnings.warn(f"{run.root}: no domain distance ({e})")
             continue
         points = forgetting_vs_distance(run.R, run.domains, run.stage_domains, distance) if distance else []
+        pooled += points
         if points:
             series.append((labels[i], colours[i], [p["distance"] for p in points],
                            [100 * p["forgetting"] for p in points]))
@@ -141,9 +142,14 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
             '<p class="note">One dot per run, stage and untrained domain: the domain\'s greedy-accuracy drop over '
             "the stage (points; positive = forgotten) against its distance to the stage's domain, the MMD² (RBF "
             "kernel, median-heuristic bandwidth) between the two domains' held-out prompts embedded by the run's "
-            "base model (mean-pooled last hidden layer; <code>cptlab distance</code>). The dark line: mean drop in "
-            "equal-count bins of distance, all runs pooled.</p>",
-            img(plots.scatter_by_run(series, "MMD² to the stage's trained domain", "accuracy drop (points)"),
+            "base model (mean-pooled last hidden layer; <code>cptlab distance</code>). The dots are not independent: "
+            "every run and stage measures the same domain pairs. The dark line: the mean over domain pairs (each "
+            "pair's mean drop over all runs and stages) in equal-count bins of distance, with the 95% t interval "
+            "over the bin's pairs.</p>",
+            img(plots.scatter_by_run(series, "MMD² to the stage's trained domain", "accuracy drop (points)",
+                                     binned=[{**b, **{k: 100 * b[k] for k in ("mean", "low", "high")}}
+                                             for b in binned(pair_means(pooled), 6)],
+                                     binned_label="mean over domain pairs [95%]"),
                 "forgetting against domain distance")]
 
 

@@ -141,8 +141,8 @@ def pair_means(points: list[dict]) -> list[dict]:
 
 def binned(units: list[dict], bins: int, level: float = 0.95) -> list[dict]:
     """Equal-count bins of `units` by distance (the first len % bins bins one larger), each with its
-    distance range, size, distinct pairs, and the mean drop with its t interval over the bin's units
-    (stats.describe): [{low_distance, high_distance, n, pairs, mean, low, high}]."""
+    distance range and mean, size, distinct pairs, and the mean drop with its t interval over the bin's
+    units (stats.describe): [{low_distance, high_distance, distance, n, pairs, mean, low, high}]."""
     from .stats import describe
 
     units = sorted(units, key=lambda u: u["distance"])
@@ -154,7 +154,8 @@ def binned(units: list[dict], bins: int, level: float = 0.95) -> list[dict]:
         if not chunk:
             continue
         s = describe([u["forgetting"] for u in chunk], level)
-        out.append({"low_distance": chunk[0]["distance"], "high_distance": chunk[-1]["distance"], "n": s.n,
+        out.append({"low_distance": chunk[0]["distance"], "high_distance": chunk[-1]["distance"],
+                    "distance": float(np.mean([u["distance"] for u in chunk])), "n": s.n,
                     "pairs": len({(u["trained"], u["domain"]) for u in chunk}), "mean": s.mean, "low": s.low,
                     "high": s.high})
     return out
