@@ -14,8 +14,8 @@ are deterministic within a study) so that comparisons across bases are visible. 
 have no per-prompt records, so these intervals hold seed-to-seed noise only.
 
 Multiplicity: every row is one test of a family, one family per model (`family_of`): the 20 rows of
-section 1 (SmolLM2-135M, one study on one base: the family the issue's Holm p values of 0.12 and 0.25
-were computed over, with 19 rows then) and every row of the 76M model at GPU scale. Holm's step-down
+section 1 (SmolLM2-135M: one study on one base) and every row of the 76M model at GPU scale (one
+switch, `family_of`, makes it one family of all rows). Holm's step-down
 (`cptlab.analysis.stats.holm`) adjusts each row's p (the t test's p behind its interval, Fisher's p
 for a yes/no row) over its whole family, and gives each row an alpha: alpha_i = 0.05 / (m - i + 1)
 at rank i of the sorted p values while the step-down still rejects, and the alpha of the first
