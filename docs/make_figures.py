@@ -237,8 +237,9 @@ def single(studies: list[Path], domain: str, out: Path) -> None:
 def distance(studies: list[Path], out: Path) -> None:
     """Each untrained domain's accuracy drop over each stage against its MMD^2 to the stage's trained
     domain (the cells' distance.json: `cptlab distance`, or written by compare), one dot per (cell,
-    stage, domain), coloured by variant, with the mean drop in equal-count distance bins."""
-    from cptlab.analysis.distance import forgetting_vs_distance
+    stage, domain), coloured by variant, with the mean drop over domain pairs (`pair_means`: the
+    independent units) in equal-count distance bins and its 95% t interval."""
+    from cptlab.analysis.distance import binned, forgetting_vs_distance, pair_means
     from cptlab.analysis.metrics import matrix_from_records
 
     by_variant = defaultdict(list)
@@ -256,15 +257,16 @@ def distance(studies: list[Path], out: Path) -> None:
     for variant, points in sorted(by_variant.items()):
         ax.scatter([p["distance"] for p in points], [100 * p["forgetting"] for p in points], s=14, label=variant)
         pooled += points
-    pooled.sort(key=lambda p: p["distance"])
-    size = max(1, len(pooled) // 6)
-    bins = [pooled[i:i + size] for i in range(0, len(pooled), size)]
-    print(f"{'MMD^2 bin':>20s} {'points':>6s} {'mean drop (points)':>20s}")
+    # the points share domain pairs across cells and stages: the independent units are the pair means
+    bins = binned(pair_means(pooled), 6)
+    print(f"{'MMD^2 bin':>20s} {'pairs':>6s} {'mean drop over pairs [95% t] (points)':>40s}")
     for b in bins:
-        lo, hi = b[0]["distance"], b[-1]["distance"]
-        print(f"{lo:9.4f}-{hi:<9.4f} {len(b):6d} {text(stats([p['forgetting'] for p in b])):>20s}")
-    ax.plot([st.mean(p["distance"] for p in b) for b in bins], [st.mean(100 * p["forgetting"] for p in b) for b in bins],
-            color="#222222", marker="s", label="binned mean (all cells)")
+        print(f"{b['low_distance']:9.4f}-{b['high_distance']:<9.4f} {b['n']:6d} "
+              f"{100 * b['mean']:+14.1f} [{100 * b['low']:+.1f}, {100 * b['high']:+.1f}]")
+    mean = [100 * b["mean"] for b in bins]
+    ax.errorbar([b["distance"] for b in bins], mean, yerr=[[m - 100 * b["low"] for m, b in zip(mean, bins)],
+                                                           [100 * b["high"] - m for m, b in zip(mean, bins)]],
+                color="#222222", marker="s", capsize=3, label="mean over domain pairs [95% t]")
     ax.axhline(0, color="#888888", linewidth=0.8)
     ax.set_xlabel("MMD² to the stage's trained domain (base model's embeddings)")
     ax.set_ylabel("accuracy drop over the stage (points)")

@@ -2,15 +2,29 @@
 
     mkdir -p /tmp/rd && for f in docs/data/*.tgz; do tar xzf $f -C /tmp/rd; done
     python docs/verdicts.py /tmp/rd            # prints the table, writes docs/verdicts.json
+    python docs/verdicts.py /tmp/rd --results docs/RESULTS.md   # also rewrites RESULTS.md's verdict tables
+    python docs/verdicts.py /tmp/rd --check    # exit 1 if verdicts.json or RESULTS.md differ from the data
 
 Each claim is a difference with a stated direction: two arms over seeds (Welch's t interval, exact
 permutation p), or one arm's change from its base model (t interval, exact sign-flip p; the base is
-one model evaluated once, so the change is a one-sample quantity). The verdict rule: "agrees" only
-where the 95% interval excludes zero in the stated direction, "disagrees" where it excludes zero in
-the other direction, else "inconclusive". Accuracies and their differences are in points. Each row
-names its base (a fingerprint of the base model's stage-0 accuracies, which are deterministic within
-a study) so that comparisons across bases are visible. The recorded runs have no per-prompt records,
-so these intervals hold seed-to-seed noise only.
+one model evaluated once, so the change is a one-sample quantity), or, for a yes/no outcome per seed
+(a run collapsed or not), the two arms' counts (Fisher's exact p). Accuracies and their differences
+are in points. Each row names its base (a fingerprint of the base model's stage-0 accuracies, which
+are deterministic within a study) so that comparisons across bases are visible. The recorded runs
+have no per-prompt records, so these intervals hold seed-to-seed noise only.
+
+Multiplicity: every row is one test of a family, one family per model (`family_of`): the 20 rows of
+section 1 (SmolLM2-135M: one study on one base) and every row of the 76M model at GPU scale (one
+switch, `family_of`, makes it one family of all rows). Holm's step-down
+(`cptlab.analysis.stats.holm`) adjusts each row's p (the t test's p behind its interval, Fisher's p
+for a yes/no row) over its whole family, and gives each row an alpha: alpha_i = 0.05 / (m - i + 1)
+at rank i of the sorted p values while the step-down still rejects, and the alpha of the first
+non-rejected rank for that rank and every later one (monotonicity). The row's adjusted interval is
+its t interval at level 1 - alpha; it excludes zero exactly where Holm rejects. The verdict rule
+reads the adjusted interval: "agrees" only where it excludes zero in the stated direction,
+"disagrees" where it excludes zero in the other direction, else "inconclusive". A yes/no row has no
+interval: it agrees (disagrees) where its Holm-adjusted Fisher p is below 0.05 and the difference of
+the two shares has the stated (the other) sign. `verdict_95` keeps the unadjusted verdict beside it.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from cptlab.analysis.metrics import (
     average_accuracy, average_accuracy_trained, backward_transfer, forward_transfer, matrix_from_records,
     mean_forgetting,
 )
-from cptlab.analysis.stats import difference, one_sample, verdict
+from cptlab.analysis.stats import difference, fisher_exact, holm, one_sample, verdict
 from cptlab.store import read_jsonl
 
 UNTRAINED = ("arithmetic", "sorting", "filtering", "counting")
@@ -69,10 +83,20 @@ def load(root: Path, study: str) -> dict[str, list[Cell]]:
 
 
 ROWS: list[dict] = []
+DATA: dict[str, tuple] = {}
+"""Row id -> what its adjusted interval is recomputed from: (a, b, scale, p) or ("fisher", p)."""
+ALPHA = 0.05
 
 
 def _r(x: float, scale: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(scale * x, 4 if scale == 1 else 2)
+    """Points to 2 decimals; raw numbers to 4 significant digits (a relative L2 of 6e-4 keeps its size)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return round(scale * x, 2) if scale != 1 else float(f"{x:.4g}")
+
+
+def _p(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, 4)
 
 
 def claim(cid: str, text: str, study: str, direction: str, a: list[float], b: list[float] | None = None, *,
@@ -80,13 +104,67 @@ def claim(cid: str, text: str, study: str, direction: str, a: list[float], b: li
     """Record one claim: a vs b over seeds (or a's mean change when b is None) in `direction`."""
     d = one_sample(a) if b is None else difference(a, b)
     row = {"id": cid, "claim": text, "study": study, "arms": arms, "direction": direction, "base": base,
+           "test": "one-sample t" if b is None else "Welch t",
            "seeds": [d.n_a] + ([d.n_b] if b is not None else []), "diff": _r(d.diff, scale),
-           "low": _r(d.low, scale), "high": _r(d.high, scale),
-           "p_t": None if math.isnan(d.p_welch) else round(d.p_welch, 4),
-           "p_perm": None if math.isnan(d.p_perm) else round(d.p_perm, 4),
-           "verdict": verdict((d.low, d.high), direction), "unit": "points" if scale == 100 else "raw", "note": note}
+           "low": _r(d.low, scale), "high": _r(d.high, scale), "p_t": _p(d.p_welch), "p_perm": _p(d.p_perm),
+           "verdict_95": verdict((d.low, d.high), direction), "unit": "points" if scale == 100 else "raw",
+           "note": note}
     ROWS.append(row)
+    DATA[cid] = (a, b, scale, d.p_welch)
     return row
+
+
+def binary(cid: str, text: str, study: str, direction: str, yes_a: int, n_a: int, yes_b: int, n_b: int, *,
+           arms: str, base: str, note: str = "") -> dict:
+    """Record one yes/no claim over seeds: yes_a of n_a runs of arm a against yes_b of n_b of arm b
+    (Fisher's exact test); diff is the difference of the two shares in points."""
+    p = fisher_exact(yes_a, n_a, yes_b, n_b)
+    diff = yes_a / n_a - yes_b / n_b
+    row = {"id": cid, "claim": text, "study": study, "arms": arms, "direction": direction, "base": base,
+           "test": "Fisher exact", "seeds": [n_a, n_b], "counts": [yes_a, n_a, yes_b, n_b],
+           "diff": _r(diff, 100.0), "low": None, "high": None, "p_t": None, "p_perm": None, "p_fisher": _p(p),
+           "verdict_95": _p_verdict(p, diff, direction, ALPHA), "unit": "points", "note": note}
+    ROWS.append(row)
+    DATA[cid] = ("fisher", p)
+    return row
+
+
+def _p_verdict(p: float, diff: float, direction: str, alpha: float) -> str:
+    """The rule for a row without an interval: the sign of diff where p < alpha, else inconclusive."""
+    if p >= alpha or diff == 0:
+        return "inconclusive"
+    return "agrees" if (diff > 0) == (direction == "+") else "disagrees"
+
+
+def family_of(row: dict) -> str:
+    """The family a row is adjusted in: one per model. Section 1's rows (`S.*`: SmolLM2-135M) are one
+    study of one base; every other row is the 76M model at GPU scale."""
+    return "smollm2" if row["id"].startswith("S.") else "gpu_76m"
+
+
+def adjust(rows: list[dict]) -> None:
+    """Holm over each family of `rows` (see the module docstring and `family_of`): p_holm, the adjusted
+    interval and its level, and the verdict read from it, written into each row."""
+    for name in dict.fromkeys(family_of(r) for r in rows):
+        members = [r for r in rows if family_of(r) == name]
+        _adjust_family(members, name)
+
+
+def _adjust_family(rows: list[dict], name: str) -> None:
+    family = holm([DATA[r["id"]][-1] for r in rows], ALPHA)
+    for r, h in zip(rows, family):
+        r["family"], r["family_size"] = name, len(rows)
+        r["p_holm"] = _p(h.p_adjusted)
+        r["level_adj"] = round(1 - h.alpha, 6)
+        kind = DATA[r["id"]]
+        if kind[0] == "fisher":
+            r["low_adj"] = r["high_adj"] = None
+            r["verdict"] = _p_verdict(kind[1], r["diff"], r["direction"], h.alpha)
+            continue
+        a, b, scale, _ = kind
+        d = one_sample(a, level=1 - h.alpha) if b is None else difference(a, b, level=1 - h.alpha)
+        r["low_adj"], r["high_adj"] = _r(d.low, scale), _r(d.high, scale)
+        r["verdict"] = verdict((d.low, d.high), r["direction"])
 
 
 def mean_of(values) -> float:
@@ -123,6 +201,24 @@ def teacher_stability(root: Path) -> None:
     kl = {v: [c.drift(1).get("response/kl_to_base") for c in cs] for v, cs in cells.items()}
     claim("F1.kl.ema-frozen", "a faster teacher moves the responses further from the base", study, "+",
           kl["ema"], kl["frozen"], arms="ema - frozen, response KL to base", base=base, scale=1.0)
+
+
+def teacher_stability_stable(root: Path) -> None:
+    """Section 1b: StableSDPO beside the frozen and the reference EMA teacher (its own study directory)."""
+    study = "teacher_stability_stable_gpu"
+    cells = load(root, study)
+    base = next(iter(cells.values()))[0].base_fingerprint()
+    ev = {v: [c.evals() for c in cs] for v, cs in cells.items()}
+    gcd = {v: [e[(200, "gcd")] for e in es] for v, es in ev.items()}
+    claim("F1b.stable-ema", "StableSDPO ends above the reference EMA 0.05 teacher (paper, Table 1)", study, "+",
+          gcd["stable"], gcd["ema"], arms="stable - ema, gcd at step 200", base=base)
+    claim("F1b.frozen-ema", "the frozen teacher ends above the reference EMA 0.05 teacher (paper, Table 1)", study,
+          "+", gcd["frozen"], gcd["ema"], arms="frozen - ema, gcd at step 200", base=base)
+    claim("F1b.stable-frozen", "StableSDPO ends a little below the frozen teacher (paper: 55.00 vs 56.42)", study,
+          "-", gcd["stable"], gcd["frozen"], arms="stable - frozen, gcd at step 200", base=base,
+          note="equality cannot be shown; 'inconclusive' = no difference detected")
+    claim("F1b.stable.gain", "StableSDPO improves the trained domain", study, "+",
+          [e[(200, "gcd")] - e[(0, "gcd")] for e in ev["stable"]], arms="stable: gcd step 200 - base", base=base)
 
 
 def cot(root: Path) -> None:
@@ -286,6 +382,93 @@ def smollm2_numbers(c: Cell) -> dict[str, float]:
                                                  "general/text_ppl")}}
 
 
+LOOP = 0.5
+"""A run is in the repeated \\boxed loop when more than this share of its probe answers hold several boxes."""
+FACTS: dict[str, dict] = {}
+"""Numbers the prose of RESULTS.md quotes beside the verdict rows, computed here from the same records."""
+
+
+def smollm2_facts(cells: dict[str, list[Cell]], num: dict[str, list[dict]]) -> dict:
+    """Per-stage StableSDPO - GRPO in-domain gain and accuracy on the stage's own domain at its end
+    ([diff, low, high], Welch, points), the related variant's gain while its source
+    trains (GRPO and SFT cells), and the loop seeds' multiple-box share after each stage."""
+    def stage_gains(c: Cell) -> list[float]:
+        R, _, sd = c.matrix()
+        return [R[k + 1, j] - R[k, j] for k, j in enumerate(sd)]
+
+    def interval(a, b) -> list[float]:
+        d = difference(a, b)
+        return [_r(d.diff, 100.0), _r(d.low, 100.0), _r(d.high, 100.0)]
+
+    gains = {v: [stage_gains(c) for c in cells[v]] for v in ("grpo", "sdpo_stable")}
+    per_stage = {f"stage{k + 1}": interval([g[k] for g in gains["sdpo_stable"]], [g[k] for g in gains["grpo"]])
+                 for k in range(len(gains["grpo"][0]))}
+    own = {}
+    for k in range(len(gains["grpo"][0])):
+        at_end = {v: [c.matrix()[0][k + 1, c.matrix()[2][k]] for c in cells[v]] for v in ("grpo", "sdpo_stable")}
+        own[f"stage{k + 1}"] = interval(at_end["sdpo_stable"], at_end["grpo"])
+    related = {}
+    for v in ("grpo", "sft"):
+        for c in cells[v]:
+            R, domains, sd = c.matrix()
+            for k, j in enumerate(sd):
+                if domains[j] == "products_1x1":
+                    col = domains.index(SMOLLM2_OOD["products_1x1"])
+                    related.setdefault(v, []).append(_r(R[k + 1, col] - R[k, col], 100.0))
+    loop = {}
+    for v in ("sdpo",):
+        for c in cells[v]:
+            R = c.matrix()[0]
+            rates = [c.drift(k).get("artifacts/multiple_answer_rate", math.nan) for k in range(1, R.shape[0])]
+            if rates[-1] > LOOP:
+                loop[f"{v}-s{c.seed}"] = [_r(x, 100.0) for x in rates]
+    return {"stable_minus_grpo_gain_per_stage": per_stage, "stable_minus_grpo_own_domain_after_stage": own,
+            "products_1x2_change_while_products_1x1_trains": related,
+            "loop_cells_multiple_box_percent_after_each_stage": loop,
+            "base_fingerprint": cells["grpo"][0].base_fingerprint()}
+
+
+DISTANCE_BINS = 6
+"""Equal-count distance bins of the forgetting-vs-distance analysis."""
+
+
+def distance_facts(study_dir: Path, cells: dict[str, list[Cell]]) -> dict:
+    """Forgetting against MMD^2 to the trained domain (the cells' distance.json), binned two ways: over
+    all points (the earlier reading, points treated as independent, which they are not) and over the
+    domain-pair means (`pair_means`: the independent units); the drop in points, t intervals."""
+    from cptlab.analysis.distance import binned, forgetting_vs_distance, pair_means
+
+    points = []
+    for v, cs in cells.items():
+        for c in cs:
+            path = study_dir / f"{v}-s{c.seed}" / "distance.json"
+            if path.is_file():
+                R, domains, sd = c.matrix()
+                points += forgetting_vs_distance(R, domains, sd, json.loads(path.read_text()))
+    if not points:
+        return {}
+
+    def rounded(bins: list[dict]) -> list[dict]:
+        return [{**b, **{k: round(b[k], 3) for k in ("low_distance", "high_distance", "distance")},
+                 **{k: _r(b[k], 100.0) for k in ("mean", "low", "high")}} for b in bins]
+
+    by_point = binned([{**p, "points": 1} for p in points], DISTANCE_BINS)
+    for b, chunk in zip(by_point, _chunks(sorted(points, key=lambda p: p["distance"]), DISTANCE_BINS)):
+        b["pairs"] = len({(p["trained"], p["domain"]) for p in chunk})
+    units = pair_means(points)
+    return {"points": len(points), "pairs": len(units), "bins_over_points": rounded(by_point),
+            "bins_over_pairs": rounded(binned(units, DISTANCE_BINS))}
+
+
+def _chunks(xs: list, bins: int) -> list[list]:
+    size, extra = divmod(len(xs), bins)
+    out, start = [], 0
+    for b in range(bins):
+        out.append(xs[start:start + size + (b < extra)])
+        start += len(out[-1])
+    return out
+
+
 def smollm2(root: Path) -> None:
     """The headline study: SmolLM2-135M-Instruct after a format warm-up, four arithmetic stages."""
     study = "continual_smollm2"
@@ -335,6 +518,12 @@ def smollm2(root: Path) -> None:
        what="answers with text after the box, end")
     vs("F6.malformed", "... and malformed answers", "+", "artifacts/malformed_rate", scale=1.0,
        what="malformed answers, end")
+    loop = {v: sum(n["artifacts/multiple_answer_rate"] > LOOP for n in num[v]) for v in ("sdpo", "grpo")}
+    binary("S.F6.loop", "more SDPO runs than GRPO runs fall into the repeated \\boxed loop", study, "+",
+           loop["sdpo"], len(num["sdpo"]), loop["grpo"], len(num["grpo"]),
+           arms=f"sdpo vs grpo, seeds with > {LOOP:.0%} of probe answers holding several boxes at the end", base=base)
+    FACTS["smollm2"] = smollm2_facts(cells, num)
+    FACTS["smollm2_distance"] = distance_facts(root / study, cells)
 
 
 def collapse(root: Path) -> None:
@@ -352,6 +541,11 @@ def collapse(root: Path) -> None:
     claim("F6.stage1_avg", "the current-weights teacher collapses in stage 1 (average accuracy vs GRPO)", study, "-",
           [row(c, 1) for c in cells["sdpo_current"]], [row(c, 1) for c in cells["grpo"]],
           arms="sdpo_current - grpo, average after stage 1", base=base)
+    base_avg = {v: [float(average_accuracy(c.matrix()[0])[0]) for c in cells[v]] for v in ("sdpo_current", "grpo")}
+    fell = {v: sum(row(c, 1) < 0.5 * b for c, b in zip(cells[v], base_avg[v])) for v in base_avg}
+    binary("F6.stage1_collapsed", "more current-teacher SDPO runs than GRPO runs collapse in stage 1", study, "+",
+           fell["sdpo_current"], len(cells["sdpo_current"]), fell["grpo"], len(cells["grpo"]),
+           arms="sdpo_current vs grpo, seeds whose average after stage 1 is below half the base's", base=base)
     claim("F6.stage1_malformed", "... with malformed answers", study, "+",
           [malformed(c, 1) for c in cells["sdpo_current"]], [malformed(c, 1) for c in cells["grpo"]],
           arms="sdpo_current - grpo, malformed rate after stage 1", base=base,
@@ -466,25 +660,118 @@ def plot_mechanism(root: Path, order: list[dict], out: Path) -> None:
     fig.savefig(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("data", type=Path, help="directory holding the unpacked docs/data/*.tgz")
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("verdicts.json"))
-    a = p.parse_args()
-    for fn in (smollm2, teacher_stability, cot, ood, continual, collapse):
-        fn(a.data)
-    order = mechanism(a.data)
+def build(root: Path) -> tuple[dict, list[dict]]:
+    """Every row, Holm-adjusted over the whole family, and the collapse onsets: (verdicts.json's content,
+    the onsets). Starts from nothing on every call."""
+    ROWS.clear()
+    DATA.clear()
+    FACTS.clear()
+    for fn in (smollm2, teacher_stability, teacher_stability_stable, cot, ood, continual, collapse):
+        fn(root)
+    order = mechanism(root)
     leads = [o["format -25%"] - o["accuracy -25%"] for o in order
              if o["format -25%"] is not None and o["accuracy -25%"] is not None]
     claim("F6.order", "the answer format breaks before the accuracy falls (format onset - accuracy onset < 0)",
           "collapse_gpu + teacher_stability_gpu", "-", leads, arms="format -25% step - accuracy -25% step, per cell",
           base="1c0ea617, 8eb1baff", scale=1.0,
           note="cells as units; cells of one study share a base, so they are not fully independent")
+    adjust(ROWS)
+    sizes = {f: sum(family_of(r) == f for r in ROWS) for f in dict.fromkeys(family_of(r) for r in ROWS)}
+    content = {"families": {"rows": sizes, "alpha": ALPHA, "adjustment": "Holm step-down within each family"},
+               "claims": ROWS, "facts": FACTS, "collapse_onsets": order, "smooth_steps": SMOOTH,
+               "sustain_steps": SUSTAIN, "drops": list(DROPS)}
+    return json.loads(json.dumps(content)), order
+
+
+# -- RESULTS.md's verdict tables ----------------------------------------------------------------------------
+SECTIONS = {"1": ("S.",), "gpu1": ("F1.",), "gpu1b": ("F1b.",), "gpu2": ("F2.",), "gpu3": ("F3.",),
+            "gpu4": ("F4.",), "gpu5": ("F5.",), "gpu5b": ("F5.frozen",), "gpu6": ("F6.",)}
+"""RESULTS.md block name -> the id prefixes of its rows (a block sits between `<!-- verdicts:NAME -->`
+and `<!-- /verdicts:NAME -->`); a row goes to the block with its longest matching prefix."""
+
+
+def _num(x: float | None, unit: str) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.1f}" if unit == "points" else f"{x:+.3g}"
+
+
+def _pfmt(p: float | None) -> str:
+    return "–" if p is None else "<0.0001" if p < 0.0001 else f"{p:.4f}".rstrip("0").rstrip(".") if p < 1 else "1"
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The verdict table of `rows` as RESULTS.md shows it (generated; never edit it by hand)."""
+    out = ["| claim | arms | n | difference [95% interval] | p_t | p_perm | Holm p | Holm-adjusted interval "
+           "(level) | verdict (adjusted) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        u = r["unit"]
+        if r["test"] == "Fisher exact":
+            ya, na, yb, nb = r["counts"]
+            diff = f"{ya}/{na} vs {yb}/{nb} seeds ({_num(r['diff'], u)} points)"
+            p_t, p_perm, adj = "–", f"Fisher {_pfmt(r['p_fisher'])}", f"– ({100 * r['level_adj']:.2f}%)"
+        else:
+            diff = f"{_num(r['diff'], u)} [{_num(r['low'], u)}, {_num(r['high'], u)}]"
+            p_t, p_perm = _pfmt(r["p_t"]), _pfmt(r["p_perm"])
+            adj = f"[{_num(r['low_adj'], u)}, {_num(r['high_adj'], u)}] ({100 * r['level_adj']:.2f}%)"
+        v = r["verdict"]
+        v = f"**{v}**" if v != "inconclusive" else v
+        if r["verdict_95"] != r["verdict"]:
+            v += f" ({r['verdict_95']} at 95% unadjusted)"
+        n = "/".join(map(str, r["seeds"]))
+        out.append(f"| {r['claim']} (`{r['id']}`) | {r['arms']} | {n} | {diff} | {p_t} | {p_perm} | "
+                   f"{_pfmt(r['p_holm'])} | {adj} | {v} |")
+    return "\n".join(out)
+
+
+def section_rows(rows: list[dict], name: str) -> list[dict]:
+    def block(row_id: str) -> str | None:
+        found = [(len(p), n) for n, ps in SECTIONS.items() for p in ps if row_id.startswith(p)]
+        return max(found)[1] if found else None
+
+    return [r for r in rows if block(r["id"]) == name]
+
+
+def results_with_tables(text: str, rows: list[dict]) -> str:
+    """RESULTS.md's text with every verdict block replaced by the table the rows give (KeyError-free: a
+    block the text lacks is left out, and `missing_blocks` names it)."""
+    import re
+
+    for name in SECTIONS:
+        pattern = re.compile(rf"(<!-- verdicts:{name} -->\n)(?:.*?\n)?(<!-- /verdicts:{name} -->)", re.DOTALL)
+        text = pattern.sub(lambda m: m.group(1) + table_markdown(section_rows(rows, name)) + "\n" + m.group(2), text)
+    return text
+
+
+def missing_blocks(text: str) -> list[str]:
+    return [n for n in SECTIONS if f"<!-- verdicts:{n} -->" not in text or f"<!-- /verdicts:{n} -->" not in text]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("data", type=Path, help="directory holding the unpacked docs/data/*.tgz")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("verdicts.json"))
+    p.add_argument("--results", type=Path, default=None, help="rewrite this RESULTS.md's verdict tables")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 where --out or docs/RESULTS.md differ from what the data give")
+    a = p.parse_args()
+    content, order = build(a.data)
+    rows = content["claims"]
+    if a.check:
+        results = Path(__file__).with_name("RESULTS.md")
+        text = results.read_text()
+        stale = [str(f) for f, ok in ((a.out, a.out.is_file() and json.loads(a.out.read_text()) == content),
+                                      (results, text == results_with_tables(text, rows) and not missing_blocks(text)))
+                 if not ok]
+        print("up to date" if not stale else "differs from the data: " + ", ".join(stale))
+        raise SystemExit(1 if stale else 0)
     plot_mechanism(a.data, order, a.out.with_name("collapse_mechanism_gpu.png"))
-    for r in ROWS:
+    for r in rows:
         fmt = (lambda x: "–" if x is None else f"{x:+.2f}" if r["unit"] == "points" else f"{x:+.4f}")
+        p_line = f"p_fisher={r['p_fisher']}" if r["test"] == "Fisher exact" else f"p_t={r['p_t']} p_perm={r['p_perm']}"
         print(f"{r['id']:34s} {r['arms']:52s} n={'/'.join(map(str, r['seeds'])):4s} {fmt(r['diff'])} "
-              f"[{fmt(r['low'])}, {fmt(r['high'])}] p_t={r['p_t']} p_perm={r['p_perm']} -> {r['verdict']}")
+              f"[{fmt(r['low'])}, {fmt(r['high'])}] {p_line} p_holm={r['p_holm']} "
+              f"adj [{fmt(r['low_adj'])}, {fmt(r['high_adj'])}] -> {r['verdict']} (95%: {r['verdict_95']})")
     print("\nonset step of each signal in the collapsing cells (stage 1):")
     names = [k for k in order[0] if k not in ("study", "variant", "seed", "steps")] if order else []
     for o in order:
@@ -495,9 +782,16 @@ def main() -> None:
         lead = [f - a_ for a_, f in both if f is not None]
         print(f"accuracy {tag} before format {tag}: {sum(x > 0 for x in lead)} of {len(both)} cells "
               f"(format never fell that far in {sum(f is None for _, f in both)}); lead in steps {sorted(lead)}")
-    a.out.write_text(json.dumps({"claims": ROWS, "collapse_onsets": order, "smooth_steps": SMOOTH,
-                                 "sustain_steps": SUSTAIN, "drops": DROPS}, indent=1) + "\n")
+    print("\nfacts:", json.dumps(content["facts"], indent=1))
+    a.out.write_text(json.dumps(content, indent=1) + "\n")
     print(f"wrote {a.out}")
+    if a.results is not None:
+        text = a.results.read_text()
+        if missing_blocks(text):
+            raise SystemExit(f"--results {a.results}: no verdict block for {', '.join(missing_blocks(text))} "
+                             "(expected <!-- verdicts:NAME --> ... <!-- /verdicts:NAME -->)")
+        a.results.write_text(results_with_tables(text, rows))
+        print(f"rewrote the verdict tables of {a.results}")
 
 
 if __name__ == "__main__":

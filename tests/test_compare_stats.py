@@ -89,7 +89,10 @@ def test_baseline_choice_and_errors(study):
     with pytest.raises(ConfigError, match="--baseline"):
         build_table(data(study), baseline="nope")
     text = study_statistics(study, "grpo")
-    assert "final accuracy: gcd" in text and "vs grpo: +10.7" in text and "-> higher" in text
+    # 5 differences, three of them with Welch p 0.0106 (gcd and the two averages it drives): Holm p = 5 x 0.0106,
+    # above 0.05 -> the adjusted verdict is inconclusive, the 95% one "higher"
+    assert "final accuracy: gcd" in text and "vs grpo: +10.7" in text and "Holm p=0.053" in text
+    assert "-> inconclusive (higher at 95%)" in text
 
 
 def test_without_per_prompt_records_the_interval_is_welch(tmp_path):
@@ -118,7 +121,8 @@ def test_compare_html_shows_the_table_and_the_baseline(study, tmp_path):
     cells = [p for c in study.values() for p in c]
     text = write_compare(cells, tmp_path / "cmp.html", baseline="sdpo").read_text()
     assert "Statistics over seeds" in text and "baseline <b>sdpo</b>" in text
-    assert ">lower</span>" in text  # grpo against sdpo on gcd
+    assert ">inconclusive (lower at 95%)</span>" in text  # grpo against sdpo on gcd, after Holm's adjustment
+    assert "Holm-adjusted interval (level)" in text and "99.00%" in text
     assert "final accuracy: gcd" in text
     # one line against the baseline per number: averages (all, trained), gcd, sorting, response KL
     assert format_text(build_table(data(study))).count("vs grpo:") == 5
@@ -151,3 +155,29 @@ def test_summary_is_rebuilt_from_records_whatever_summary_json_says(tmp_path):
     assert load_run(run).summary == fresh
     (run / "summary.json").write_text(json.dumps({"metrics_version": 2, "mean_forgetting": 0.99}))
     assert load_run(run).summary["mean_forgetting"] == fresh["mean_forgetting"]
+
+
+def test_holm_adjustment_over_the_table(study, tmp_path):
+    """Every difference of the table is one test of one family: Holm p, the interval at the row's Holm
+    level (the same difference recomputed at that level) and the verdict read from it."""
+    table = build_table(data(study))
+    assert table.family_size == 5  # 2 averages, 2 domains, the response KL; one arm against the baseline
+    rows = {r.key: r for r in table.rows}
+    gcd = rows["acc/gcd"]
+    p = gcd.vs_baseline["sdpo"].p_welch
+    # p values (p, p, p, 1, 1): rank 1's alpha 0.05/5 = 0.01 < p, so Holm stops there: every row at 99%,
+    # adjusted p = max_j (5 - j + 1) p_(j) = 5p for the three equal ones
+    assert 0.01 < p < 0.05 / 4 and gcd.p_holm["sdpo"] == pytest.approx(5 * p)
+    assert all(r.holm_level["sdpo"] == pytest.approx(0.99) for r in table.rows)
+    assert rows["acc/sorting"].p_holm["sdpo"] == 1.0
+    ref = difference(np.array(GCD["sdpo"]) / PROMPTS, np.array(GCD["grpo"]) / PROMPTS, level=0.99)
+    adj = gcd.adjusted["sdpo"]
+    assert adj.welch_low == pytest.approx(ref.welch_low) and adj.low <= ref.welch_low < 0
+    # a clear gap survives the adjustment
+    far = {"grpo": [25, 26, 27], "sdpo": [45, 46, 47]}
+    arms = {v: [write_run(tmp_path / "far" / f"{v}-s{s}", v, s, k) for s, k in enumerate(hits)]
+            for v, hits in far.items()}
+    far_table = build_table(data(arms))
+    far_gcd = next(r for r in far_table.rows if r.key == "acc/gcd")
+    assert far_gcd.p_holm["sdpo"] < 0.05 and far_gcd.adjusted["sdpo"].low > 0
+    assert "-> higher" in format_text(far_table)

@@ -39,9 +39,27 @@ def test_mmd_of_identical_sets():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g)
     assert mmd2(x, x.clone()) == 0.0  # biased: exactly 0
-    # unbiased: 2 (mean off-diagonal k - mean k) = -2 (1 - mean off-diagonal k) / n, near 0 for n = 200
-    assert abs(mmd2(x, x.clone(), unbiased=True)) < 2 / 200
+    # unbiased: a set against itself is one sample, its i = j pairs left out of every mean: exactly 0
+    assert mmd2(x, x.clone(), unbiased=True) == 0.0
     assert mmd2(x, x + 3.0) > 0.5  # a shifted copy is far
+
+
+def test_unbiased_mmd_of_a_set_with_itself_by_hand():
+    # points 0, 1, 3 with s = 1: off-diagonal kernels a = k(0,1), b = k(0,3), c = k(1,3), each twice
+    a, b, c = math.exp(-0.5), math.exp(-4.5), math.exp(-2.0)
+    x = torch.tensor([[0.0], [1.0], [3.0]])
+    # U-statistic: within means over the 6 pairs i != j: 2 (a + b + c) / 6 each; the cross mean over the
+    # same 6 pairs (the 3 diagonal ones are a point against itself): 2 (a + b + c) / 6; 2/6 + 2/6 - 2 * 2/6 = 0.
+    # Keeping the diagonal in the cross mean (the earlier bug) gave 4 (a+b+c)/6 - 2 (3 + 2 (a+b+c)) / 9 = -0.4993.
+    assert mmd2(x, x.clone(), bandwidth=1.0, unbiased=True) == 0.0
+    # a different set of the same size keeps its cross diagonal: y = x + 1 -> points 1, 2, 4
+    y = x + 1.0
+    # k(x_i, y_j) for x = 0,1,3 and y = 1,2,4: distances 1,2,4 / 0,1,3 / 2,1,1
+    kxy = [[1, 2, 4], [0, 1, 3], [2, 1, 1]]
+    cross = sum(math.exp(-d * d / 2) for row in kxy for d in row) / 9
+    assert mmd2(x, y, bandwidth=1.0, unbiased=True) == pytest.approx(2 * 2 * (a + b + c) / 6 - 2 * cross)
+    matrix, _ = mmd_matrix({"x": x, "y": y}, unbiased=True)
+    assert matrix[0][0] == matrix[1][1] == 0.0
 
 
 def test_mmd_matrix_shares_one_bandwidth_and_is_symmetric():
@@ -155,3 +173,58 @@ def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
     assert "Forgetting against domain distance" in text
     pngs = images(text)
     assert len(pngs) == len(images(before)) + 1 and all(p.startswith(PNG_MAGIC) for p in pngs)
+
+
+def test_distance_embeds_the_prompts_the_runs_eval_read(monkeypatch, tiny_model, tokenizer):
+    """With the study's \\boxed{} format, the distance embeds the eval's very prompts (the boxed
+    instruction, not the <answer> one the default format would add)."""
+    import cptlab.analysis.distance as D
+    import cptlab.evaluate as E
+    from cptlab.config import resolve_eval
+    from cptlab.rollout import SamplingSpec
+
+    cfg = load_config("smoke", ["prompt.style=full", "prompt.answer_format=boxed", "eval.num_prompts=6",
+                                "eval.num_samples=0"])
+    embedded, generated = {}, {}
+
+    def fake_embeddings(model, tok, prompts, batch_size=64):
+        embedded[len(embedded)] = list(prompts)
+        return torch.randn(len(prompts), 3, generator=torch.Generator().manual_seed(len(embedded)))
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate(model, tok, prompts, spec, **kw):
+        generated[len(generated)] = list(prompts)
+        raise Stop
+
+    monkeypatch.setattr(D, "prompt_embeddings", fake_embeddings)
+    monkeypatch.setattr(E, "generate", fake_generate)
+    D.domain_distance(tiny_model, tokenizer, ["gcd", "arithmetic"], cfg.prompt, cfg.eval.num_prompts)
+    ecfg = resolve_eval(cfg)
+    for domain in ("gcd", "arithmetic"):
+        with pytest.raises(Stop):
+            E.evaluate_domain(tiny_model, tokenizer, domain, ecfg, cfg.prompt, SamplingSpec.for_eval(ecfg, cfg.rollout))
+    assert embedded == generated and len(embedded[0]) == 6
+    assert all("\\boxed{}" in p and "<answer>" not in p for p in embedded[0] + embedded[1])
+
+
+def test_pair_means_and_bins_by_hand():
+    from cptlab.analysis.distance import binned, pair_means
+
+    pts = [{"trained": "a", "domain": "b", "distance": 0.1, "forgetting": 0.2},
+           {"trained": "a", "domain": "b", "distance": 0.1, "forgetting": 0.4},   # the same pair, another run
+           {"trained": "a", "domain": "c", "distance": 0.9, "forgetting": -0.1},
+           {"trained": "b", "domain": "c", "distance": 0.5, "forgetting": 0.0},
+           {"trained": "b", "domain": "a", "distance": 0.3, "forgetting": 0.1}]
+    units = pair_means(pts)
+    assert [(u["trained"], u["domain"], u["points"]) for u in units] == [("a", "b", 2), ("b", "a", 1), ("b", "c", 1),
+                                                                         ("a", "c", 1)]
+    assert units[0]["forgetting"] == pytest.approx(0.3)
+    bins = binned(units, 2)
+    # pairs sorted by distance: 0.3, 0.1 | 0.0, -0.1; t interval of {0.3, 0.1}: 0.2 +- 12.706 * 0.1414 / sqrt 2
+    assert [(b["n"], b["pairs"]) for b in bins] == [(2, 2), (2, 2)]
+    assert bins[0]["mean"] == pytest.approx(0.2) and bins[1]["mean"] == pytest.approx(-0.05)
+    assert bins[0]["high"] - bins[0]["mean"] == pytest.approx(12.7062 * 0.1, rel=1e-4)
+    assert (bins[0]["low_distance"], bins[0]["high_distance"], bins[0]["distance"]) == pytest.approx((0.1, 0.3, 0.2))
+    assert [b["n"] for b in binned(units, 3)] == [2, 1, 1]

@@ -24,6 +24,7 @@ B = "\\boxed"
     (f"{B}{{5}} because 2 + 3 = 5", "5", False),                   # right box, text after it
     (f"{B}{{5", None, False),                                      # never closed
     (f"{B} {{7}}", "7", True),
+    (f"{B}{{{B}{{4}}}}", "4", False),                              # a box in a box: read 4, two wrappers
     ("the answer is 5", None, False),
 ])
 def test_boxed_parsing(text, answer, well_formed):
@@ -41,6 +42,23 @@ def test_boxed_artifact_flags():
     assert parse_answer(f"{B}{{4}} ok", "boxed").trailing_text
     assert parse_answer(f"x {B}{{4", "boxed").unclosed
     assert parse_answer(f"<answer>4</answer>", "boxed").answer is None  # formats do not read each other
+
+
+def test_a_nested_box_is_scored_on_its_content_and_counted_as_an_artifact():
+    """\\boxed{\\boxed{4}} is read like \\boxed{4} \\boxed{4}: the answer 4 is scored, the two wrappers make it
+    malformed and count as multiple answers in the artifact rates; nested tags the same way."""
+    from cptlab.analysis.artifacts import artifact_stats
+
+    nested = parse_answer(f"{B}{{{B}{{4}}}}", "boxed")
+    assert (nested.answer, nested.wrappers, nested.well_formed) == ("4", 2, False)
+    assert parse_answer(f"{B}{{x = {B}{{{B}{{5}}}}}}.", "boxed").wrappers == 3
+    ex = make_split("gcd", "eval", 1, style="full", answer_format="boxed")[0]
+    v = verify(ex, f"{B}{{{B}{{{ex.answer}}}}}", "full")
+    assert (v.correct, v.well_formed) == (True, False)
+    stats = artifact_stats([f"{B}{{{B}{{4}}}}", f"{B}{{4}}"], answer_format="boxed")
+    assert (stats["multiple_answer_rate"], stats["malformed_rate"], stats["no_answer_rate"]) == (0.5, 0.5, 0.0)
+    tags = parse_answer("<answer><answer>3</answer></answer>")
+    assert (tags.answer, tags.wrappers, tags.well_formed) == ("3", 2, False)
 
 
 def test_tags_keep_their_rules():

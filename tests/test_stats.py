@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cptlab.analysis.stats import (
-    bootstrap_ci, describe, difference, direction_word, hierarchical_bootstrap_ci, hierarchical_diff_ci,
-    mcnemar_exact, mcnemar_p, one_sample, paired_bootstrap_ci, permutation_p, sign_flip_p, t_ppf, t_sf2, verdict,
+    bootstrap_ci, describe, difference, direction_word, fisher_exact, hierarchical_bootstrap_ci, hierarchical_diff_ci,
+    holm, mcnemar_exact, mcnemar_p, one_sample, paired_bootstrap_ci, permutation_p, sign_flip_p, t_ppf, t_sf2, verdict,
     welch,
 )
 
@@ -184,3 +184,45 @@ def test_verdict_refuses_an_unknown_direction():
     with pytest.raises(ValueError, match="direction"):
         verdict((0.1, 0.2), "up")
     assert direction_word((0.1, 0.2)) == "higher" and direction_word((-0.2, 0.1)) == "inconclusive"
+
+
+def test_holm_by_hand():
+    # p = .01, .04, .03, .005 (m = 4): sorted .005 .01 .03 .04 against alpha/4, /3, /2, /1 = .0125 .0167 .025 .05:
+    # ranks 1-2 rejected, rank 3 (.03 >= .025) stops; rank 4 (.04 < .05 alone) is not rejected either.
+    rows = holm([0.01, 0.04, 0.03, 0.005])
+    assert [r.p_adjusted for r in rows] == pytest.approx([0.03, 0.06, 0.06, 0.02])  # max_j<=i (m-j+1) p_(j)
+    assert [r.rejected for r in rows] == [True, False, False, True]
+    assert [r.alpha for r in rows] == pytest.approx([0.05 / 3, 0.025, 0.025, 0.0125])  # rank 4 keeps rank 3's
+    # a missing p counts in m and is never rejected; adjusted p is capped at 1
+    rows = holm([0.001, None, float("nan"), 0.6])
+    assert [r.p_adjusted for r in rows] == pytest.approx([0.004, 1.0, 1.0, 1.0])
+    assert [r.rejected for r in rows] == [True, False, False, False]
+
+
+def test_holm_adjusted_t_intervals_give_holms_decisions():
+    """The rule applied to each row's t interval at level 1 - alpha_row rejects exactly what Holm rejects."""
+    rng = np.random.default_rng(3)
+    arms = [(rng.normal(shift, 1.0, 5), rng.normal(0.0, 1.0, 5)) for shift in (0.0, 0.5, 1.5, 2.0, 2.5, 3.0, 4.0)]
+    first = [difference(a, b) for a, b in arms]
+    rows = holm([d.p_welch for d in first])
+    assert 0 < sum(r.rejected for r in rows) < len(rows)
+    for (a, b), d, r in zip(arms, first, rows):
+        adj = difference(a, b, level=1 - r.alpha)
+        assert (verdict((adj.low, adj.high), "+") != "inconclusive") == r.rejected == (r.p_adjusted < 0.05)
+        assert adj.low <= d.low and adj.high >= d.high  # never narrower than the 95% interval
+
+
+@pytest.mark.parametrize("table", [(2, 5, 0, 5), (3, 3, 0, 3), (1, 4, 3, 4), (0, 6, 0, 6), (7, 10, 2, 9)])
+def test_fisher_exact_matches_scipy(table):
+    ya, na, yb, nb = table
+    expected = scipy_stats.fisher_exact([[ya, na - ya], [yb, nb - yb]])[1]
+    assert fisher_exact(ya, na, yb, nb) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fisher_exact_by_hand():
+    # 2 of 5 vs 0 of 5: tables with k of the 2 yeses in arm a, P(k) = C(5,k) C(5,2-k) / C(10,2) = 10/45, 25/45,
+    # 10/45 for k = 0, 1, 2; those no more probable than k = 2: k = 0 and 2 -> 20/45
+    assert fisher_exact(2, 5, 0, 5) == pytest.approx(20 / 45)
+    assert fisher_exact(3, 3, 0, 3) == pytest.approx(2 / 20)  # the two extreme splits of C(6, 3) = 20
+    with pytest.raises(ValueError, match="counts"):
+        fisher_exact(4, 3, 0, 3)

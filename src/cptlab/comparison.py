@@ -72,7 +72,7 @@ def _arms(runs: list[Run], groups: dict[str, list[int]]) -> dict[str, list[int]]
 
 def _stats_section(stats) -> list[str]:
     """compare.html's statistics table (analysis/compare.py): one row per number and variant."""
-    from .analysis.compare import cell_text, fmt, fmt_p
+    from .analysis.compare import cell_text, fmt, fmt_p, verdict_text
     from .analysis.stats import direction_word
 
     rows = []
@@ -80,7 +80,8 @@ def _stats_section(stats) -> list[str]:
         for k, arm in enumerate(stats.arms):
             s, d = row.per_arm[arm], row.vs_baseline.get(arm)
             dk = "raw" if row.kind == "raw" else "pts"
-            word = direction_word((d.low, d.high)) if d else ""
+            adj = row.adjusted.get(arm)
+            word = direction_word((adj.low, adj.high) if adj else (d.low, d.high)) if d else ""
             cls = {"higher": "neg" if row.lower_is_better else "pos",
                    "lower": "pos" if row.lower_is_better else "neg"}.get(word, "zero")
             against = "baseline" if arm == stats.baseline else esc(
@@ -88,19 +89,24 @@ def _stats_section(stats) -> list[str]:
             rows.append([esc(row.label + (" (lower is better)" if row.lower_is_better else "")) if k == 0 else "",
                          esc(arm), esc(s.n), esc(cell_text(s, row.kind)), against,
                          esc(fmt_p(d.p_welch)) if d else "", esc(fmt_p(d.p_perm)) if d else "",
-                         f'<span class="{cls}">{esc(word)}</span>' if d else ""])
+                         esc(fmt_p(row.p_holm[arm])) if d else "",
+                         esc(f"[{fmt(adj.low, dk, True)}, {fmt(adj.high, dk, True)}]"
+                             f" ({100 * row.holm_level[arm]:.2f}%)") if d and adj else "",
+                         f'<span class="{cls}">{esc(verdict_text(row, arm))}</span>' if d else ""])
     note = ('<p class="note">Per variant (runs that differ only in seed): mean ± sample std [95% t interval] over '
             f'seeds. Against the baseline <b>{esc(stats.baseline)}</b> (<code>--baseline</code>): the difference of '
             "means with its 95% interval (Welch's t over seeds; where every run has per-prompt records of the same "
             "eval set, widened to also cover the hierarchical bootstrap over seeds and prompts), Welch's p and the "
-            "exact permutation p over seeds (with 3 vs 3 seeds it cannot go below 0.10). Verdict rule: higher or "
-            "lower only where the interval excludes zero, else inconclusive. Accuracy in %, differences and "
+            "exact permutation p over seeds (with 3 vs 3 seeds it cannot go below 0.10), the Holm-adjusted p over "
+            f"the table's {stats.family_size} differences and the interval at the row's Holm level. Verdict rule: "
+            "higher or lower only where the adjusted interval excludes zero, else inconclusive (the 95% verdict "
+            "in brackets where it differs). Accuracy in %, differences and "
             "forgetting/BWT/FWT in points."
             + (f" {stats.paired_rows} accuracy rows use per-prompt records." if stats.paired_rows else
                " No per-prompt records (evals/): prompt noise is not in these intervals.") + "</p>")
     return ["<h2>Statistics over seeds</h2>", note,
             table(["number", "variant", "seeds", "mean ± std [95% interval]", "vs baseline [95% interval]",
-                   "Welch p", "perm. p", "verdict"], rows, 2)]
+                   "Welch p", "perm. p", "Holm p", "Holm-adjusted interval (level)", "verdict"], rows, 2)]
 
 
 _COMPARE_DRIFT = ["param/rel_l2_base", "param/rel_l2_prev", "param/effective_rank", "param/spectral_shift",
@@ -115,10 +121,10 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
     """Each domain's accuracy drop over a stage against its MMD^2 to the stage's trained domain, one dot
     per (run, stage, other domain), from each run's distance.json (computed first where it is missing and
     the run's base model is there)."""
-    from .analysis.distance import forgetting_vs_distance, run_distance
+    from .analysis.distance import binned, forgetting_vs_distance, pair_means, run_distance
 
     memo: dict = {}  # runs on one base model share one computation
-    series = []
+    series, pooled = [], []
     for i, run in enumerate(runs):
         try:
             distance = run_distance(run.root, memo)
@@ -126,6 +132,7 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
             warnings.warn(f"{run.root}: no domain distance ({e})")
             continue
         points = forgetting_vs_distance(run.R, run.domains, run.stage_domains, distance) if distance else []
+        pooled += points
         if points:
             series.append((labels[i], colours[i], [p["distance"] for p in points],
                            [100 * p["forgetting"] for p in points]))
@@ -135,9 +142,14 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
             '<p class="note">One dot per run, stage and untrained domain: the domain\'s greedy-accuracy drop over '
             "the stage (points; positive = forgotten) against its distance to the stage's domain, the MMD² (RBF "
             "kernel, median-heuristic bandwidth) between the two domains' held-out prompts embedded by the run's "
-            "base model (mean-pooled last hidden layer; <code>cptlab distance</code>). The dark line: mean drop in "
-            "equal-count bins of distance, all runs pooled.</p>",
-            img(plots.scatter_by_run(series, "MMD² to the stage's trained domain", "accuracy drop (points)"),
+            "base model (mean-pooled last hidden layer; <code>cptlab distance</code>). The dots are not independent: "
+            "every run and stage measures the same domain pairs. The dark line: the mean over domain pairs (each "
+            "pair's mean drop over all runs and stages) in equal-count bins of distance, with the 95% t interval "
+            "over the bin's pairs.</p>",
+            img(plots.scatter_by_run(series, "MMD² to the stage's trained domain", "accuracy drop (points)",
+                                     binned=[{**b, **{k: 100 * b[k] for k in ("mean", "low", "high")}}
+                                             for b in binned(pair_means(pooled), 6)],
+                                     binned_label="mean over domain pairs [95%]"),
                 "forgetting against domain distance")]
 
 

@@ -44,6 +44,14 @@ class DomainResult:
                     verifier_errors=self.verifier_errors)
 
 
+def eval_prompts(domain: str, n: int, pcfg: PromptConfig, tokenizer=None) -> tuple[list, list[str]]:
+    """(examples, prompts) of a domain's first n held-out questions, rendered exactly as the model reads
+    them at evaluation: the run's style, answer format (its instruction) and template. Everything that
+    shows a model the eval prompts (the evaluator, the domain distance) builds them here."""
+    examples = make_split(domain, "eval", n, style=pcfg.style, answer_format=pcfg.answer_format)
+    return examples, [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
+
+
 def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: PromptConfig, spec: SamplingSpec, *,
                     seed: int = 0) -> DomainResult:
     """ecfg: a resolved eval section (config.resolve_eval: no nulls). spec: greedy decoding on the run's
@@ -51,8 +59,7 @@ def evaluate_domain(model, tokenizer, domain: str, ecfg: EvalConfig, pcfg: Promp
     seeded with `seed`."""
     if ecfg.max_new_tokens is None or ecfg.temperature is None or ecfg.save_samples is None:
         raise ValueError("evaluate_domain: resolve the eval section first (cptlab.config.resolve_eval)")
-    examples = make_split(domain, "eval", ecfg.num_prompts, style=pcfg.style, answer_format=pcfg.answer_format)
-    prompts = [student_prompt(pcfg, ex.question, tokenizer) for ex in examples]
+    examples, prompts = eval_prompts(domain, ecfg.num_prompts, pcfg, tokenizer)
     greedy = generate(model, tokenizer, prompts, spec.as_greedy())
     verdicts = verify_batch(examples, greedy.texts, pcfg.style)
     errors = [v.error for v in verdicts if v.error]

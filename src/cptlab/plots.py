@@ -403,9 +403,12 @@ def band_lines(series: list[tuple[str, str, list, list, list, list]], xlabel: st
 
 
 @_plain_text
-def scatter_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel: str, bins: int = 6) -> str:
+def scatter_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabel: str, bins: int = 6,
+                   binned: list[dict] | None = None, binned_label: str = "binned mean (all runs)") -> str:
     """series: (label, colour, x, y) per run, one dot per point; a dark line joins the mean y of all
-    points within each of `bins` equal-count bins of x (pooled over runs), and a thin line marks y = 0."""
+    points within each of `bins` equal-count bins of x (pooled over runs), and a thin line marks y = 0.
+    binned: bins computed elsewhere instead ({distance, mean, low, high} each, in the plot's units, e.g.
+    over independent units): the dark line joins their means, with their intervals as error bars."""
     fig = _figure(7.0, 3.4)
     ax = fig.add_subplot()
     for label, col, x, y in series:
@@ -414,7 +417,13 @@ def scatter_by_run(series: list[tuple[str, str, list, list]], xlabel: str, ylabe
     ys = np.array([v for _, _, _, y in series for v in y], dtype=float)
     order = np.argsort(xs, kind="stable")
     groups = [g for g in np.array_split(order, min(bins, len(order))) if len(g)]
-    if len(groups) > 1:
+    if binned:
+        mid = np.array([b["mean"] for b in binned], dtype=float)
+        err = np.array([[m - b["low"] if b["low"] == b["low"] else 0.0 for m, b in zip(mid, binned)],
+                        [b["high"] - m if b["high"] == b["high"] else 0.0 for m, b in zip(mid, binned)]])
+        ax.errorbar([b["distance"] for b in binned], mid, yerr=err, color="#222222", linewidth=1.6, marker="s",
+                    markersize=4, capsize=3, label=binned_label, zorder=4)
+    elif len(groups) > 1:
         ax.plot([xs[g].mean() for g in groups], [ys[g].mean() for g in groups], color="#222222", linewidth=1.6,
                 marker="s", markersize=4, label="binned mean (all runs)")
     ax.axhline(0.0, color="#888888", linewidth=0.8)

@@ -6,7 +6,11 @@ Per arm and number: mean over seeds, sample std and the 95% t interval. Per arm 
 the difference of means, its interval (Welch's t over seeds, widened by the hierarchical bootstrap
 over seeds and prompts where every run of both arms has per-prompt records of the same eval set),
 Welch's p, the exact permutation p over seeds, and "higher" / "lower" / "inconclusive" by the verdict
-rule. Numbers come from the records (metrics.jsonl, evals/), never from summary.json, whose keys older
+rule. Every difference of the table is one test of one family: Holm's step-down (stats.holm) over
+the Welch p values gives each its adjusted p and the level of its adjusted interval (the same
+interval recomputed at that level), and the verdict word reads the adjusted interval; the 95% word
+is kept beside it. Where the interval also covers the bootstrap, the adjusted one can only be wider
+than Holm's test alone, never narrower. Numbers come from the records (metrics.jsonl, evals/), never from summary.json, whose keys older
 versions defined differently.
 """
 
@@ -23,7 +27,7 @@ from .metrics import (
     average_accuracy, average_accuracy_trained, backward_transfer, forward_transfer, matrix_from_records,
     mean_forgetting,
 )
-from .stats import Difference, Summary, describe, difference, direction_word
+from .stats import Difference, Summary, describe, difference, direction_word, holm
 
 DRIFT_ROWS = [("param/rel_l2_base", "weights: rel. L2 to base"),
               ("response/kl_to_base", "responses: token KL to base"),
@@ -52,6 +56,12 @@ class Row:
     per_arm: dict[str, Summary] = field(default_factory=dict)
     values: dict[str, list[float]] = field(default_factory=dict)
     vs_baseline: dict[str, Difference] = field(default_factory=dict)
+    adjusted: dict[str, Difference] = field(default_factory=dict)
+    """The same difference with its interval at the row's Holm level (see the module docstring)."""
+    p_holm: dict[str, float] = field(default_factory=dict)
+    """Holm-adjusted p over every difference of the table."""
+    holm_level: dict[str, float] = field(default_factory=dict)
+    """The level of `adjusted`'s interval (1 - the row's Holm alpha)."""
 
 
 @dataclass
@@ -62,6 +72,8 @@ class StatsTable:
     rows: list[Row]
     paired_rows: int
     """How many rows had per-prompt records for every run (their intervals include prompt noise)."""
+    family_size: int = 0
+    """How many differences the Holm adjustment ran over (every row, every arm against the baseline)."""
 
 
 @dataclass
@@ -145,7 +157,7 @@ def build_table(arms: dict[str, list[RunData]], baseline: str | None = None, see
             ("bwt", "BWT", "pts", False), ("fwt", "FWT (baseline: base model)", "pts", False)]
     spec += [(f"acc/{d}", f"final accuracy: {d}", "acc", False) for d in domains]
     spec += [(k, label, "raw", True) for k, label in DRIFT_ROWS]
-    rows, paired = [], 0
+    rows, paired, inputs = [], 0, {}
     for key, label, kind, lower in spec:
         row = Row(key, label, kind, lower)
         for a in names:
@@ -164,8 +176,13 @@ def build_table(arms: dict[str, list[RunData]], baseline: str | None = None, see
             if a != baseline:
                 extra = (cells[a], cells[baseline]) if has_cells else (None, None)
                 row.vs_baseline[a] = difference(row.values[a], row.values[baseline], *extra, seed=seed)
+                inputs[(key, a)] = (row.values[a], row.values[baseline], *extra)
         rows.append(row)
-    return StatsTable(names, baseline, {a: len(arms[a]) for a in names}, rows, paired)
+    tests = [(row, a) for row in rows for a in row.vs_baseline]
+    for (row, a), h in zip(tests, holm([row.vs_baseline[a].p_welch for row, a in tests])):
+        row.p_holm[a], row.holm_level[a] = h.p_adjusted, 1.0 - h.alpha
+        row.adjusted[a] = difference(*inputs[(row.key, a)], level=1.0 - h.alpha, seed=seed)
+    return StatsTable(names, baseline, {a: len(arms[a]) for a in names}, rows, paired, len(tests))
 
 
 def fmt(value: float, kind: str, signed: bool = False) -> str:
@@ -191,25 +208,43 @@ def cell_text(s: Summary, kind: str) -> str:
            f"[{fmt(s.low, kind)}, {fmt(s.high, kind)}]"
 
 
-def diff_text(d: Difference, kind: str) -> str:
-    """'diff [low, high] p=… perm p=… -> verdict' of one arm against the baseline."""
-    dk = "raw" if kind == "raw" else "pts"
-    return (f"{fmt(d.diff, dk, True)} [{fmt(d.low, dk, True)}, {fmt(d.high, dk, True)}] "
-            f"p={fmt_p(d.p_welch)} perm p={fmt_p(d.p_perm)} -> {direction_word((d.low, d.high))}")
+def verdict_text(row: Row, arm: str) -> str:
+    """The verdict word of the Holm-adjusted interval, and the 95% one in brackets where it differs."""
+    d, adj = row.vs_baseline[arm], row.adjusted.get(arm)
+    raw = direction_word((d.low, d.high))
+    if adj is None:
+        return raw
+    word = direction_word((adj.low, adj.high))
+    return word if word == raw else f"{word} ({raw} at 95%)"
+
+
+def diff_text(row: Row, arm: str) -> str:
+    """'diff [low, high] p=… perm p=… Holm p=… [adjusted interval] (level) -> verdict' of one arm
+    against the baseline."""
+    d, dk = row.vs_baseline[arm], "raw" if row.kind == "raw" else "pts"
+    out = f"{fmt(d.diff, dk, True)} [{fmt(d.low, dk, True)}, {fmt(d.high, dk, True)}] " \
+          f"p={fmt_p(d.p_welch)} perm p={fmt_p(d.p_perm)}"
+    adj = row.adjusted.get(arm)
+    if adj is not None:
+        out += (f" Holm p={fmt_p(row.p_holm[arm])} [{fmt(adj.low, dk, True)}, {fmt(adj.high, dk, True)}] "
+                f"({100 * row.holm_level[arm]:.2f}%)")
+    return f"{out} -> {verdict_text(row, arm)}"
 
 
 def format_text(table: StatsTable) -> str:
     """The table as plain text (what `cptlab study` prints at the end)."""
     seeds = ", ".join(f"{a}: {n}" for a, n in table.seeds.items())
     out = [f"Per variant: mean ± sample std [95% t interval] over seeds ({seeds}). Against {table.baseline}: "
-           "difference [95% interval] Welch p, exact permutation p -> verdict (higher / lower only where the "
-           "interval excludes 0). Accuracy in %, differences in points."]
+           "difference [95% interval] Welch p, exact permutation p, Holm-adjusted p over the table's "
+           f"{table.family_size} differences [the interval at the row's Holm level] -> verdict (higher / lower "
+           "only where the adjusted interval excludes 0; the 95% verdict in brackets where it differs). "
+           "Accuracy in %, differences in points."]
     for row in table.rows:
         out.append(f"{row.label}{' (lower is better)' if row.lower_is_better else ''}")
         for a in table.arms:
             line = f"  {a:20s} {cell_text(row.per_arm[a], row.kind)}"
             if a in row.vs_baseline:
-                line += f"   vs {table.baseline}: {diff_text(row.vs_baseline[a], row.kind)}"
+                line += f"   vs {table.baseline}: {diff_text(row, a)}"
             out.append(line)
     if table.paired_rows:
         out.append(f"{table.paired_rows} accuracy rows had per-prompt records: their intervals also resample "

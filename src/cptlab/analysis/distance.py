@@ -11,7 +11,8 @@ domains' prompts (its embedding model is not named). Here:
               the mean over tokens rather than the last token because every prompt ends with the same
               answer prefix ("A:"), whose state says more about the template than the task.
   prompts     the domain's fixed held-out evaluation prompts (the ones forgetting is measured on),
-              rendered exactly as the model reads them (`student_prompt`).
+              rendered exactly as the model reads them at evaluation (`evaluate.eval_prompts`: the
+              run's prompt section, its answer format's instruction included).
   kernel      RBF, k(x, y) = exp(-||x - y||^2 / (2 s^2)), with s by the median heuristic (Gretton et
               al. 2012): the median Euclidean distance between distinct points of the pooled sample.
               For a matrix the pool is every domain's embeddings, so that one kernel serves every
@@ -20,9 +21,16 @@ domains' prompts (its embedding model is not named). Here:
               all pairs including i = j: never negative, exactly 0 for identical sets, the squared
               RKHS distance between the two samples' mean embeddings. `unbiased=True` gives the
               U-statistic (diagonal pairs left out of the within-set means): unbiased, may be < 0.
+              A set compared with itself (the same points in the same order) is one sample, not two:
+              its i = j pairs are one point against itself in the cross term too, so they are left
+              out there as well and the U-statistic is exactly 0.
 
 The study's heatmap (Moenupa/SDPO-CL docs/DATA.md) shows values of 0 to 45 on a scale it does not state;
 only the ordering of distances, not their size, can be set beside it.
+
+Analysis units: the pooled points of `forgetting_vs_distance` share domain pairs across runs and
+stages, so intervals are taken over `pair_means` (one unit per trained/measured domain pair), binned
+by `binned`.
 
 `distance.json` (written into a run directory by `write_distance`, the `cptlab distance` verb):
 {"domains": [...], "mmd2": [[...]], "bandwidth": s, "estimator": "biased", "prompts_per_domain": n,
@@ -63,7 +71,8 @@ def mmd2(x: Tensor, y: Tensor, bandwidth: float | None = None, unbiased: bool = 
     """Maximum mean discrepancy squared between two samples with an RBF kernel: [N, H] x [M, H] -> float.
 
     bandwidth: the kernel's s (default: `median_bandwidth` of the pooled sample). Biased V-statistic by
-    default; `unbiased=True` leaves the i = j pairs out of the within-sample means.
+    default; `unbiased=True` leaves the i = j pairs out of the within-sample means, and, when x and y
+    are the same set (equal tensors), out of the cross mean too (the pairs of one point with itself).
     """
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"mmd2: need at least 2 points in each sample, got {len(x)} and {len(y)}")
@@ -72,6 +81,8 @@ def mmd2(x: Tensor, y: Tensor, bandwidth: float | None = None, unbiased: bool = 
     if unbiased:
         n, m = len(x), len(y)
         within = (kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+        if x.shape == y.shape and torch.equal(x, y):  # one sample against itself: i = j is no pair
+            return float(within - 2 * (kxy.sum() - kxy.trace()) / (n * (n - 1)))
         return float(within - 2 * kxy.mean())
     return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
 
@@ -84,8 +95,6 @@ def mmd_matrix(embeddings: dict[str, Tensor], unbiased: bool = False) -> tuple[l
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
             out[a][b] = out[b][a] = mmd2(embeddings[names[a]], embeddings[names[b]], s, unbiased)
-        if unbiased:  # a set against itself: the U-statistic is not exactly 0
-            out[a][a] = mmd2(embeddings[names[a]], embeddings[names[a]], s, True)
     return out, s
 
 
@@ -113,6 +122,45 @@ def forgetting_vs_distance(R: np.ndarray, domains: list[str], stage_domains: lis
     return points
 
 
+def pair_means(points: list[dict]) -> list[dict]:
+    """Independent units for forgetting against distance: one per (trained domain, other domain) pair.
+
+    The points of `forgetting_vs_distance`, pooled over runs, are not independent: every run and stage
+    that trains domain A measures the same pairs (A, B) on the same prompts, so a bin of many points may
+    hold only a few distinct pairs. Each pair's unit is the mean drop over all its points, at the mean
+    of its distances (the same value where one distance.json serves every run). Sorted by distance:
+    [{trained, domain, distance, forgetting, points}]."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["trained"], p["domain"]), []).append(p)
+    units = [{"trained": a, "domain": b, "distance": float(np.mean([p["distance"] for p in ps])),
+              "forgetting": float(np.mean([p["forgetting"] for p in ps])), "points": len(ps)}
+             for (a, b), ps in groups.items()]
+    return sorted(units, key=lambda u: (u["distance"], u["trained"], u["domain"]))
+
+
+def binned(units: list[dict], bins: int, level: float = 0.95) -> list[dict]:
+    """Equal-count bins of `units` by distance (the first len % bins bins one larger), each with its
+    distance range and mean, size, distinct pairs, and the mean drop with its t interval over the bin's
+    units (stats.describe): [{low_distance, high_distance, distance, n, pairs, mean, low, high}]."""
+    from .stats import describe
+
+    units = sorted(units, key=lambda u: u["distance"])
+    size, extra = divmod(len(units), bins)
+    out, start = [], 0
+    for b in range(bins):
+        chunk = units[start:start + size + (b < extra)]
+        start += len(chunk)
+        if not chunk:
+            continue
+        s = describe([u["forgetting"] for u in chunk], level)
+        out.append({"low_distance": chunk[0]["distance"], "high_distance": chunk[-1]["distance"],
+                    "distance": float(np.mean([u["distance"] for u in chunk])), "n": s.n,
+                    "pairs": len({(u["trained"], u["domain"]) for u in chunk}), "mean": s.mean, "low": s.low,
+                    "high": s.high})
+    return out
+
+
 # -- the base model's embeddings -------------------------------------------------------------------------
 @torch.no_grad()
 def prompt_embeddings(model, tokenizer, prompts: list[str], batch_size: int = 64) -> Tensor:
@@ -136,13 +184,11 @@ def prompt_embeddings(model, tokenizer, prompts: list[str], batch_size: int = 64
 def domain_distance(model, tokenizer, domains: list[str], prompt_cfg, prompts_per_domain: int,
                     batch_size: int = 64) -> dict:
     """The distance.json content for `domains` (at least 2), embedded by `model`."""
-    from ..prompts import student_prompt
-    from ..tasks import make_split
+    from ..evaluate import eval_prompts
 
     if len(domains) < 2:
         raise UserError(f"--domains: need at least 2 domains to compare, got {len(domains)}")
-    emb = {d: prompt_embeddings(model, tokenizer, [student_prompt(prompt_cfg, ex.question, tokenizer) for ex in
-                                                   make_split(d, "eval", prompts_per_domain, style=prompt_cfg.style)],
+    emb = {d: prompt_embeddings(model, tokenizer, eval_prompts(d, prompts_per_domain, prompt_cfg, tokenizer)[1],
                                 batch_size) for d in domains}
     matrix, s = mmd_matrix(emb)
     return {"domains": list(domains), "mmd2": matrix, "bandwidth": s, "estimator": "biased",

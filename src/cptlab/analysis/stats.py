@@ -14,6 +14,11 @@ Which interval is "the" 95% interval:
     seeds and prompts, so that a verdict accounts for seed-to-seed and prompt-sampling noise.
 The verdict rule (`verdict`): "agrees" only where that interval excludes zero in the stated
 direction, "disagrees" where it excludes zero in the opposite direction, else "inconclusive".
+
+Many verdicts at once (`holm`): each row's p is adjusted by Holm's step-down over the whole family,
+and the rule is applied to the row's interval at the level Holm's procedure gives that row, so that
+an adjusted interval excludes zero exactly where Holm rejects. A per-seed yes/no outcome (a run
+collapsed or not) is tested with Fisher's exact test (`fisher_exact`).
 """
 
 from __future__ import annotations
@@ -363,6 +368,60 @@ def verdict(interval: Sequence[float], direction: str | int) -> str:
     if hi < 0:
         return "agrees" if sign[direction] < 0 else "disagrees"
     return "inconclusive"
+
+
+# -- many verdicts at once -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HolmRow:
+    """One test of a family after Holm's step-down: the adjusted p, the alpha of the row's adjusted
+    interval (its level is 1 - alpha) and whether Holm rejects the null."""
+
+    p_adjusted: float
+    alpha: float
+    rejected: bool
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[HolmRow]:
+    """Holm's (1979) step-down over a family of m tests, in the order given.
+
+    Sort the p values ascending, p_(1) <= ... <= p_(m) (a missing p, None or NaN, counts in m as 1: it
+    is never rejected). Rank i has alpha_i = alpha / (m - i + 1). Holm rejects ranks 1 .. s-1, where s
+    is the first rank with p_(s) >= alpha_s (s = m + 1 when there is none), and nothing from s on.
+    Adjusted p (monotone): p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)); p~ < alpha exactly where
+    Holm rejects.
+
+    Adjusted intervals: rank i < s gets alpha_i, every rank i >= s gets alpha_s (the step-down stops
+    at s, so the later ranks keep s's level: monotonicity). A t interval at level 1 - a excludes zero
+    exactly where its test's p < a, so with the p of the test behind each interval the rule applied
+    to the adjusted intervals gives Holm's decisions: ranks before s have p_(i) < alpha_i, ranks from
+    s on have p_(i) >= p_(s) >= alpha_s."""
+    p = [1.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in pvalues]
+    m = len(p)
+    order = sorted(range(m), key=lambda k: p[k])
+    out: list[HolmRow | None] = [None] * m
+    running, stopped_alpha = 0.0, None
+    for rank, k in enumerate(order, start=1):
+        step_alpha = alpha / (m - rank + 1)
+        running = max(running, min(1.0, (m - rank + 1) * p[k]))
+        if stopped_alpha is None and p[k] >= step_alpha:
+            stopped_alpha = step_alpha
+        out[k] = HolmRow(running, step_alpha if stopped_alpha is None else stopped_alpha, stopped_alpha is None)
+    return out  # type: ignore[return-value]
+
+
+def fisher_exact(yes_a: int, n_a: int, yes_b: int, n_b: int) -> float:
+    """Two-sided Fisher's exact p of a 2x2 table (yes_a of n_a in arm a, yes_b of n_b in arm b): the
+    probability, under the hypergeometric law of the table with its margins fixed, of every table no
+    more probable than the observed one (relative tolerance 1e-7, as scipy does)."""
+    if not (0 <= yes_a <= n_a and 0 <= yes_b <= n_b):
+        raise ValueError(f"fisher_exact: counts must lie in 0..n, got {yes_a}/{n_a} and {yes_b}/{n_b}")
+    yes, n = yes_a + yes_b, n_a + n_b
+    if n == 0:
+        return 1.0
+    lo, hi = max(0, yes - n_b), min(yes, n_a)
+    probs = {k: math.comb(n_a, k) * math.comb(n_b, yes - k) / math.comb(n, yes) for k in range(lo, hi + 1)}
+    observed = probs[yes_a]
+    return min(1.0, sum(q for q in probs.values() if q <= observed * (1 + 1e-7)))
 
 
 def direction_word(interval: Sequence[float]) -> str:

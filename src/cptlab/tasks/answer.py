@@ -39,13 +39,14 @@ _BOX_TAIL_RE = re.compile(r"(\s|\$|\\\]|\\\)|[.!*])*")
 @dataclass(frozen=True)
 class ParsedAnswer:
     answer: str | None
-    """Content of the last complete wrapper, stripped; None if there is none, or if it is empty or a
-    placeholder. The only thing the reward reads."""
+    """Content of the last complete wrapper, stripped (a wrapper nested in it unwrapped: `\\boxed{\\boxed{4}}`
+    reads 4); None if there is none, or if it is empty or a placeholder. The only thing the reward reads."""
     well_formed: bool
     """The wrapper rules hold: exactly one wrapper, closed, with a real answer, and nothing after it
     (tags: whitespace only; boxed: whitespace, `$`, `\\]`, `\\)` or end punctuation)."""
     wrappers: int = 0
-    """Wrappers in the text (tags: the most of complete pairs, opening and closing tags)."""
+    """Wrappers in the text, nested ones included (tags: the most of complete pairs, opening and closing
+    tags)."""
     unclosed: bool = False
     """An opened wrapper is never closed."""
     empty: bool = False
@@ -103,6 +104,7 @@ def _parse_pair(text: str, open_: str, close: str) -> ParsedAnswer:
     if not isinstance(text, str):
         return ParsedAnswer(None, False)
     contents = re.findall(re.escape(open_) + r"(.*?)" + re.escape(close), text, re.DOTALL)
+    contents = [c.rsplit(open_, 1)[-1] for c in contents]  # nested tags: the innermost content is the answer
     unclosed = text.count(open_) != text.count(close) or (not contents and open_ in text)
     ends_clean = text.rstrip().endswith(close)
     wrappers = max(len(contents), text.count(open_), text.count(close))  # nested tags are two
@@ -149,12 +151,23 @@ def _strip_boxes(text: str) -> str:
     return _BOX_OPEN_RE.sub(" ", "".join(out) + text[pos:])
 
 
+def _unnest(content: str) -> str:
+    """A box's content with the boxes inside it unwrapped: the last inner box's content, recursively."""
+    inner, _ = _boxes(content)
+    return _unnest(inner[-1][0]) if inner else content
+
+
 def parse_boxed(text: str) -> ParsedAnswer:
+    """A box nested in a box (`\\boxed{\\boxed{4}}`, an artifact of the SDPO loop) is read like two boxes in
+    a row: the answer is the innermost content (4, scored as `\\boxed{4} \\boxed{4}` is scored), and the
+    two wrappers make it malformed (multiple answers), as nested tags are."""
     if not isinstance(text, str):
         return ParsedAnswer(None, False)
     boxes, unclosed = _boxes(text)
     ends_clean = bool(boxes) and _BOX_TAIL_RE.fullmatch(text[boxes[-1][2]:]) is not None
-    return _parsed(text, [c for c, _, _ in boxes], len(boxes), unclosed, ends_clean, _strip_boxes)
+    nested = sum(len(_BOX_OPEN_RE.findall(c)) for c, _, _ in boxes)
+    return _parsed(text, [_unnest(c) for c, _, _ in boxes], len(boxes) + nested, unclosed, ends_clean,
+                   _strip_boxes)
 
 
 # --- code: a fenced block ---------------------------------------------------------------------------
