@@ -15,7 +15,6 @@ YAML file and/or built-in domain names; `distinct` is the number of different qu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from cptlab.config import (Config, apply_overrides, deep_merge, eval_domains, from_dict, load_source, resolve_eval,
                            validate)
 from cptlab.basemodel import base_model
+from cptlab.tasks import install_domains
 from cptlab.evaluate import evaluate_domain
 from cptlab.models import count_parameters, resolve_device
 from cptlab.rollout import SamplingSpec
@@ -69,6 +69,7 @@ def build_config(a: argparse.Namespace, file_domains: dict, extra: list[str]) ->
                 *([f"model.path={a.model}"] if a.model else []), *overrides, *extra]
     cfg = from_dict(Config, apply_overrides(data, settings))
     validate(cfg)
+    install_domains(cfg.domains)  # this process evaluates and warms up on the config's domains
     return cfg
 
 

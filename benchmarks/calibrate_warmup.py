@@ -14,6 +14,7 @@ import torch
 
 from cptlab.config import load_config, resolve_eval
 from cptlab.evaluate import evaluate_all
+from cptlab.tasks import install_domains
 from cptlab.rollout import SamplingSpec
 from cptlab.models import build_tiny_model, build_tokenizer, count_parameters, resolve_device
 from cptlab.warmup import run_warmup
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> None:
     preset = argv[0] if argv and "=" not in argv[0] else "tiny"
     overrides = [a for a in argv if "=" in a]
     cfg = load_config(preset, overrides)
+    install_domains(cfg.domains)  # this process evaluates the config's domains
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     tokenizer = build_tokenizer()

@@ -22,8 +22,8 @@ def tiny_model(tokenizer):
 
 @pytest.fixture(autouse=True)
 def builtin_domains_only():
-    """A config with a `domains` section installs its domains process-wide; each test starts and ends
-    with the built-in ones only."""
+    """Tests that install a config's domains (install_domains, as the entry points that run work do)
+    leave them installed; each test starts and ends with the built-in ones only."""
     from cptlab.tasks import install_domains
 
     install_domains({})

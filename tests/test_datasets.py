@@ -11,7 +11,7 @@ import yaml
 
 from cptlab.config import ConfigError, load_config
 from cptlab.errors import UserError
-from cptlab.tasks import domain_info, get_domain, make_split, train_pool_size, verify
+from cptlab.tasks import domain_info, get_domain, install_domains, make_split, train_pool_size, verify
 from helpers import assert_one_line_error
 
 ROWS = [{"problem": f"{a} + {b} / {c}", "solution": f"\\frac{{{a * c + b}}}{{{c}}}", "level": "L3" if a % 2 else "L1"}
@@ -31,7 +31,9 @@ def math_domain(source, **extra) -> list[str]:
 def load(overrides, preset="smoke"):
     # stages=[] is refused by validation, so tests that only read domains give one stage on them
     overrides = [o for o in overrides if o != "stages=[]"]
-    return load_config(preset, overrides)
+    cfg = load_config(preset, overrides)
+    install_domains(cfg.domains)  # as the entry points that run work do
+    return cfg
 
 
 def cfg_file(tmp_path, domains: dict, stages=None, **sections):
@@ -289,7 +291,7 @@ def write_paper_data(root):
 def test_the_paper_preset_reads_the_studys_schemas(tmp_path, monkeypatch):
     write_paper_data(tmp_path)
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("paper", ["domains.math.eval_pool=4", "domains.science.eval_pool=1", "domains.code.eval_pool=2"])
+    cfg = load(["domains.math.eval_pool=4", "domains.science.eval_pool=1", "domains.code.eval_pool=2"], "paper")
     assert cfg.domains["math"].source == str(tmp_path / "data" / "paper" / "DAPO-Math-17k")
     sizes = {name: (domain_info(name).get("train"), domain_info(name)["eval"]) for name in cfg.eval.domains}
     assert sizes == {"math": (8, 4), "science": (2, 1), "tooluse": (6, 3), "code": (3, 2), "math500": (0, 3),

@@ -9,7 +9,7 @@ import yaml
 
 from cptlab.config import Config, ConfigError, eval_domains, from_dict, load_config, to_dict, validate
 from cptlab.errors import UserError
-from cptlab.tasks import all_domain_names, get_domain, make_split, verify
+from cptlab.tasks import all_domain_names, domains_installed, get_domain, install_domains, make_split, verify
 from helpers import assert_one_line_error
 
 PRODUCTS = ["domains.products_small.task=products",
@@ -17,8 +17,26 @@ PRODUCTS = ["domains.products_small.task=products",
             "domains.products_small.description=two factors below 100"]
 
 
+def installed(preset: str, overrides: list[str] = ()):
+    """A config loaded and its domains installed, as the entry points that run work do."""
+    cfg = load_config(preset, list(overrides))
+    install_domains(cfg.domains)
+    return cfg
+
+
+def test_loading_and_validating_a_config_changes_no_domain_until_it_is_installed():
+    cfg = load_config("smoke", PRODUCTS + ["domains.gcd.config={max_value: 12}"])
+    validate(cfg)
+    assert "products_small" not in all_domain_names() and get_domain("gcd").task_config.get("max_value") != 12
+    with domains_installed(cfg.domains):
+        assert "products_small" in all_domain_names() and get_domain("gcd").task_config["max_value"] == 12
+    assert "products_small" not in all_domain_names()  # the block's end restores the previous domains
+    with pytest.raises(ConfigError, match="did you mean gcd"):
+        load_config("smoke", ["stages=[{domain: gdc, steps: 1}]"])
+
+
 def test_a_new_domain_is_rendered_in_full_and_verified():
-    cfg = load_config("smoke", PRODUCTS + ["eval.domains=[all]", "prompt.answer_format=boxed"])
+    cfg = installed("smoke", PRODUCTS + ["eval.domains=[all]", "prompt.answer_format=boxed"])
     assert "products_small" in all_domain_names() and eval_domains(cfg)[-1] == "products_small"
     d = get_domain("products_small")
     assert d.task == "products" and not d.has_compact and d.family == "products"
@@ -31,13 +49,13 @@ def test_a_new_domain_is_rendered_in_full_and_verified():
 
 def test_a_built_in_domain_takes_new_generator_settings_and_keeps_its_rendering():
     before = make_split("gcd", "eval", 64)
-    load_config("smoke", ["domains.gcd.config={max_value: 12}"])
+    installed("smoke", ["domains.gcd.config={max_value: 12}"])
     after = make_split("gcd", "eval", 64)
     assert get_domain("gcd").has_compact and after[0].question.startswith("gcd ")
     assert max(n for ex in after for n in ex.entry["metadata"]["numbers"]) <= 12
     assert max(n for ex in before for n in ex.entry["metadata"]["numbers"]) > 12
     assert get_domain("gcd").task_config["min_value"] == 1  # merged over the built-in settings
-    load_config("smoke")  # the next config without the section restores the built-in domain
+    installed("smoke")  # the next config without the section restores the built-in domain
     assert [e.question for e in make_split("gcd", "eval", 64)] == [e.question for e in before]
 
 
@@ -63,10 +81,10 @@ def test_bad_domain_settings_name_the_field(overrides, field, needle):
 
 def test_a_small_domain_needs_a_smaller_held_out_pool_to_train_on():
     one_digit = ["domains.p1.task=products", "domains.p1.config={min_digits: 1, max_digits: 1}"]
-    load_config("smoke", one_digit)  # 99 distinct questions, all drawn into a pool of 512
+    installed("smoke", one_digit)  # 99 distinct questions, all drawn into a pool of 512
     with pytest.raises(UserError, match="domains.p1.eval_pool"):
         make_split("p1", "train", 10)
-    load_config("smoke", one_digit + ["domains.p1.eval_pool=40"])
+    installed("smoke", one_digit + ["domains.p1.eval_pool=40"])
     held_out = make_split("p1", "eval", 64)
     assert len(held_out) == 40  # eval sets are capped at the pool
     train = make_split("p1", "train", 200, seed=1)
@@ -74,7 +92,7 @@ def test_a_small_domain_needs_a_smaller_held_out_pool_to_train_on():
 
 
 def test_train_and_eval_of_config_domains_never_overlap():
-    load_config("smoke", PRODUCTS + ["domains.gcd.config={max_value: 60}"])
+    installed("smoke", PRODUCTS + ["domains.gcd.config={max_value: 60}"])
     for name in ("products_small", "gcd"):
         held_out = {e.question for e in make_split(name, "eval", 512)}
         train = make_split(name, "train", 300, seed=2)
@@ -82,12 +100,13 @@ def test_train_and_eval_of_config_domains_never_overlap():
 
 
 def test_the_section_round_trips_through_a_run_directory_config(tmp_path):
-    cfg = load_config("smoke", PRODUCTS + ["domains.products_small.ood_of=arithmetic"])
+    cfg = installed("smoke", PRODUCTS + ["domains.products_small.ood_of=arithmetic"])
     questions = [e.question for e in make_split("products_small", "eval", 16)]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    load_config("smoke")  # another config in between
+    installed("smoke")  # another config in between
     resumed = from_dict(Config, yaml.safe_load((tmp_path / "config.yaml").read_text()))
-    validate(resumed)  # what a resumed run does
+    validate(resumed)  # what a resumed run does: validate, then the driver installs its domains
+    install_domains(resumed.domains)
     assert resumed.domains["products_small"].ood_of == "arithmetic"
     assert get_domain("products_small").family == "arithmetic"
     assert [e.question for e in make_split("products_small", "eval", 16)] == questions

@@ -12,7 +12,7 @@ import yaml
 
 from cptlab.config import load_config
 from cptlab.offline_data import OOD_ROWS, ROWS, latex, molar_mass, write_paper_kinds
-from cptlab.tasks import get_domain
+from cptlab.tasks import get_domain, install_domains
 from cptlab.verifiers import get_verifier, prepare_item, verify_batch
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "cptlab" / "data"
@@ -133,7 +133,7 @@ def test_the_loader_reads_every_file_without_losing_a_row(tmp_path):
     cfg = {"extends": "smoke", "domains": domains, "eval": {"domains": list(domains)[:1], "num_prompts": 8},
            "stages": [{"domain": next(iter(domains)), "steps": 1}]}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    load_config(str(tmp_path / "cfg.yaml"))
+    install_domains(load_config(str(tmp_path / "cfg.yaml")).domains)
     for path in SHIPPED:
         data = get_domain(f"{path.parent.name}_{path.stem}").dataset
         assert (data.rows, data.duplicates, data.skipped) == (len(rows_of(path)), 0, 0), path.name

@@ -118,7 +118,7 @@ def eval_cmd(
     from .models import load_pretrained, resolve_device
     from .rollout import SamplingSpec
     from .store import atomic_write_json
-    from .tasks import check_domain
+    from .tasks import check_domain, install_domains
     from .ui import console, eval_table, print_samples
 
     if show < 0:
@@ -128,6 +128,7 @@ def eval_cmd(
     if config is None and model_dir in SHORT_NAMES:  # its prompt format, answer format and domains
         config = model_dir
     cfg = load_config(config, [f"model.path={model_dir}", *extra, *(overrides or [])])
+    install_domains(cfg.domains)  # this process evaluates the config's domains
     names = eval_domains(cfg)
     for n in names:
         check_domain(n, "--domains")
@@ -261,7 +262,7 @@ def domains_cmd(
     from rich.table import Table
 
     from .config import load_config
-    from .tasks import domain_table
+    from .tasks import domain_table, install_domains
     from .ui import console, safe_text
 
     if verifiers:
@@ -277,7 +278,9 @@ def domains_cmd(
         return
     prompt = None
     if args:
-        prompt = load_config(*_split_args(args)).prompt  # installs the config's domains
+        cfg = load_config(*_split_args(args))
+        install_domains(cfg.domains)  # the table lists the config's domains too
+        prompt = cfg.prompt
     table = Table(title="domains (reasoning-gym generators and data sets)")
     for col in ("name", "family", "ood_of", "source", "example", "solution"):
         table.add_column(col, overflow="fold", no_wrap=col == "name")

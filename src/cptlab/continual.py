@@ -34,7 +34,7 @@ from .models import resolve_device, save_model, weights_sha256
 from .optim import make_optimizer
 from .resume import is_complete, open_distributed, restore
 from .store import RunStore
-from .tasks import domain_info, install_domains
+from .tasks import domain_info, domains_installed
 from .trainer import StageRun, TrainSampler, train_stage
 from .ui import console
 from .variants import base_reference
@@ -45,7 +45,6 @@ class Driver:
 
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo | None = None):
         self.cfg, self.store = resolve(cfg), store  # the config as written stays in the store
-        install_domains(cfg.domains)  # this run's domains, whichever config the process loaded last
         self.info = info or dist.DistInfo(0, 1, 0, resolve_device(cfg.run.device), None)
         self.device = self.info.device
         self.domains = eval_domains(cfg)
@@ -117,6 +116,11 @@ class Driver:
             self.drift(self.model, stage, global_step, results)
 
     def run(self) -> None:
+        """The run, with this config's domains installed for its duration (tasks.domains_installed)."""
+        with domains_installed(self.cfg.domains):
+            self._run()
+
+    def _run(self) -> None:
         cfg, store = self.cfg, self.store
         if is_complete(store, len(cfg.stages)):  # resuming a finished run: its records stay as they are
             console.print(f"{store.root}: the run is already complete; nothing to resume")

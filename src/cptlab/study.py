@@ -142,6 +142,7 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
     from .basemodel import base_model
     from .gguf_model import find_gguf
     from .models import resolve_device
+    from .tasks import domains_installed
 
     first = load_config(study.preset, pending[0][1])
     # build and cache the base model (or dequantize the GGUF file) once, not once per process
@@ -150,7 +151,8 @@ def _run_parallel(study: StudyConfig, study_name: str, root: Path, pending: list
 
         import torch
 
-        base_model(first, resolve_device(first.run.device))
+        with domains_installed(first.domains):  # the warm-up may draw from the config's own domains
+            base_model(first, resolve_device(first.run.device))
         gc.collect()  # the children need the GPU memory the warm-up held (17 GiB of 80 for gpu_model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

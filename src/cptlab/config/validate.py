@@ -104,12 +104,12 @@ def _validate_method(m: MethodConfig, where: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Range checks; also installs the config's `domains` section into the domain registry, so that
-    everything after it (and every process that loads this config) sees those domains."""
-    from ..tasks import check_domain, install_domains, train_pool_size
+    """Range checks, domain names against the config's own domains (built-in + its `domains` section:
+    tasks.domain_registry); changes nothing outside `cfg`."""
+    from ..tasks import check_domain, domain_registry, train_pool_size
     from ..tasks.answer import RUN_FORMATS
 
-    install_domains(cfg.domains)
+    domains = domain_registry(cfg.domains)
     m, r, e, w = cfg.model, cfg.rollout, cfg.eval, cfg.warmup
     _check_finite(cfg, "")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
@@ -174,12 +174,12 @@ def validate(cfg: Config) -> None:
         _check(r.engine != "plain", "rollout.engine", r.engine,
                "'fast' or 'auto' with distributed.strategy=fsdp (rollouts sample from the fast engine's gathered weights)")
     for i, d in enumerate(w.domains):
-        check_domain(d, f"warmup.domains[{i}]")
-        _check(not w.enabled or train_pool_size(d, 1) > 0, f"warmup.domains[{i}]", d,
+        check_domain(d, f"warmup.domains[{i}]", domains)
+        _check(not w.enabled or train_pool_size(d, 1, domains) > 0, f"warmup.domains[{i}]", d,
                "a domain with training rows (this data set has only an eval_source)")
     for i, d in enumerate(e.domains):
         if d != "all":
-            check_domain(d, f"eval.domains[{i}]")
+            check_domain(d, f"eval.domains[{i}]", domains)
     _validate_method(cfg.method, "method")
     if cfg.model.path and w.pretrained and w.enabled:
         stage_domains = {stage.domain for stage in cfg.stages}
@@ -189,8 +189,8 @@ def validate(cfg: Config) -> None:
         _check(len(w.domains) >= 1, "warmup.domains", w.domains, "a non-empty list (warmup.pretrained is true)")
     _check(len(cfg.stages) >= 1, "stages", cfg.stages, "a non-empty list of stages, e.g. [{domain: gcd, steps: 50}]")
     for i, stage in enumerate(cfg.stages):
-        check_domain(stage.domain, f"stages[{i}].domain")
-        _check(stage.steps == 0 or train_pool_size(stage.domain, 1) > 0, f"stages[{i}].domain", stage.domain,
+        check_domain(stage.domain, f"stages[{i}].domain", domains)
+        _check(stage.steps == 0 or train_pool_size(stage.domain, 1, domains) > 0, f"stages[{i}].domain", stage.domain,
                "a domain with training rows (this data set has only an eval_source)")
         _check(stage.steps >= 0, f"stages[{i}].steps", stage.steps, "an integer >= 0")
         _validate_method(stage_method(cfg, stage, i), f"stages[{i}].method")

@@ -4,12 +4,14 @@ A domain is a reasoning-gym generator (domains.py) or a data set checked by a ve
 verifiers/); everything downstream (stages, evaluation, warm-up, studies, report) treats both alike.
 `make_split(name, "eval", n)` is a fixed held-out set; `make_split(name, "train", n, seed)` draws from
 another seed (a generator) or samples the training rows (a data set), never from the eval pool.
-The registry holds the built-in domains plus those of the run's `domains` config section
-(`install_domains`, called when a config is validated, so every process that loads it sees them).
+The registry holds the built-in domains plus those of the run's `domains` config section: validation
+checks a config against its own registry (`domain_registry`, nothing global changes); the entry points
+that run work install it (`install_domains`, `domains_installed` for a block: the driver's run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -41,10 +43,14 @@ def builtin_domain_names() -> list[str]:
     return list(_BUILTIN)
 
 
-def check_domain(name: str, field: str) -> Domain:
-    if name not in _REGISTRY:
-        raise ConfigError(field, name, "a domain (one of " + ", ".join(_REGISTRY) + ")")
-    return _REGISTRY[name]
+def check_domain(name: str, field: str, registry: Mapping[str, Domain] | None = None) -> Domain:
+    """The domain `name` of `registry` (default: the installed one); ConfigError naming `field` if none."""
+    registry = _REGISTRY if registry is None else registry
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(field, name, "a domain (one of " + ", ".join(registry) + ")" + hint)
+    return registry[name]
 
 
 def get_domain(name: str) -> Domain:
@@ -150,10 +156,10 @@ def _config_domain(name: str, spec: Any, where: str) -> Domain:
                   spec.description or f"reasoning-gym {task}", eval_pool=spec.eval_pool or EVAL_POOL)
 
 
-def install_domains(specs: Mapping[str, Any], field: str = "domains") -> None:
-    """Make the registry the built-in domains plus `specs` (name -> an object with task, config,
-    ood_of, description, eval_pool: config.DomainSpec), replacing what an earlier config installed.
-    A wrong task, generator setting or ood_of raises ConfigError naming `field.NAME.key`."""
+def domain_registry(specs: Mapping[str, Any], field: str = "domains") -> dict[str, Domain]:
+    """The built-in domains plus `specs` (name -> an object with task, config, ood_of, description,
+    eval_pool, or a data set's fields: config.DomainSpec), as a new mapping; nothing global changes. A
+    wrong task, generator setting, data file or ood_of raises ConfigError naming `field.NAME.key`."""
     registry = dict(_BUILTIN)
     for name, spec in specs.items():
         registry[name] = _config_domain(str(name), spec, f"{field}.{name}")
@@ -163,8 +169,31 @@ def install_domains(specs: Mapping[str, Any], field: str = "domains") -> None:
             raise ConfigError(f"{field}.{name}.ood_of", ood_of, "a domain name (one of " + ", ".join(registry) + ")")
         if ood_of is not None and name not in _BUILTIN:  # a related variant shares its domain's family
             registry[name] = dataclasses.replace(registry[name], family=registry[ood_of].family)
+    return registry
+
+
+def install_domains(specs: Mapping[str, Any] | dict[str, Domain], field: str = "domains") -> dict[str, Domain]:
+    """Make the domains this process looks names up in (make_split, verify, ...) the built-in ones plus
+    `specs` (or a registry from domain_registry); returns the previous registry. Called by the entry
+    points that run work on a config (the driver, `cptlab eval`, `cptlab domains`, a study's shared
+    warm-up, the analyses that re-read a run), never by loading or validating a config."""
+    registry = (dict(specs) if specs and all(isinstance(v, Domain) for v in specs.values())
+                else domain_registry(specs, field))
+    previous = dict(_REGISTRY)
     _REGISTRY.clear()
     _REGISTRY.update(registry)
+    return previous
+
+
+@contextlib.contextmanager
+def domains_installed(specs: Mapping[str, Any], field: str = "domains"):
+    """install_domains for the duration of a `with` block; the previous registry is back afterwards."""
+    previous = install_domains(specs, field)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(previous)
 
 
 # --- examples ------------------------------------------------------------------------------------
@@ -284,10 +313,10 @@ def _dataset_split(domain: Domain, split: str, n: int, seed: int, answer_format:
     return [_render_item(domain, item, answer_format) for item in rows]
 
 
-def train_pool_size(name: str, default: int) -> int:
+def train_pool_size(name: str, default: int, registry: Mapping[str, Domain] | None = None) -> int:
     """How many training examples a stage samples its prompts from: all rows of a data set (at least
     one), `default` generated questions for a generator."""
-    domain = get_domain(name)
+    domain = check_domain(name, "domain", registry)
     return len(domain.dataset.train) if domain.dataset is not None else default
 
 
@@ -408,6 +437,6 @@ def domain_table(style: str = "compact", answer_format: str = "tags") -> list[di
 
 
 __all__ = ["Domain", "Example", "Verdict", "all_domain_names", "builtin_domain_names", "check_domain", "get_domain",
-           "install_domains", "make_split", "verify", "verify_batch", "domain_table", "domain_info", "domain_format",
+           "install_domains", "domain_registry", "domains_installed", "make_split", "verify", "verify_batch", "domain_table", "domain_info", "domain_format",
            "train_pool_size", "EVAL_POOL", "FORMATS", "parse_answer",
            "format_answer"]
