@@ -15,7 +15,7 @@ from cptlab.analysis import per_prompt
 from cptlab.analysis.compare import RunData, build_table, format_text
 from cptlab.analysis.stats import difference
 from cptlab.errors import ConfigError
-from cptlab.comparison import write_compare
+from cptlab.compare_page import write_compare
 from cptlab.store import read_jsonl
 from cptlab.study import study_statistics
 

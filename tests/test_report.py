@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cptlab.comparison import write_compare
+from cptlab.compare_page import write_compare
 from cptlab.report import write_report
 from helpers import PNG_MAGIC, images, make_run
 

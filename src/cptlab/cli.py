@@ -183,7 +183,7 @@ def compare(
                                            "(a run name without its -s<seed> suffix; default: the first)."),
 ) -> None:
     """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds)."""
-    from .comparison import write_compare
+    from .compare_page import write_compare
 
     for d in run_dirs:
         if not (Path(d) / "metrics.jsonl").exists():

@@ -87,7 +87,7 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
     they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
     """
     from .api import run_continual
-    from .comparison import write_compare
+    from .compare_page import write_compare
 
     study = load_study(name)
     if jobs < 1:
