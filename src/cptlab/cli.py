@@ -11,16 +11,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import NumericalFault, UserError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
+from .errors import NumericalFault, UserError, closest, did_you_mean
 
 
 def _fail(message: str, code: int) -> None:
     print(f"cptlab: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """The verbs; an unknown one is one line with the closest verb, like every other bad input."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            verbs = self.list_commands(ctx)
+            _fail(f"unknown command {name!r}: {did_you_mean(closest(name, verbs))}expected one of "
+                  f"{', '.join(verbs)} (cptlab --help)", 2)
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=_Commands, rich_markup_mode=None, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
 
 
 def friendly(fn):
@@ -54,12 +68,22 @@ def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
 @app.command()
 @friendly
 def run(
-    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]"),
+    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]: a preset "
+                                               "(default tiny) or YAML file, then overrides of any config key"),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<run.name>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
-    """Build or load the base model, run the continual stages, evaluate, and write the report."""
+    """Build or load the base model, run the continual stages, evaluate, and write the report.
+
+    Any config key can be overridden after the preset as key.sub=value, for example:
+
+    \b
+    cptlab run smoke method.lr=1e-5 eval.num_prompts=64 eval.domains=[gcd,sorting]
+
+    `cptlab presets` lists the presets; `cptlab config PRESET [key=value ...]` prints every key with its
+    value and meaning.
+    """
     from .api import run_continual
     from .config import load_config
 
@@ -258,41 +282,32 @@ def domains_cmd(
 ) -> None:
     """List the domains (built-in, and those of a config's `domains` section) with an example each: a
     generator's task, or a data set's verifier and split sizes."""
-    from rich.table import Table
-
     from .config import load_config
     from .tasks import domain_table
-    from .ui import console, safe_text
+    from .ui import console, print_listing
 
     if verifiers:
         from .verifiers import table as verifier_table
 
-        table = Table(title="verifiers (domains.NAME.verifier)")
-        for col in ("name", "answer_format", "needs", "options", "description"):
-            table.add_column(col, overflow="fold", no_wrap=col == "name")
-        for r in verifier_table():
-            table.add_row(*(safe_text(r[c]) for c in ("name", "answer_format", "needs", "options", "description")))
-        console.print(table)
+        print_listing("verifiers (domains.NAME.verifier)", verifier_table(), "name",
+                      {"answer_format": "answer format "}, ["needs", "options", "description"])
         console.print("python:MODULE:FUNCTION: your own, called as FUNCTION(completion, item, **verifier_options)")
         return
     prompt = None
     if args:
         prompt = load_config(*_split_args(args)).prompt  # installs the config's domains
-    table = Table(title="domains (reasoning-gym generators and data sets)")
-    for col in ("name", "family", "ood_of", "source", "example", "solution"):
-        table.add_column(col, overflow="fold", no_wrap=col == "name")
     rows = domain_table(prompt.style, prompt.answer_format) if prompt else domain_table()
-    for r in rows:
-        table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "source", "example", "solution")))
-    console.print(table)
+    print_listing("domains (reasoning-gym generators and data sets)", rows, "name",
+                  {"family": "family ", "ood_of": "OOD variant of ", "source": ""}, ["example", "solution"])
 
 
 @app.command("presets")
 def presets_cmd() -> None:
-    """List the shipped presets."""
-    from .config import preset_names
+    """List the shipped presets with what each is for (`cptlab config PRESET` shows every setting)."""
+    from .config import preset_description, preset_names
 
-    print("\n".join(preset_names()))
+    for name in preset_names():
+        print(f"{name:20s} {preset_description(name)}")
 
 
 def _configure_threads() -> None:

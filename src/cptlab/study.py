@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, from_dict, load_config, read_yaml
-from .errors import UserError
+from .errors import UserError, closest, did_you_mean
 from .ui import console
 
 
@@ -48,7 +48,8 @@ def load_study(name: str) -> StudyConfig:
         data = read_yaml(path.read_text(), name)
     else:
         if name not in study_names():
-            raise ConfigError("study", name, "one of " + ", ".join(study_names()) + " or a .yaml file")
+            raise UserError(f"unknown study {name!r}: {did_you_mean(closest(name, study_names()))}expected one of "
+                            + ", ".join(study_names()) + " (`cptlab studies` describes each) or a .yaml file")
         data = read_yaml((resources.files("cptlab") / "presets" / "studies" / f"{name}.yaml").read_text(),
                           f"study {name}")
     study = from_dict(StudyConfig, data, "study")

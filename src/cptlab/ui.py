@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -76,3 +77,35 @@ def print_samples(domain: str, rows: list[dict], n: int) -> None:
         if row.get("feedback"):
             console.print("[bold]feedback:[/bold]")
             console.print(safe_text(str(row["feedback"])))
+
+
+WIDE = 120
+"""Terminals at least this wide get listings as one table; narrower ones one block per entry."""
+
+
+def print_listing(title: str, rows: list[dict[str, str]], name: str, inline: dict[str, str],
+                  fields: list[str]) -> None:
+    """Entries (domains, verifiers) readable at any terminal width. Wide: one table of every column.
+    Narrow: per entry its name and the short `inline` values (column -> the words put before its value)
+    on one line, then each of `fields` on lines of its own, wrapped under a hanging indent; a multi-line
+    value (a prompt) keeps its lines. Every value is shown literally (safe_text)."""
+    if console.width >= WIDE:
+        table = Table(title=title)
+        for col in (name, *inline, *fields):
+            table.add_column(col, overflow="fold", no_wrap=col == name)
+        for r in rows:
+            table.add_row(*(safe_text(r[c]) for c in (name, *inline, *fields)))
+        console.print(table)
+        return
+    console.print(f"[bold]{safe_text(title)}[/bold]")
+    for r in rows:
+        console.print()
+        console.print(" · ".join([f"[bold]{safe_text(r[name])}[/bold]",
+                                  *(safe_text(words + r[c]) for c, words in inline.items() if r.get(c))]))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        for c in fields:
+            if r.get(c):
+                grid.add_row(c, safe_text(r[c]))
+        console.print(Padding(grid, (0, 0, 0, 4), expand=False))

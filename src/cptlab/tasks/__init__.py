@@ -43,7 +43,7 @@ def builtin_domain_names() -> list[str]:
 
 def check_domain(name: str, field: str) -> Domain:
     if name not in _REGISTRY:
-        raise ConfigError(field, name, "a domain (one of " + ", ".join(_REGISTRY) + ")")
+        raise ConfigError(field, name, "a domain (one of " + ", ".join(_REGISTRY) + ")", choices=_REGISTRY)
     return _REGISTRY[name]
 
 
@@ -160,7 +160,8 @@ def install_domains(specs: Mapping[str, Any], field: str = "domains") -> None:
     for name, spec in specs.items():
         ood_of = registry[name].ood_of
         if ood_of is not None and ood_of not in registry:
-            raise ConfigError(f"{field}.{name}.ood_of", ood_of, "a domain name (one of " + ", ".join(registry) + ")")
+            raise ConfigError(f"{field}.{name}.ood_of", ood_of, "a domain name (one of " + ", ".join(registry) + ")",
+                              choices=registry)
         if ood_of is not None and name not in _BUILTIN:  # a related variant shares its domain's family
             registry[name] = dataclasses.replace(registry[name], family=registry[ood_of].family)
     _REGISTRY.clear()
