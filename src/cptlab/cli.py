@@ -206,13 +206,21 @@ def compare(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are tested against "
                                            "(a run name without its -s<seed> suffix; default: the first)."),
 ) -> None:
-    """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds)."""
-    from .compare_page import write_compare
+    """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds): print
+    the headline table and write the page. Warns when the runs differ in base model, domains or eval prompts."""
+    from .analysis.compare import headline, mismatch_line
+    from .compare_page import compare as compare_runs
+    from .ui import console, plain_table
 
     for d in run_dirs:
         if not (Path(d) / "metrics.jsonl").exists():
             raise UserError(f"'{d}' is not a run directory (no metrics.jsonl)")
-    print(f"comparison written to {write_compare(run_dirs, out, baseline)}")
+    result = compare_runs(run_dirs, out, baseline)
+    if result.mismatches:
+        print(f"cptlab: warning: {mismatch_line(result.mismatches)}", file=sys.stderr)
+    console.print(plain_table("after the last stage, mean over seeds: accuracy in %, forgetting, BWT, FWT and "
+                              "the difference [95% interval] in points", *headline(result.stats)))
+    print(f"comparison written to {result.path}")
 
 
 @app.command()

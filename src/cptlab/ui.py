@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.padding import Padding
@@ -51,6 +52,16 @@ def eval_table(title: str, rows: dict[str, dict]) -> Table:
     for name, r in rows.items():
         table.add_row(name, pct(r["greedy_acc"]), pct(r.get("lenient_acc")), pct(r.get("sampled_acc")),
                       pct(r["format_rate"]), f"{r['mean_length']:.1f}")
+    return table
+
+
+def plain_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table of plain text (nothing in it is read as markup); the first column left, the rest right."""
+    table = Table(title=safe_text(title), box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i, col in enumerate(columns):
+        table.add_column(safe_text(col), justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(safe_text(c) for c in row))
     return table
 
 
