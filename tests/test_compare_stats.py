@@ -198,6 +198,11 @@ def test_mismatches_name_what_differs_and_nothing_else(study, tmp_path):
     assert mismatch_line(found).startswith("the runs differ in trained domains (x: arithmetic→sorting; y: arithmetic); "
                                            "evaluated domains (")
     assert mismatch_line([]) == ""
+    # a variant whose runs agree is named once
+    runs = {n: RunData(n, p, read_jsonl(p / "metrics.jsonl")) for n, p in (("x · seed 0", x), ("x · seed 1", x),
+                                                                          ("y", y))}
+    found = mismatches(runs, {"x": ["x · seed 0", "x · seed 1"], "y": ["y"]})
+    assert found[0].detail == "x: arithmetic→sorting; y: arithmetic"
 
 
 def test_numbers_are_shown_in_the_report_units():

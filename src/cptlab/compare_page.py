@@ -203,7 +203,8 @@ def _build(runs: list[Run], baseline: str | None) -> tuple[str, StatsTable, list
     labels = run_labels(runs, arms)
     stats = build_table({a: [RunData(runs[i].name, runs[i].root, runs[i].records) for i in m] for a, m in arms.items()},
                         baseline)
-    found = mismatches({labels[i]: RunData(r.name, r.root, r.records, r.config) for i, r in enumerate(runs)})
+    found = mismatches({labels[i]: RunData(r.name, r.root, r.records, r.config) for i, r in enumerate(runs)},
+                       {a: [labels[i] for i in members] for a, members in arms.items()})
     nums = [numbers(r) for r in runs]
     domains = list(dict.fromkeys(d for r in runs for d in r.domains))
 

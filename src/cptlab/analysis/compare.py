@@ -253,11 +253,17 @@ class Mismatch:
     """Which runs have what, e.g. "a, b: arithmetic→sorting; c: sorting"."""
 
 
-def _grouped(values: dict[str, object], show) -> str:
-    """'a, b: X; c: Y': the runs (by label) grouped by value, in order of first appearance."""
+def _grouped(values: dict[str, object], show, arms: dict[str, list[str]]) -> str:
+    """'a, b: X; c: Y': the runs (by label) grouped by value, in order of first appearance; all runs of
+    a variant (`arms`: its name -> its runs' labels) in one group are named by the variant."""
     groups: dict[object, list[str]] = {}
     for name, value in values.items():
         groups.setdefault(value, []).append(name)
+    for names in groups.values():
+        for arm, members in arms.items():
+            if len(members) > 1 and all(m in names for m in members):
+                names[names.index(members[0])] = arm
+                names[:] = [n for n in names if n not in members]
     return "; ".join(f"{', '.join(names)}: {show(value)}" for value, names in groups.items())
 
 
@@ -288,26 +294,28 @@ def _bases_differ(runs: dict[str, RunData], hashes: dict[str, str]) -> bool:
     return False
 
 
-def mismatches(runs: dict[str, RunData]) -> list[Mismatch]:
+def mismatches(runs: dict[str, RunData], arms: dict[str, list[str]] | None = None) -> list[Mismatch]:
     """Where runs (label -> run) are not like for like: a different base model (the weights' sha256 in
     run_start, where the runs' seeds do not explain it; else the parameter count), other trained domains (the stage sequence), other evaluated
     domains, or other eval prompts for a domain they share (per-prompt records: prompt count, generator
-    config and prompts' sha256). What a run does not record is not guessed at."""
+    config and prompts' sha256). What a run does not record is not guessed at. `arms` (variant -> its
+    runs' labels) names a variant instead of all its runs where they agree."""
+    arms = arms or {}
     out = []
     bases = {k: _start(r).get("base") or {} for k, r in runs.items()}
     hashes = {k: b.get("weights_sha256") for k, b in bases.items()}
     sizes = {k: b.get("parameters") for k, b in bases.items()}
     if all(hashes.values()) and _bases_differ(runs, hashes):
-        out.append(Mismatch("base model", _grouped(hashes, lambda h: f"weights {h[:8]}")))
+        out.append(Mismatch("base model", _grouped(hashes, lambda h: f"weights {h[:8]}", arms)))
     elif all(sizes.values()) and len(set(sizes.values())) > 1:
-        out.append(Mismatch("base model", _grouped(sizes, lambda n: f"{n / 1e6:.2f}M parameters")))
+        out.append(Mismatch("base model", _grouped(sizes, lambda n: f"{n / 1e6:.2f}M parameters", arms)))
     trained = {k: tuple(str(s.get("domain", "?")) for s in _start(r).get("stages") or []) for k, r in runs.items()}
     if len(set(trained.values())) > 1:
-        out.append(Mismatch("trained domains", _grouped(trained, lambda t: "→".join(t) or "no stages")))
+        out.append(Mismatch("trained domains", _grouped(trained, lambda t: "→".join(t) or "no stages", arms)))
     evaluated = {k: tuple(sorted(_start(r).get("domains") or matrix_from_records(r.records)[1]))
                  for k, r in runs.items()}
     if len(set(evaluated.values())) > 1:
-        out.append(Mismatch("evaluated domains", _grouped(evaluated, lambda d: ", ".join(d) or "none")))
+        out.append(Mismatch("evaluated domains", _grouped(evaluated, lambda d: ", ".join(d) or "none", arms)))
     shared = [d for d in next(iter(evaluated.values()), ()) if all(d in e for e in evaluated.values())]
     differing = []
     for d in shared:
@@ -315,7 +323,7 @@ def mismatches(runs: dict[str, RunData]) -> list[Mismatch]:
         if all(ids.values()) and len(set(ids.values())) > 1:
             counts = {i[0] for i in ids.values()}
             show = (lambda i: f"{i[0]} prompts") if len(counts) > 1 else (lambda i: f"set {str(i[2])[:8]}")
-            differing.append(f"{d} ({_grouped(ids, show)})")
+            differing.append(f"{d} ({_grouped(ids, show, arms)})")
     if differing:
         out.append(Mismatch("eval prompts", "; ".join(differing)))
     return out
