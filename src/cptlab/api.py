@@ -45,9 +45,10 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
     if cfg is not None:
         check_extras(cfg)
     elif resume is not None and (Path(resume) / "config.yaml").is_file():
-        from .config import load_run_config
+        from .config import Config, from_dict, load_source
 
-        check_extras(load_run_config(Path(resume) / "config.yaml"))
+        # typed, not validated (the driver validates it once; validation reads every data-set domain)
+        check_extras(from_dict(Config, load_source(str(Path(resume) / "config.yaml"))))
     return drive(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, finish=_finish)
 
 
