@@ -104,6 +104,15 @@ def test_a_near_miss_is_one_line_with_the_closest_name(args, needles, tmp_path, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["run", "smoke", "--outt", "x"], ["No such option: --outt", "--out", "(see cptlab run --help)"]),
+    (["compare"], ["Missing argument 'run_dirs'", "(see cptlab compare --help)"]),
+    (["export", "r", "--stage", "two"], ["'--stage'", "integer", "(see cptlab export --help)"]),
+])
+def test_usage_errors_are_one_line_too(args, needles, cli):
+    assert_one_line_error(cli(*args), *needles)
+
+
 def test_a_preset_is_called_a_preset_and_a_far_miss_gets_no_guess(cli):
     line = assert_one_line_error(cli("config", "zzzzzz"), "unknown preset 'zzzzzz'")
     assert "config field" not in line and "did you mean" not in line

@@ -16,20 +16,51 @@ from typer.core import TyperGroup
 from .errors import NumericalFault, UserError, closest, did_you_mean
 
 
+# click's exception classes as typer raises them (typer 0.29 carries its own copy of click)
+_UsageError, _ClickException = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+                                for name in ("UsageError", "ClickException"))
+
+
 def _fail(message: str, code: int) -> None:
     print(f"cptlab: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
 
 class _Commands(TyperGroup):
-    """The verbs; an unknown one is one line with the closest verb, like every other bad input."""
+    """The verbs; an unknown one is one line with the closest verb, and so is every other usage error
+    (an unknown option, a missing argument), like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # Exit(n) comes back as n
+        except _UsageError as e:
+            if e.ctx is None or type(e).__name__ == "NoArgsIsHelpError":  # bare `cptlab`: the help
+                e.show()
+                sys.exit(e.exit_code)
+            names, ctx = [], e.ctx
+            while ctx.parent is not None:
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["cptlab", *names])
+            print(f"cptlab: error: {' '.join(e.format_message().split()).rstrip('.')} (see {where} --help)",
+                  file=sys.stderr)
+            sys.exit(2)
+        except _ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def resolve_command(self, ctx, args):
         name = args[0] if args else ""
         if name and not name.startswith("-") and self.get_command(ctx, name) is None:
             verbs = self.list_commands(ctx)
             _fail(f"unknown command {name!r}: {did_you_mean(closest(name, verbs))}expected one of "
-                  f"{', '.join(verbs)} (cptlab --help)", 2)
+                  f"{', '.join(verbs)} (see cptlab --help)", 2)
         return super().resolve_command(ctx, args)
 
 
