@@ -195,8 +195,8 @@ def test_mismatches_name_what_differs_and_nothing_else(study, tmp_path):
     assert [(m.topic, m.detail) for m in found] == [
         ("trained domains", "x: arithmetic→sorting; y: arithmetic"),
         ("evaluated domains", "x: arithmetic, sorting; y: arithmetic, gcd")]
-    assert mismatch_line(found).startswith("the runs differ in trained domains (x: arithmetic→sorting; y: arithmetic); "
-                                           "evaluated domains (")
+    assert mismatch_line(found).startswith(
+        "the runs differ in trained domains (x: arithmetic→sorting; y: arithmetic); evaluated domains (")
     assert mismatch_line([]) == ""
     # a variant whose runs agree is named once
     runs = {n: RunData(n, p, read_jsonl(p / "metrics.jsonl")) for n, p in (("x · seed 0", x), ("x · seed 1", x),
@@ -219,7 +219,7 @@ def test_compare_prints_the_headline_table_and_no_warning_for_like_runs(study, t
     result = cli("compare", *cells, "--out", tmp_path / "c.html")
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == ""  # one base, one set of domains and prompts: nothing to warn about
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["grpo"], ["sdpo"])}
+    rows = {words[0]: words for words in map(str.split, result.stdout.splitlines()) if words[:1] in (["grpo"], ["sdpo"])}
     # final average accuracy over gcd and sorting (40/50): grpo (26+40)/2/50, sdpo (31.33+40)/2/50
     assert rows["grpo"][:4] == ["grpo", "3", "66.0", "52.0"] and rows["grpo"][-1] == "baseline"
     table = build_table(data(study))

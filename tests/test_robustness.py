@@ -197,7 +197,8 @@ def test_compare_warns_when_runs_trained_other_domains(unevaluated, cli, tmp_pat
         assert shared not in warning[0]
     page = (tmp_path / "c.html").read_text()
     assert "not like for like" in page and "cost$_$x: arithmetic→sorting; other: sorting" in page
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["cost$_$x"], ["other"])}
+    rows = {words[0]: words for words in map(str.split, result.stdout.splitlines())
+            if words[:1] in (["cost$_$x"], ["other"])}
     acc = {r: 100 * np.nanmean(load_run(d).R[-1]) for r, d in (("cost$_$x", unevaluated), ("other", other))}
     assert rows["cost$_$x"][1:3] == ["1", f"{acc['cost$_$x']:.1f}"] and rows["other"][2] == f"{acc['other']:.1f}"
     assert rows["cost$_$x"][-1] == "baseline"

@@ -64,7 +64,9 @@ class _Commands(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-app = typer.Typer(cls=_Commands, rich_markup_mode=None, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text shows "[PRESET|FILE.yaml]" and "eval.domains=[gcd]" literally
+app = typer.Typer(cls=_Commands, rich_markup_mode=None, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
 
 

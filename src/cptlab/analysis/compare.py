@@ -296,10 +296,11 @@ def _bases_differ(runs: dict[str, RunData], hashes: dict[str, str]) -> bool:
 
 def mismatches(runs: dict[str, RunData], arms: dict[str, list[str]] | None = None) -> list[Mismatch]:
     """Where runs (label -> run) are not like for like: a different base model (the weights' sha256 in
-    run_start, where the runs' seeds do not explain it; else the parameter count), other trained domains (the stage sequence), other evaluated
-    domains, or other eval prompts for a domain they share (per-prompt records: prompt count, generator
-    config and prompts' sha256). What a run does not record is not guessed at. `arms` (variant -> its
-    runs' labels) names a variant instead of all its runs where they agree."""
+    run_start, where the runs' seeds do not explain it; else the parameter count), other trained
+    domains (the stage sequence), other evaluated domains, or other eval prompts for a domain they
+    share (per-prompt records: prompt count, generator config and prompts' sha256). What a run does not
+    record is not guessed at. `arms` (variant -> its runs' labels) names a variant instead of all its
+    runs where they agree."""
     arms = arms or {}
     out = []
     bases = {k: _start(r).get("base") or {} for k, r in runs.items()}

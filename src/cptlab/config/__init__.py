@@ -20,7 +20,8 @@ from .validate import TEMPLATE_SLOTS, refuse_unused_settings, validate
 
 __all__ = ["ConfigError", "UserError", "deep_merge", "from_dict", "to_dict", "describe", "field_docs",
            "absolute_sources", "apply_overrides", "load_config", "load_run_config", "load_source", "parse_override",
-           "preset_description", "preset_names", "read_yaml", "eval_domains", "general_probe_enabled", "resolve_eval", "stage_method", "Config",
+           "preset_description", "preset_names", "read_yaml", "eval_domains", "general_probe_enabled", "resolve_eval",
+           "stage_method", "Config",
            "DistributedConfig", "DomainSpec", "EvalConfig", "GRPOConfig", "LoraConfig", "MethodConfig", "ModelConfig",
            "PromptConfig", "RolloutConfig", "RunSettings", "SDPOConfig", "StageConfig", "WarmupConfig",
            "DistillationConfig", "TeacherConfig", "RepromptConfig", "EMATeacherConfig", "FrozenTeacherConfig",
