@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from cptlab.analysis import per_prompt
-from cptlab.analysis.compare import RunData, build_table, format_text
+from cptlab.analysis.compare import RunData, build_table, format_text, verdict_text
 from cptlab.analysis.stats import difference
 from cptlab.errors import ConfigError
-from cptlab.comparison import write_compare
+from cptlab.compare_page import write_compare
 from cptlab.store import read_jsonl
 from cptlab.study import study_statistics
 
@@ -181,3 +181,82 @@ def test_holm_adjustment_over_the_table(study, tmp_path):
     far_gcd = next(r for r in far_table.rows if r.key == "acc/gcd")
     assert far_gcd.p_holm["sdpo"] < 0.05 and far_gcd.adjusted["sdpo"].low > 0
     assert "-> higher" in format_text(far_table)
+
+
+# -- not like for like: base model, domains, eval prompts ----------------------------------------------
+
+def with_base(run: Path, config: dict | None = None, **base) -> RunData:
+    """The run as `mismatches` reads it, its run_start's base info replaced by `base`."""
+    records = read_jsonl(run / "metrics.jsonl")
+    records[0] = {**records[0], "base": base}
+    return RunData(run.name, run, records, config or {})
+
+
+def test_mismatches_name_what_differs_and_nothing_else(study, tmp_path):
+    from cptlab.analysis.compare import mismatch_line, mismatches
+    from helpers import make_run
+
+    a, b = study["grpo"][0], study["sdpo"][0]
+    assert mismatches({"a": with_base(a, weights_sha256="1" * 64), "b": with_base(b, weights_sha256="1" * 64)}) == []
+    found = mismatches({"a": with_base(a, weights_sha256="1" * 64), "b": with_base(b, weights_sha256="2" * 64)})
+    assert [(m.topic, m.detail) for m in found] == [("base model", "a: weights 11111111; b: weights 22222222")]
+    # a base built from run.seed (warmup.seed: null) differs with the seed by design; from one warmup.seed it must not
+    seeded = [{"warmup": {"seed": None}, "run": {"seed": s}} for s in (0, 1)]
+    assert mismatches({"a": with_base(a, seeded[0], weights_sha256="1" * 64),
+                       "b": with_base(b, seeded[1], weights_sha256="2" * 64)}) == []
+    fixed = [{"warmup": {"seed": 0}, "run": {"seed": s}} for s in (0, 1)]
+    assert mismatches({"a": with_base(a, fixed[0], weights_sha256="1" * 64),
+                       "b": with_base(b, fixed[1], weights_sha256="2" * 64)})[0].topic == "base model"
+    # older runs without a hash: only a different parameter count is a sure difference
+    found = mismatches({"a": with_base(a, parameters=680_000), "b": with_base(b, parameters=76_000_000)})
+    assert found[0].detail == "a: 0.68M parameters; b: 76.00M parameters"
+    # the same prompts in name only: another eval set of gcd
+    other = b / per_prompt.file_name(0, 0)
+    record = json.loads(other.read_text())
+    record["domains"]["gcd"]["prompts_sha256"] = "q" * 64
+    other.write_text(json.dumps(record))
+    found = mismatches({"a": RunData("a", a, read_jsonl(a / "metrics.jsonl")),
+                        "b": RunData("b", b, read_jsonl(b / "metrics.jsonl"))})
+    assert [(m.topic, m.detail) for m in found] == [("eval prompts", "gcd (a: set pppppppp; b: set qqqqqqqq)")]
+    # other trained and evaluated domains
+    x = make_run(tmp_path / "x", name="x", domains=("arithmetic", "sorting"), methods=("grpo", "grpo"))
+    y = make_run(tmp_path / "y", name="y", domains=("arithmetic", "gcd"), methods=("grpo",))
+    found = mismatches({n: RunData(n, p, read_jsonl(p / "metrics.jsonl")) for n, p in (("x", x), ("y", y))})
+    assert [(m.topic, m.detail) for m in found] == [
+        ("trained domains", "x: arithmetic→sorting; y: arithmetic"),
+        ("evaluated domains", "x: arithmetic, sorting; y: arithmetic, gcd")]
+    assert mismatch_line(found).startswith(
+        "the runs differ in trained domains (x: arithmetic→sorting; y: arithmetic); evaluated domains (")
+    assert mismatch_line([]) == ""
+    # a variant whose runs agree is named once
+    runs = {n: RunData(n, p, read_jsonl(p / "metrics.jsonl")) for n, p in (("x · seed 0", x), ("x · seed 1", x),
+                                                                          ("y", y))}
+    found = mismatches(runs, {"x": ["x · seed 0", "x · seed 1"], "y": ["y"]})
+    assert found[0].detail == "x: arithmetic→sorting; y: arithmetic"
+
+
+def test_numbers_are_shown_in_the_report_units():
+    from cptlab.analysis.compare import fmt
+
+    assert fmt(0.02588, "share") == "2.6" and fmt(0.02588, "pts", True) == "+2.6"  # % and points, as the report
+    assert fmt(-0.0008, "nats") == "≈0" and fmt(0.0004, "nats") == "≈0"  # a KL estimate at noise level
+    assert fmt(0.01234, "nats") == "0.012" and fmt(-0.01234, "nats", True) == "-0.012"
+    assert fmt(0.0002, "nats", True) == "±0.000" and fmt(math.nan, "nats") == "–"
+
+
+def test_compare_prints_the_headline_table_and_no_warning_for_like_runs(study, tmp_path, cli):
+    cells = [str(p) for c in study.values() for p in c]
+    result = cli("compare", *cells, "--out", tmp_path / "c.html")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == ""  # one base, one set of domains and prompts: nothing to warn about
+    rows = {words[0]: words for words in map(str.split, result.stdout.splitlines()) if words[:1] in (["grpo"], ["sdpo"])}
+    # final average accuracy over gcd and sorting (40/50): grpo (26+40)/2/50, sdpo (31.33+40)/2/50
+    assert rows["grpo"][:4] == ["grpo", "3", "66.0", "52.0"] and rows["grpo"][-1] == "baseline"
+    table = build_table(data(study))
+    row = next(r for r in table.rows if r.key == "avg_all")
+    d = row.vs_baseline["sdpo"]
+    assert rows["sdpo"][:4] == ["sdpo", "3", "71.3", "62.7"]
+    # the verdict is read from the Holm-adjusted interval (the 95% one in brackets where it differs)
+    assert verdict_text(row, "sdpo") == "inconclusive (higher at 95%)"
+    assert " ".join(rows["sdpo"][-4:]) == f"+5.3 [{100 * d.low:+.1f}, {100 * d.high:+.1f}] inconclusive"
+    assert f"comparison written to {tmp_path / 'c.html'}" in result.stdout

@@ -160,7 +160,7 @@ def test_distance_model_option_embeds_with_another_directory(tmp_path, tiny_mode
 
 
 def test_compare_plots_forgetting_against_distance_from_distance_json(tmp_path):
-    from cptlab.comparison import write_compare
+    from cptlab.compare_page import write_compare
 
     runs = [make_run(tmp_path / n, name=n, seed=s) for n, s in (("grpo-s0", 0), ("grpo-s1", 1))]
     before = write_compare(runs, tmp_path / "before.html").read_text()

@@ -31,7 +31,7 @@ def test_loading_and_validating_a_config_changes_no_domain_until_it_is_installed
     with domains_installed(cfg.domains):
         assert "products_small" in all_domain_names() and get_domain("gcd").task_config["max_value"] == 12
     assert "products_small" not in all_domain_names()  # the block's end restores the previous domains
-    with pytest.raises(ConfigError, match="did you mean gcd"):
+    with pytest.raises(ConfigError, match="did you mean 'gcd'"):
         load_config("smoke", ["stages=[{domain: gdc, steps: 1}]"])
 
 

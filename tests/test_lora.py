@@ -96,7 +96,7 @@ def test_unknown_target_module_names_the_field_and_what_exists():
 
 def test_missing_peft_is_one_line_saying_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
-    with pytest.raises(UserError, match=r"pip install peft"):
+    with pytest.raises(UserError, match=r"pip install 'cptlab\[lora\]'"):
         apply_lora(plain_model(), LoraConfig(rank=4))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cptlab.comparison import write_compare
+from cptlab.compare_page import write_compare
 from cptlab.report import write_report
 from helpers import PNG_MAGIC, images, make_run
 
@@ -98,9 +98,12 @@ def test_compare_names_both_runs_and_groups_seeds(tmp_path):
     c = make_run(tmp_path / "c", name="other", lr=5e-4, methods=("sft",))
     out = write_compare([a, b, c], tmp_path / "cmp.html")
     text = out.read_text()
-    assert "grpo-s0 (GRPO→SDPO)" in text and "grpo-s1 (GRPO→SDPO)" in text and "other (SFT)" in text
-    assert "grpo (GRPO→SDPO), 2 seeds" in text  # a and b differ only in seed and name
-    assert "other (SFT), " not in text
+    # one label per run, the same in every table: the variant, and its seed where it has several
+    assert text.count("grpo · seed 0") >= 2 and text.count("grpo · seed 1") >= 2 and "grpo-s0" not in text
+    assert "<b>grpo (2 seeds)</b>" in text  # a and b differ only in seed and name: one variant
+    assert "other (1 seeds)" not in text and "(GRPO→SDPO)" not in text
+    assert re.search(r"<td>grpo</td><td class=\"n\">2</td>", text)  # the statistics table's variant
+    assert re.search(r"<td>other</td><td class=\"n\">1</td>", text)
     assert "<script" not in text.lower()
     # matrices, final bars, bars over seeds, bands over seeds, average accuracy per stage, drift
     pngs = images(text)

@@ -24,7 +24,7 @@ import yaml
 import cptlab.basemodel
 from cptlab.analysis.drift import parameter_drift
 from cptlab.config import load_config
-from cptlab.api import run_continual
+from cptlab.api import load_run, run_continual
 from cptlab.errors import ConfigError, UserError
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.store import RunStore
@@ -180,6 +180,28 @@ def test_compare_draws_a_run_name_with_dollars_as_text(unevaluated, cli, tmp_pat
     result = cli("compare", unevaluated, "-o", tmp_path / "c.html")
     assert result.exit_code == 0, result.output
     assert "cost$_$x" in (tmp_path / "c.html").read_text()
+
+
+def test_compare_warns_when_runs_trained_other_domains(unevaluated, cli, tmp_path):
+    """Two real runs on one base and one eval set, trained on other domains: one warning line naming
+    the trained domains (and nothing about the base or the prompts, which they share), the same in
+    the page, and the headline table in the terminal."""
+    other = run_continual(tiny_config("stages=[{domain: sorting, steps: 1}]", "run.name=other"),
+                          out_dir=str(tmp_path / "other"))
+    result = cli("compare", unevaluated, other, "-o", tmp_path / "c.html")
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("cptlab: warning: the runs differ in trained domains ")
+    assert "cost$_$x: arithmetic→sorting; other: sorting" in warning[0]
+    for shared in ("base model", "evaluated domains", "eval prompts"):  # one seed, one eval set
+        assert shared not in warning[0]
+    page = (tmp_path / "c.html").read_text()
+    assert "not like for like" in page and "cost$_$x: arithmetic→sorting; other: sorting" in page
+    rows = {words[0]: words for words in map(str.split, result.stdout.splitlines())
+            if words[:1] in (["cost$_$x"], ["other"])}
+    acc = {r: 100 * np.nanmean(load_run(d).R[-1]) for r, d in (("cost$_$x", unevaluated), ("other", other))}
+    assert rows["cost$_$x"][1:3] == ["1", f"{acc['cost$_$x']:.1f}"] and rows["other"][2] == f"{acc['other']:.1f}"
+    assert rows["cost$_$x"][-1] == "baseline"
 
 
 # -- 3. bad inputs refused up front ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cptlab.config import ConfigError
+from cptlab.config import ConfigError, UserError
 from cptlab.study import load_study, run_study, select_variants, study_names
 
 SIX = {"teacher_stability", "cot", "ood", "continual", "drift", "collapse"}
@@ -24,7 +24,7 @@ def test_bad_study_variant_names_the_field(tmp_path):
     bad.write_text("preset: smoke\nvariants:\n  a: [method.name=dpo]\n")
     with pytest.raises(ConfigError, match="method.name"):
         load_study(str(bad))
-    with pytest.raises(ConfigError, match="study"):
+    with pytest.raises(UserError, match="unknown study 'no_such_study'"):
         load_study("no_such_study")
 
 

@@ -38,7 +38,17 @@ def _finish(cfg: Config, store: RunStore) -> None:
 def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
                   overwrite: bool = False) -> Path:
     """Run (or resume) a continual study; returns the run directory, with summary.json and report.html
-    (run.report) written at the end, also after a failure that left records."""
+    (run.report) written at the end, also after a failure that left records. Optional packages the
+    config needs (peft for LoRA, gguf for a .gguf model) are checked first, before any work."""
+    from .extras import check_extras
+
+    if cfg is not None:
+        check_extras(cfg)
+    elif resume is not None and (Path(resume) / "config.yaml").is_file():
+        from .config import Config, from_dict, load_source
+
+        # typed, not validated (the driver validates it once; validation reads every data-set domain)
+        check_extras(from_dict(Config, load_source(str(Path(resume) / "config.yaml"))))
     return drive(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, finish=_finish)
 
 

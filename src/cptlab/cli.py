@@ -11,16 +11,63 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import NumericalFault, UserError
+from .errors import NumericalFault, UserError, closest, did_you_mean
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
+
+# click's exception classes as typer raises them (typer 0.29 carries its own copy of click)
+_UsageError, _ClickException = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+                                for name in ("UsageError", "ClickException"))
 
 
 def _fail(message: str, code: int) -> None:
     print(f"cptlab: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """The verbs; an unknown one is one line with the closest verb, and so is every other usage error
+    (an unknown option, a missing argument), like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # Exit(n) comes back as n
+        except _UsageError as e:
+            if e.ctx is None or type(e).__name__ == "NoArgsIsHelpError":  # bare `cptlab`: the help
+                e.show()
+                sys.exit(e.exit_code)
+            names, ctx = [], e.ctx
+            while ctx.parent is not None:
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["cptlab", *names])
+            print(f"cptlab: error: {' '.join(e.format_message().split()).rstrip('.')} (see {where} --help)",
+                  file=sys.stderr)
+            sys.exit(2)
+        except _ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            verbs = self.list_commands(ctx)
+            _fail(f"unknown command {name!r}: {did_you_mean(closest(name, verbs))}expected one of "
+                  f"{', '.join(verbs)} (see cptlab --help)", 2)
+        return super().resolve_command(ctx, args)
+
+
+# rich_markup_mode=None: help text shows "[PRESET|FILE.yaml]" and "eval.domains=[gcd]" literally
+app = typer.Typer(cls=_Commands, rich_markup_mode=None, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
+                  help="cptlab: continual post-training with GRPO, SDPO and SFT, and what each costs.")
 
 
 def friendly(fn):
@@ -54,12 +101,22 @@ def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
 @app.command()
 @friendly
 def run(
-    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]"),
+    args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]: a preset "
+                                               "(default tiny) or YAML file, then overrides of any config key"),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<run.name>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
-    """Build or load the base model, run the continual stages, evaluate, and write the report."""
+    """Build or load the base model, run the continual stages, evaluate, and write the report.
+
+    Any config key can be overridden after the preset as key.sub=value, for example:
+
+    \b
+    cptlab run smoke method.lr=1e-5 eval.num_prompts=64 eval.domains=[gcd,sorting]
+
+    `cptlab presets` lists the presets; `cptlab config PRESET [key=value ...]` prints every key with its
+    value and meaning.
+    """
     from .api import run_continual
     from .config import load_config
 
@@ -183,13 +240,21 @@ def compare(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are tested against "
                                            "(a run name without its -s<seed> suffix; default: the first)."),
 ) -> None:
-    """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds)."""
-    from .comparison import write_compare
+    """Compare runs side by side (one colour per run; mean, std, 95% intervals and tests over seeds): print
+    the headline table and write the page. Warns when the runs differ in base model, domains or eval prompts."""
+    from .analysis.compare import headline, mismatch_line
+    from .compare_page import compare as compare_runs
+    from .ui import console, plain_table
 
     for d in run_dirs:
         if not (Path(d) / "metrics.jsonl").exists():
             raise UserError(f"'{d}' is not a run directory (no metrics.jsonl)")
-    print(f"comparison written to {write_compare(run_dirs, out, baseline)}")
+    result = compare_runs(run_dirs, out, baseline)
+    if result.mismatches:
+        print(f"cptlab: warning: {mismatch_line(result.mismatches)}", file=sys.stderr)
+    console.print(plain_table("after the last stage, mean over seeds: accuracy in %, forgetting, BWT, FWT and "
+                              "the difference [95% interval] in points", *headline(result.stats)))
+    print(f"comparison written to {result.path}")
 
 
 @app.command()
@@ -259,43 +324,34 @@ def domains_cmd(
 ) -> None:
     """List the domains (built-in, and those of a config's `domains` section) with an example each: a
     generator's task, or a data set's verifier and split sizes."""
-    from rich.table import Table
-
     from .config import load_config
     from .tasks import domain_table, install_domains
-    from .ui import console, safe_text
+    from .ui import console, print_listing
 
     if verifiers:
         from .verifiers import table as verifier_table
 
-        table = Table(title="verifiers (domains.NAME.verifier)")
-        for col in ("name", "answer_format", "needs", "options", "description"):
-            table.add_column(col, overflow="fold", no_wrap=col == "name")
-        for r in verifier_table():
-            table.add_row(*(safe_text(r[c]) for c in ("name", "answer_format", "needs", "options", "description")))
-        console.print(table)
+        print_listing("verifiers (domains.NAME.verifier)", verifier_table(), "name",
+                      {"answer_format": "answer format "}, ["needs", "options", "description"])
         console.print("python:MODULE:FUNCTION: your own, called as FUNCTION(completion, item, **verifier_options)")
         return
     prompt = None
     if args:
         cfg = load_config(*_split_args(args))
-        install_domains(cfg.domains)  # the table lists the config's domains too
+        install_domains(cfg.domains)  # the listing shows the config's domains too
         prompt = cfg.prompt
-    table = Table(title="domains (reasoning-gym generators and data sets)")
-    for col in ("name", "family", "ood_of", "source", "example", "solution"):
-        table.add_column(col, overflow="fold", no_wrap=col == "name")
     rows = domain_table(prompt.style, prompt.answer_format) if prompt else domain_table()
-    for r in rows:
-        table.add_row(*(safe_text(r[c]) for c in ("name", "family", "ood_of", "source", "example", "solution")))
-    console.print(table)
+    print_listing("domains (reasoning-gym generators and data sets)", rows, "name",
+                  {"family": "family ", "ood_of": "OOD variant of ", "source": ""}, ["example", "solution"])
 
 
 @app.command("presets")
 def presets_cmd() -> None:
-    """List the shipped presets."""
-    from .config import preset_names
+    """List the shipped presets with what each is for (`cptlab config PRESET` shows every setting)."""
+    from .config import preset_description, preset_names
 
-    print("\n".join(preset_names()))
+    for name in preset_names():
+        print(f"{name:20s} {preset_description(name)}")
 
 
 def _configure_threads() -> None:

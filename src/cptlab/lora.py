@@ -41,7 +41,9 @@ def require_peft():
     try:
         import peft
     except ImportError:
-        raise UserError("model.lora.rank > 0 needs peft: pip install peft (or pip install -e .[lora])") from None
+        from .extras import install_hint
+
+        raise UserError(f"model.lora.rank > 0 needs peft, which is not installed: {install_hint('lora')}") from None
     return peft
 
 

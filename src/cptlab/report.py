@@ -9,7 +9,7 @@ all drift, artifact and general-ability panels, weight geometry, lenient accurac
 under a <details> fold with its one-line meaning.
 
 Everything comes from the run directory (metrics.jsonl, evals/, samples/, config.yaml), so a report can
-be rebuilt for any run, finished or not. compare.html for several runs is comparison.py.
+be rebuilt for any run, finished or not. compare.html for several runs is compare_page.py.
 """
 
 from __future__ import annotations

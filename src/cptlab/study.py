@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, from_dict, load_config, read_yaml
-from .errors import UserError
+from .errors import UserError, closest, did_you_mean
 from .ui import console
 
 
@@ -48,7 +48,8 @@ def load_study(name: str) -> StudyConfig:
         data = read_yaml(path.read_text(), name)
     else:
         if name not in study_names():
-            raise ConfigError("study", name, "one of " + ", ".join(study_names()) + " or a .yaml file")
+            raise UserError(f"unknown study {name!r}: {did_you_mean(closest(name, study_names()))}expected one of "
+                            + ", ".join(study_names()) + " (`cptlab studies` describes each) or a .yaml file")
         data = read_yaml((resources.files("cptlab") / "presets" / "studies" / f"{name}.yaml").read_text(),
                           f"study {name}")
     study = from_dict(StudyConfig, data, "study")
@@ -87,7 +88,7 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
     they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
     """
     from .api import run_continual
-    from .comparison import write_compare
+    from .compare_page import write_compare
 
     study = load_study(name)
     if jobs < 1:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -53,6 +55,16 @@ def eval_table(title: str, rows: dict[str, dict]) -> Table:
     return table
 
 
+def plain_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table of plain text (nothing in it is read as markup); the first column left, the rest right."""
+    table = Table(title=safe_text(title), box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i, col in enumerate(columns):
+        table.add_column(safe_text(col), justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(safe_text(c) for c in row))
+    return table
+
+
 def _verdict(row: dict) -> str:
     strict = "correct" if row.get("correct") else "wrong"
     lenient = "right" if row.get("lenient_correct") else "wrong"
@@ -76,3 +88,35 @@ def print_samples(domain: str, rows: list[dict], n: int) -> None:
         if row.get("feedback"):
             console.print("[bold]feedback:[/bold]")
             console.print(safe_text(str(row["feedback"])))
+
+
+WIDE = 120
+"""Terminals at least this wide get listings as one table; narrower ones one block per entry."""
+
+
+def print_listing(title: str, rows: list[dict[str, str]], name: str, inline: dict[str, str],
+                  fields: list[str]) -> None:
+    """Entries (domains, verifiers) readable at any terminal width. Wide: one table of every column.
+    Narrow: per entry its name and the short `inline` values (column -> the words put before its value)
+    on one line, then each of `fields` on lines of its own, wrapped under a hanging indent; a multi-line
+    value (a prompt) keeps its lines. Every value is shown literally (safe_text)."""
+    if console.width >= WIDE:
+        table = Table(title=title)
+        for col in (name, *inline, *fields):
+            table.add_column(col, overflow="fold", no_wrap=col == name)
+        for r in rows:
+            table.add_row(*(safe_text(r[c]) for c in (name, *inline, *fields)))
+        console.print(table)
+        return
+    console.print(f"[bold]{safe_text(title)}[/bold]")
+    for r in rows:
+        console.print()
+        console.print(" · ".join([f"[bold]{safe_text(r[name])}[/bold]",
+                                  *(safe_text(words + r[c]) for c, words in inline.items() if r.get(c))]))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        for c in fields:
+            if r.get(c):
+                grid.add_row(c, safe_text(r[c]))
+        console.print(Padding(grid, (0, 0, 0, 4), expand=False))

@@ -10,7 +10,7 @@ from ..errors import ConfigError, UserError
 from .build import deep_merge, from_dict, to_dict
 from .describe import describe, field_docs
 from .load import (absolute_sources, apply_overrides, load_config, load_run_config, load_source, parse_override,
-                   preset_names, read_yaml)
+                   preset_description, preset_names, read_yaml)
 from .resolve import MODEL_DEPENDENT, eval_domains, general_probe_enabled, resolve, resolve_eval, stage_method
 from .schema import (Config, DistillationConfig, DistributedConfig, DomainSpec, EMATeacherConfig, EvalConfig,
                      FrozenTeacherConfig, GRPOConfig, LoraConfig, MethodConfig, ModelConfig, PromptConfig,
@@ -20,7 +20,8 @@ from .validate import TEMPLATE_SLOTS, refuse_unused_settings, validate
 
 __all__ = ["ConfigError", "UserError", "deep_merge", "from_dict", "to_dict", "describe", "field_docs",
            "absolute_sources", "apply_overrides", "load_config", "load_run_config", "load_source", "parse_override",
-           "preset_names", "read_yaml", "eval_domains", "general_probe_enabled", "resolve", "MODEL_DEPENDENT", "resolve_eval", "stage_method", "Config",
+           "preset_description", "preset_names", "read_yaml", "eval_domains", "general_probe_enabled", "resolve",
+           "MODEL_DEPENDENT", "resolve_eval", "stage_method", "Config",
            "DistributedConfig", "DomainSpec", "EvalConfig", "GRPOConfig", "LoraConfig", "MethodConfig", "ModelConfig",
            "PromptConfig", "RolloutConfig", "RunSettings", "SDPOConfig", "StageConfig", "WarmupConfig",
            "DistillationConfig", "TeacherConfig", "RepromptConfig", "EMATeacherConfig", "FrozenTeacherConfig",

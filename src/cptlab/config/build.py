@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, closest
 from .schema import MethodConfig, SDPOConfig
 
 
@@ -41,7 +41,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(where, value, _type_name(tp))
+        raise ConfigError(where, value, _type_name(tp), choices=[a for a in typing.get_args(tp) if isinstance(a, str)])
     if tp is type(None):
         if value is None:
             return None
@@ -98,7 +98,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             named = with_older_spelling(e.field)
             if "(" in e.field or named == e.field:
                 raise
-            raise ConfigError(named, e.value, e.expected) from None
+            raise ConfigError(named, e.value, e.expected, suggestion=e.suggestion) from None
     return _build(cls, data, where)
 
 
@@ -109,7 +109,9 @@ def _build(cls: type, data: dict, where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")")
+            near = closest(str(key), [*names, *(FLAT_SDPO if cls is SDPOConfig else ())])
+            raise ConfigError(path, value, "a known key (one of " + ", ".join(names) + ")",
+                              suggestion=f"{where}.{near}" if near and where else near)
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UserError, closest, did_you_mean
 from .build import deep_merge, from_dict
 from .schema import Config
 from .validate import refuse_unused_settings, validate
@@ -33,9 +33,17 @@ def read_yaml(text: str, source: str) -> dict:
     return data
 
 
+def preset_description(name: str) -> str:
+    """The one line a preset's `description:` gives (what `cptlab presets` prints); "" without one."""
+    text = (resources.files("cptlab") / "presets" / f"{name}.yaml").read_text()
+    return " ".join(str(read_yaml(text, f"preset {name}").get("description") or "").split())
+
+
 def load_source(preset_or_file: str | None) -> dict:
     """Raw mapping of a preset name or a YAML file path (None -> preset 'tiny'); `extends: OTHER` at
-    its top level starts from preset (or file) OTHER and merges this one over it."""
+    its top level starts from preset (or file) OTHER and merges this one over it. A top-level
+    `description:` (one line saying what the preset or file is for) is read by `cptlab presets` and
+    is not part of the config."""
     name = preset_or_file or "tiny"
     if name.endswith((".yaml", ".yml")) or "/" in name:
         path = Path(name)
@@ -43,9 +51,13 @@ def load_source(preset_or_file: str | None) -> dict:
             raise UserError(f"config file '{name}' not found: expected a readable YAML file")
         data = read_yaml(path.read_text(), name)
     elif name not in preset_names():
-        raise ConfigError("preset", name, "one of " + ", ".join(preset_names()) + " or a .yaml file")
+        raise UserError(f"unknown preset {name!r}: {did_you_mean(closest(name, preset_names()))}expected one of "
+                        + ", ".join(preset_names()) + " (`cptlab presets` describes each) or a .yaml file")
     else:
         data = read_yaml((resources.files("cptlab") / "presets" / f"{name}.yaml").read_text(), f"preset {name}")
+    description = data.pop("description", None)
+    if description is not None and not isinstance(description, str):
+        raise ConfigError("description", description, "one line of text saying what this config is for")
     base = data.pop("extends", None)
     if base:
         if isinstance(base, str) and base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() \

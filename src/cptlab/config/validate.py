@@ -15,9 +15,10 @@ from .resolve import stage_method
 from .schema import Config, MethodConfig
 
 
-def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+def _check(ok: bool, field: str, value: Any, expected: str, choices=None) -> None:
+    """ConfigError unless ok; `choices`: the known names `value` should be one of (suggests the closest)."""
     if not ok:
-        raise ConfigError(with_older_spelling(field), value, expected)
+        raise ConfigError(with_older_spelling(field), value, expected, choices=choices)
 
 
 
@@ -58,7 +59,8 @@ def _check_template(name: str, template: str) -> None:
 def _validate_method(m: MethodConfig, where: str) -> None:
     from ..methods import METHODS
 
-    _check(m.name in METHODS, f"{where}.name", m.name, "a registered method (one of " + ", ".join(METHODS) + ")")
+    _check(m.name in METHODS, f"{where}.name", m.name, "a registered method (one of " + ", ".join(METHODS) + ")",
+           METHODS)
     _check_finite(m, where)
     _check(m.lr > 0, f"{where}.lr", m.lr, "a positive learning rate")
     _check(m.prompts_per_step >= 1, f"{where}.prompts_per_step", m.prompts_per_step, "an integer >= 1")
@@ -75,7 +77,7 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     from ..losses import POLICY_LOSSES
 
     _check(g.loss_type in POLICY_LOSSES, f"{where}.grpo.loss_type", g.loss_type,
-           "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")")
+           "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")", POLICY_LOSSES)
     _check(g.cispo_max_ratio > 0, f"{where}.grpo.cispo_max_ratio", g.cispo_max_ratio, "a positive cap")
     d, t, r = s.distillation, s.teacher, s.reprompt
     w = f"{where}.sdpo"
@@ -89,7 +91,8 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(r.feedback_max_chars >= 20, f"{w}.reprompt.feedback_max_chars", r.feedback_max_chars, "an integer >= 20")
     from ..teacher import TEACHERS
 
-    _check(t.mode in TEACHERS, f"{w}.teacher.mode", t.mode, "a registered teacher (one of " + ", ".join(TEACHERS) + ")")
+    _check(t.mode in TEACHERS, f"{w}.teacher.mode", t.mode, "a registered teacher (one of " + ", ".join(TEACHERS) + ")",
+           TEACHERS)
     for name, rate in (("ema", t.ema.rate), ("stable_ema", t.stable_ema.rate)):
         _check(0 <= rate <= 1, f"{w}.teacher.{name}.rate", rate, "a value in [0, 1]")
     _check(0 <= t.trust_region.mix_coef <= 1, f"{w}.teacher.trust_region.mix_coef", t.trust_region.mix_coef,

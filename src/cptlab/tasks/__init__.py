@@ -44,12 +44,11 @@ def builtin_domain_names() -> list[str]:
 
 
 def check_domain(name: str, field: str, registry: Mapping[str, Domain] | None = None) -> Domain:
-    """The domain `name` of `registry` (default: the installed one); ConfigError naming `field` if none."""
+    """The domain `name` of `registry` (default: the installed one); ConfigError naming `field` (with the
+    closest name as a suggestion) if none."""
     registry = _REGISTRY if registry is None else registry
     if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(field, name, "a domain (one of " + ", ".join(registry) + ")" + hint)
+        raise ConfigError(field, name, "a domain (one of " + ", ".join(registry) + ")", choices=registry)
     return registry[name]
 
 
@@ -166,7 +165,8 @@ def domain_registry(specs: Mapping[str, Any], field: str = "domains") -> dict[st
     for name, spec in specs.items():
         ood_of = registry[name].ood_of
         if ood_of is not None and ood_of not in registry:
-            raise ConfigError(f"{field}.{name}.ood_of", ood_of, "a domain name (one of " + ", ".join(registry) + ")")
+            raise ConfigError(f"{field}.{name}.ood_of", ood_of, "a domain name (one of " + ", ".join(registry) + ")",
+                              choices=registry)
         if ood_of is not None and name not in _BUILTIN:  # a related variant shares its domain's family
             registry[name] = dataclasses.replace(registry[name], family=registry[ood_of].family)
     return registry

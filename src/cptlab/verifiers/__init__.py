@@ -145,7 +145,8 @@ def get_verifier(name: str, field: str = "verifier") -> Verifier:
     if name.startswith("python:"):
         return _load_user(name, field)
     if name not in REGISTRY:
-        raise ConfigError(field, name, "a verifier (one of " + ", ".join(REGISTRY) + ", or python:MODULE:FUNCTION)")
+        raise ConfigError(field, name, "a verifier (one of " + ", ".join(REGISTRY) + ", or python:MODULE:FUNCTION)",
+                          choices=REGISTRY)
     return REGISTRY[name]
 
 
@@ -157,7 +158,7 @@ def check_options(verifier: Verifier, options: dict, field: str) -> None:
     for key in options:
         if key not in known:
             raise ConfigError(f"{field}.{key}", options[key], f"an option of verifier '{verifier.name}' "
-                              f"(one of {', '.join(known) or 'none'})")
+                              f"(one of {', '.join(known) or 'none'})", choices=known)
 
 
 def cap(text: str, limit: int = FEEDBACK_MAX_CHARS) -> str:

@@ -2,6 +2,11 @@
 table of analysis/compare.py, final accuracy, drift and artifacts per stage, forgetting against domain
 distance). Runs whose config differs only in seed form a seed group (a study's variant).
 
+Each run has one label, used in every table and legend of the page and in the terminal: its variant's
+name (the run's name without a -s<seed> suffix), followed by "· seed N" where the variant has several
+runs. Where the runs are not like for like (another base model, other domains or eval prompts:
+analysis/compare.py `mismatches`) the page says so at the top.
+
 Everything comes from the run directories (runview.py); the page shares its pieces with report.html
 (htmlpage.py): self-contained, no JavaScript, every model- or config-derived string escaped.
 """
@@ -12,11 +17,13 @@ import json
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import plots
+from .analysis.compare import Mismatch, StatsTable
 from .errors import UserError
 from .htmlpage import esc, img, page, pct, pts, table
 from .labels import label
@@ -25,11 +32,6 @@ from .runview import Run, load_run, numbers
 from .store import atomic_write_text
 
 _SEED_SUFFIX = re.compile(r"[-_.]?(seed|s)[-_]?\d+$")
-
-
-def run_label(run: Run) -> str:
-    methods = run.methods[:1] if len(set(run.methods)) == 1 else run.methods
-    return f"{run.name} ({'→'.join(methods) or 'no stages'})"
 
 
 def seed_group_key(run: Run) -> str:
@@ -61,25 +63,42 @@ def _spread(values: list[float], signed: bool) -> str:
 
 
 def _arms(runs: list[Run], groups: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Seed groups named by their runs' name without the seed suffix (a study's variant names)."""
-    arms: dict[str, list[int]] = {}
-    for members in groups.values():
+    """Seed groups named by their runs' name without the seed suffix (a study's variant names); two
+    groups of one name are told apart by their methods, then by their first run's directory."""
+    def base(members: list[int]) -> str:
         first = runs[members[0]]
-        name = _SEED_SUFFIX.sub("", first.name) or first.name
+        return _SEED_SUFFIX.sub("", first.name) or first.name
+
+    names = [base(m) for m in groups.values()]
+    arms: dict[str, list[int]] = {}
+    for name, members in zip(names, groups.values()):
+        first = runs[members[0]]
+        if names.count(name) > 1:
+            name = f"{name} ({'→'.join(first.methods) or 'no stages'})"
         arms[name if name not in arms else f"{name} [{first.root.name}]"] = members
     return arms
 
 
+def run_labels(runs: list[Run], arms: dict[str, list[int]]) -> list[str]:
+    """One label per run: its variant's name, with "· seed N" where the variant has several runs
+    (and the directory where two runs of a variant share a seed)."""
+    labels = [""] * len(runs)
+    for arm, members in arms.items():
+        for i in members:
+            labels[i] = arm if len(members) == 1 else f"{arm} · seed {runs[i].config.get('run', {}).get('seed', '?')}"
+    return [f"{lab} [{r.root.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+
+
 def _stats_section(stats) -> list[str]:
     """compare.html's statistics table (analysis/compare.py): one row per number and variant."""
-    from .analysis.compare import cell_text, fmt, fmt_p, verdict_text
+    from .analysis.compare import cell_text, diff_kind, fmt, fmt_p, verdict_text
     from .analysis.stats import direction_word
 
     rows = []
     for row in stats.rows:
         for k, arm in enumerate(stats.arms):
             s, d = row.per_arm[arm], row.vs_baseline.get(arm)
-            dk = "raw" if row.kind == "raw" else "pts"
+            dk = diff_kind(row.kind)
             adj = row.adjusted.get(arm)
             word = direction_word((adj.low, adj.high) if adj else (d.low, d.high)) if d else ""
             cls = {"higher": "neg" if row.lower_is_better else "pos",
@@ -100,8 +119,9 @@ def _stats_section(stats) -> list[str]:
             "exact permutation p over seeds (with 3 vs 3 seeds it cannot go below 0.10), the Holm-adjusted p over "
             f"the table's {stats.family_size} differences and the interval at the row's Holm level. Verdict rule: "
             "higher or lower only where the adjusted interval excludes zero, else inconclusive (the 95% verdict "
-            "in brackets where it differs). Accuracy in %, differences and "
-            "forgetting/BWT/FWT in points."
+            "in brackets where it differs). Accuracies and rates in %, their differences and forgetting/BWT/FWT "
+            "in points; KL in nats per token (≈0: an estimate below 0.0005, which sampling noise can push under "
+            "zero)."
             + (f" {stats.paired_rows} accuracy rows use per-prompt records." if stats.paired_rows else
                " No per-prompt records (evals/): prompt noise is not in these intervals.") + "</p>")
     return ["<h2>Statistics over seeds</h2>", note,
@@ -153,14 +173,35 @@ def _distance_section(runs: list[Run], labels: list[str], colours: list[str]) ->
                 "forgetting against domain distance")]
 
 
+@dataclass
+class Comparison:
+    """What `compare` wrote and found: the page, the statistics table (analysis/compare.py) and the
+    ways the runs are not like for like."""
+
+    path: Path
+    stats: StatsTable
+    mismatches: list[Mismatch]
+    labels: list[str]
+
+
 def build_compare(runs: list[Run], baseline: str | None = None) -> str:
     """compare.html; `baseline` names the variant (seed group) the others are tested against (default:
     the first)."""
-    from .analysis.compare import RunData, build_table
+    return _build(runs, baseline)[0]
+
+
+def _mismatch_banner(found: list[Mismatch]) -> list[str]:
+    if not found:
+        return []
+    items = "".join(f"<li><b>{esc(m.topic)}</b>: {esc(m.detail)}</li>" for m in found)
+    return [f'<div class="banner warn">These runs are not like for like: their differences mix the methods\' '
+            f"effect with these.<ul>{items}</ul></div>"]
+
+
+def _build(runs: list[Run], baseline: str | None) -> tuple[str, StatsTable, list[Mismatch], list[str]]:
+    from .analysis.compare import RunData, build_table, mismatches
     from .analysis.stats import describe
 
-    labels = [run_label(r) for r in runs]
-    labels = [f"{lab} [{r.root.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
         groups.setdefault(seed_group_key(r), []).append(i)
@@ -170,8 +211,12 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
             colours[i] = plots.shade(plots.color(g), 0.45 * k / max(1, len(members) - 1))
     seeded = [g for g in groups.values() if len(g) > 1]
     arms = _arms(runs, groups)
+    arm_of = {i: a for a, members in arms.items() for i in members}
+    labels = run_labels(runs, arms)
     stats = build_table({a: [RunData(runs[i].name, runs[i].root, runs[i].records) for i in m] for a, m in arms.items()},
                         baseline)
+    found = mismatches({labels[i]: RunData(r.name, r.root, r.records, r.config) for i, r in enumerate(runs)},
+                       {a: [labels[i] for i in members] for a, members in arms.items()})
     nums = [numbers(r) for r in runs]
     domains = list(dict.fromkeys(d for r in runs for d in r.domains))
 
@@ -179,14 +224,13 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
         return f'<span class="sw" style="background:{colours[i]}"></span>{esc(labels[i])}'
 
     def group_label(g: list[int]) -> str:
-        first = runs[g[0]]
-        return f"{_SEED_SUFFIX.sub('', first.name) or first.name} ({'→'.join(first.methods)}), {len(g)} seeds"
+        return f"{arm_of[g[0]]} ({len(g)} seeds)"
 
     overview = [[swatch(i), esc(r.root), esc(r.config.get("run", {}).get("seed", "?")),
                  esc(" → ".join(f"{s.get('method', '?')}:{s.get('domain', '?')}" for s in r.plan)),
                  "yes" if r.events("run_end") else '<span class="neg">no</span>'] for i, r in enumerate(runs)]
-    body = [f"<h1>cptlab comparison: {len(runs)} runs</h1>", table(["run", "directory", "seed", "stages", "finished"],
-                                                                   overview, None)]
+    body = [f"<h1>cptlab comparison: {len(runs)} runs</h1>", *_mismatch_banner(found),
+            table(["run", "directory", "seed", "stages", "finished"], overview, None)]
     body += [f'<div class="banner fault">{esc(labels[i])}: fault in stage {esc(f.get("stage", "?"))}: '
              f'{esc(f.get("reason", "?"))}</div>' for i, r in enumerate(runs) for f in r.events("fault")]
     panels = [(labels[i], colours[i], 100 * r.R, [r.stage_label(s) for s in range(len(r.R))], r.domains,
@@ -258,7 +302,7 @@ def build_compare(runs: list[Run], baseline: str | None = None) -> str:
                  '<p class="note">48 fixed general prompts answered greedily, against the base model\'s own answers '
                  "(analysis/general.py).</p>"]
     body += _distance_section(runs, labels, colours)
-    return page(f"cptlab comparison of {len(runs)} runs", body)
+    return page(f"cptlab comparison of {len(runs)} runs", body), stats, found, labels
 
 
 def _general_row(name: str, drift: dict) -> list[str]:
@@ -267,17 +311,26 @@ def _general_row(name: str, drift: dict) -> list[str]:
         ys = drift.get(f"general/{key}", ([], []))[1]
         return ys[0 if first else -1] if ys else math.nan
 
+    from .analysis.compare import fmt
+
     kl, ppl0, ppl = last("kl_to_base"), last("text_ppl", first=True), last("text_ppl")
     return [name, pct(last("first_line_agreement")), pct(last("token_agreement")),
-            "–" if math.isnan(kl) else f"{kl:.3f}", "–" if math.isnan(ppl) else f"{ppl0:.1f} → {ppl:.1f}"]
+            fmt(kl, "nats"), "–" if math.isnan(ppl) else f"{ppl0:.1f} → {ppl:.1f}"]
 
 
-def write_compare(run_dirs: list[Path | str], out: Path | str, baseline: str | None = None) -> Path:
+def compare(run_dirs: list[Path | str], out: Path | str, baseline: str | None = None) -> Comparison:
     """Write a side-by-side comparison of the runs to `out` (an .html file, or a directory: compare.html),
-    testing every variant against `baseline` (a variant's name; default the first)."""
+    testing every variant against `baseline` (a variant's name; default the first); returns the page's
+    path, the statistics and the ways the runs are not like for like."""
     if not run_dirs:
         raise UserError("compare needs at least one run directory")
     out = Path(out)
     out = out / "compare.html" if out.is_dir() or not out.suffix else out
-    atomic_write_text(out, build_compare([load_run(d) for d in run_dirs], baseline))
-    return out
+    html, stats, found, labels = _build([load_run(d) for d in run_dirs], baseline)
+    atomic_write_text(out, html)
+    return Comparison(out, stats, found, labels)
+
+
+def write_compare(run_dirs: list[Path | str], out: Path | str, baseline: str | None = None) -> Path:
+    """`compare`, returning only the page's path."""
+    return compare(run_dirs, out, baseline).path
