@@ -74,7 +74,7 @@ def run(
         root = run_continual(cfg, out_dir=out, overwrite=overwrite)
     from .ui import console
 
-    console.print(f"run written to {root}", markup=False)
+    console.print(f"run written to {root}", markup=False, soft_wrap=True)  # one line, also in an 80-column log
 
 
 @app.command("config")

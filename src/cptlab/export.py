@@ -165,7 +165,7 @@ def auto_tokenizer_agrees(directory: Path, tokenizer, shown: Path | None = None)
         same, name = False, f"an error ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
     if not same:
         console.print(f"warning: AutoTokenizer reads {shown or directory}'s tokenizer differently ({name}); load it with "
-                      "transformers.PreTrainedTokenizerFast.from_pretrained", markup=False)
+                      "transformers.PreTrainedTokenizerFast.from_pretrained", markup=False, soft_wrap=True)
     return same
 
 
