@@ -134,7 +134,11 @@ def test_an_export_loads_with_the_auto_classes_and_generates_the_runs_answers(fu
     the completions the run recorded and those `cptlab eval` gives on the same export."""
     from transformers import AutoTokenizer
 
-    stage1 = export_model(full_run, tmp_path / "s1", stage=1)
+    stage1 = tmp_path / "s1"
+    result = cli("export", full_run, "--stage", "1", "--out", stage1)
+    assert result.exit_code == 0, result.output[-2000:]
+    assert f"in Python: AutoTokenizer.from_pretrained({str(stage1)!r}), AutoModelForCausalLM.from_pretrained(" \
+           f"{str(stage1)!r})" in result.stdout
     auto = AutoTokenizer.from_pretrained(stage1)
     _, own = load_model(str(full_run / "base"), load_config(str(full_run / "config.yaml")).model, torch.device("cpu"))
     text = "sort asc: 34 0 27\nQ: 4+0\nA:  <answer>3 4</answer>\n\n"

@@ -172,6 +172,9 @@ def export(
 
     path = export_model(run_dir, out, stage=stage, step=step, lora=lora)
     print(f"model written to {path}; evaluate it with: cptlab eval {path} --config {Path(run_dir) / 'config.yaml'}")
+    if lora == "merge":
+        print(f"in Python: AutoTokenizer.from_pretrained({str(path)!r}), "
+              f"AutoModelForCausalLM.from_pretrained({str(path)!r}) (transformers)")
 
 
 @app.command()
