@@ -6,12 +6,14 @@ report's headline and path; without a terminal a progress line comes every CPTLA
 
 from __future__ import annotations
 
+import atexit
 import html
 import importlib.machinery
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ import yaml
 
 # trackio reads its directory once, when imported: every trackio run of this session goes to a temp dir
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="cptlab-test-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 from cptlab import trackers as T  # noqa: E402
 from cptlab.api import print_outcome, run_continual  # noqa: E402
