@@ -111,6 +111,86 @@ def test_every_stage_end_is_kept_and_exports_to_the_runs_logits_and_accuracies(f
     assert evaluated(cli, newest, full_run, tmp_path) == recorded(full_run, 2, 6) != recorded(full_run, 0, 0)
 
 
+def auto_greedy(directory: Path, prompts: list[str]) -> list[str]:
+    """Each prompt's greedy completion through the Auto classes alone, as a transformers user would get
+    it: AutoTokenizer, AutoModelForCausalLM and the export's generation_config (greedy, the run's budget,
+    its stop tokens), the completion decoded without special tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory).eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**ids)
+        out.append(tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.slow
+def test_an_export_loads_with_the_auto_classes_and_generates_the_runs_answers(full_run, tmp_path, cli):
+    """AutoTokenizer picks Qwen2Tokenizer for the tiny qwen2 model; the export's tokenizer reads right under
+    it (spaces and newlines kept, the run's own ids), and greedy generation through the Auto classes gives
+    the completions the run recorded and those `cptlab eval` gives on the same export."""
+    from transformers import AutoTokenizer
+
+    stage1 = tmp_path / "s1"
+    result = cli("export", full_run, "--stage", "1", "--out", stage1)
+    assert result.exit_code == 0, result.output[-2000:]
+    assert f"in Python: AutoTokenizer.from_pretrained({str(stage1)!r}), AutoModelForCausalLM.from_pretrained(" \
+           f"{str(stage1)!r})" in result.stdout
+    auto = AutoTokenizer.from_pretrained(stage1)
+    _, own = load_model(str(full_run / "base"), load_config(str(full_run / "config.yaml")).model, torch.device("cpu"))
+    text = "sort asc: 34 0 27\nQ: 4+0\nA:  <answer>3 4</answer>\n\n"
+    assert type(auto).__name__ == "Qwen2Tokenizer"
+    assert auto(text)["input_ids"] == own(text)["input_ids"]
+    assert auto.decode(auto(text)["input_ids"]) == text
+    assert json.loads((stage1 / "cptlab_export.json").read_text())["auto_tokenizer"] is True
+
+    # the run's own greedy answers at stage 1's end (the rows samples/ kept)
+    rows = [row for domain in json.loads((full_run / "samples" / "stage1-step3.json").read_text()).values()
+            for row in domain]
+    assert rows and auto_greedy(stage1, [r["prompt"] for r in rows]) == [r["completion"] for r in rows]
+    # and every held-out prompt's answer as `cptlab eval` on the export gives it
+    result = cli("eval", stage1, "--config", full_run / "config.yaml", "--show", "1000", "--out", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output[-2000:]
+    rows = [row for domain in json.loads((tmp_path / "e.json").read_text())["samples"].values() for row in domain]
+    assert len(rows) == 3 * 16
+    assert auto_greedy(stage1, [r["prompt"] for r in rows]) == [r["completion"] for r in rows]
+
+
+def test_the_character_tokenizer_in_byte_level_spelling_reads_the_same_under_every_class(tmp_path):
+    """models.byte_level_form: the same ids and text under PreTrainedTokenizerFast, and under the classes
+    AutoTokenizer picks for a qwen2 (Qwen2Tokenizer) and a llama (TokenizersBackend) config; the plain
+    spelling loses spaces and newlines under Qwen2Tokenizer (the bug this fixes)."""
+    from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+    from cptlab.export import auto_tokenizer_agrees
+    from cptlab.models import build_tokenizer, byte_level_form
+
+    plain = build_tokenizer()
+    byte_level = byte_level_form(plain)
+    text = "sort asc: 34 0 27\n\nQ: 4+0 ~{|}\nA: <answer>1</answer><eos><pad>"
+    ids = plain(text)["input_ids"]
+    assert ids[:4] == [86, 82, 85, 87] and plain.decode(ids) == text  # 's' 'o' 'r' 't': specials, then ' ' = 3 ...
+    for name, config, want in (("qwen2", Qwen2Config, "Qwen2Tokenizer"), ("llama", LlamaConfig, "TokenizersBackend")):
+        for spelling, tokenizer in (("plain", plain), ("bytes", byte_level)):
+            directory = tmp_path / f"{name}-{spelling}"
+            tokenizer.save_pretrained(directory)
+            config(vocab_size=len(plain)).save_pretrained(directory)
+            auto = AutoTokenizer.from_pretrained(directory)
+            assert type(auto).__name__ == want
+            reads_right = auto(text)["input_ids"] == ids and auto.decode(ids) == text
+            assert reads_right is not (name == "qwen2" and spelling == "plain"), (name, spelling)
+            assert auto_tokenizer_agrees(directory, plain) is reads_right
+            fast = PreTrainedTokenizerFast.from_pretrained(directory)  # how cptlab itself loads it
+            assert fast(text)["input_ids"] == ids and fast.decode(ids) == text
+    # a tokenizer that is not a character tokenizer is left as it is
+    merged = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(
+        byte_level.backend_tokenizer.to_str()), eos_token="<eos>")
+    assert byte_level_form(merged) is None
+
+
 @pytest.mark.slow
 def test_lora_run_exports_merged_and_as_adapter(lora_run, tmp_path, cli):
     from transformers import AutoModelForCausalLM

@@ -183,3 +183,16 @@ def test_run_from_a_gguf_records_its_source_and_the_general_probe(tmp_path, cli)
     assert "General ability" in (out / "report.html").read_text()
     result = cli("compare", out, "-o", tmp_path / "compare.html")
     assert result.exit_code == 0 and "General ability after the last stage" in (tmp_path / "compare.html").read_text()
+    # its export (the base's weights live in the GGUF cache) loads with the Auto classes, the tokenizer the
+    # GGUF's own byte-level BPE, read by AutoTokenizer exactly as the run read it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cptlab.export import export_model
+
+    exported = export_model(out, tmp_path / "export")
+    assert json.loads((exported / "cptlab_export.json").read_text())["auto_tokenizer"] is True
+    _, own, _ = load_pretrained(str(file), ModelConfig(gguf_cache_dir=str(tmp_path / "cache")), torch.device("cpu"))
+    auto = AutoTokenizer.from_pretrained(exported)
+    text = "the answer\n\n  is <|im_end|>"
+    assert auto(text)["input_ids"] == own(text)["input_ids"] and auto.decode(auto(text)["input_ids"]) == text
+    assert type(AutoModelForCausalLM.from_pretrained(exported)).__name__ == "LlamaForCausalLM"

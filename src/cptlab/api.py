@@ -5,7 +5,9 @@
     load_run(run_dir) -> Run                       a run directory read for analysis and pages
 
 The driver (continual.py) runs the stages; this module puts what comes after it (the analyses and the
-pages), so that the driver never imports the report.
+pages, the headline in the terminal), so that the driver never imports the report. The experiment
+trackers (run.report_to) are fed by the run store (trackers.py); their packages are checked here,
+before any work.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .config import Config
 from .continual import drive
+from .errors import UserError
 from .store import RunStore
 
 
@@ -35,11 +38,32 @@ def _finish(cfg: Config, store: RunStore) -> None:
     write_summary_and_report(store, cfg.run.report)
 
 
+def print_outcome(run_dir: Path | str) -> None:
+    """The end of a run in the terminal: the report's headline sentences (report.headline_text, the
+    first screen of report.html) and the report's path."""
+    from .report import headline_text
+    from .ui import console
+
+    if console.quiet:  # a torchrun rank other than 0
+        return
+    root = Path(run_dir)
+    try:
+        sentences = headline_text(root)
+    except UserError:
+        sentences = []
+    for sentence in sentences:
+        console.print(f"- {sentence}", markup=False, soft_wrap=True)
+    report = root / "report.html"
+    console.print(f"report: {report.resolve()}" if report.is_file() else
+                  f"report: none (run.report is false; `cptlab report {root}` writes it)", markup=False, soft_wrap=True)
+
+
 def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resume: str | None = None,
                   overwrite: bool = False) -> Path:
     """Run (or resume) a continual study; returns the run directory, with summary.json and report.html
-    (run.report) written at the end, also after a failure that left records. Optional packages the
-    config needs (peft for LoRA, gguf for a .gguf model) are checked first, before any work."""
+    (run.report) written at the end, also after a failure that left records; the terminal gets the
+    report's headline and path at the end (print_outcome). Optional packages the config needs (peft for
+    LoRA, gguf for a .gguf model, the trackers of run.report_to) are checked first, before any work."""
     from .extras import check_extras
 
     if cfg is not None:
@@ -49,7 +73,9 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
 
         # typed, not validated (the driver validates it once; validation reads every data-set domain)
         check_extras(from_dict(Config, load_source(str(Path(resume) / "config.yaml"))))
-    return drive(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, finish=_finish)
+    root = drive(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, finish=_finish)
+    print_outcome(root)
+    return root
 
 
 def load_run(run_dir: Path | str):

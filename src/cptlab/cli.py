@@ -131,7 +131,7 @@ def run(
         root = run_continual(cfg, out_dir=out, overwrite=overwrite)
     from .ui import console
 
-    console.print(f"run written to {root}", markup=False)
+    console.print(f"run written to {root}", markup=False, soft_wrap=True)  # one line, also in an 80-column log
 
 
 @app.command("config")
@@ -230,6 +230,9 @@ def export(
 
     path = export_model(run_dir, out, stage=stage, step=step, lora=lora)
     print(f"model written to {path}; evaluate it with: cptlab eval {path} --config {Path(run_dir) / 'config.yaml'}")
+    if lora == "merge":
+        print(f"in Python: AutoTokenizer.from_pretrained({str(path)!r}), "
+              f"AutoModelForCausalLM.from_pretrained({str(path)!r}) (transformers)")
 
 
 @app.command()

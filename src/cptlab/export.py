@@ -3,8 +3,11 @@
 The directory holds config.json, model.safetensors, the tokenizer files and generation_config.json
 (greedy decoding with the run's evaluation budget, the settings its accuracies were measured with), and
 cptlab_export.json (which run, checkpoint, stage and step, the accuracies recorded there, how to
-evaluate it again). `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `cptlab eval DIR
---config RUN/config.yaml` load it.
+evaluate it again, whether AutoTokenizer reads the tokenizer right). `transformers.AutoTokenizer` and
+`AutoModelForCausalLM.from_pretrained(DIR)` and `cptlab eval DIR --config RUN/config.yaml` load it: the
+tiny model's character tokenizer is written in its byte-level spelling (models.byte_level_form), which
+the tokenizer class transformers picks for a qwen2 model reads right, and every merged export checks
+that AutoTokenizer gives the run's token ids (a warning line and `auto_tokenizer: false` where not).
 
 What can be exported is what the run kept: the base model (`--stage 0`, from RUN/base), every stage's
 end when `run.keep_stage_models` kept it (on by default for small models), and the newest checkpoint.
@@ -93,7 +96,7 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     from .checkpoint import load_weights
     from .config import load_run_config, resolve_eval
     from .lora import apply_lora
-    from .models import load_model
+    from .models import byte_level_form, load_model
     from .variants import variant_of
 
     root, out = Path(run_dir), Path(out)
@@ -118,6 +121,7 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
         model = apply_lora(model, cfg.model.lora, seed=cfg.run.seed)
         load_weights(point.path, model)
     _generation_config(model, tokenizer, resolve_eval(cfg).max_new_tokens)
+    tokenizer = byte_level_form(tokenizer) or tokenizer  # what AutoTokenizer reads right (models.byte_level_form)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -125,7 +129,10 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
         if variant_of(model).save_pretrained(model, tmp, adapter=lora == "adapter"):
             _point_adapter_at(tmp, base_dir)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cptlab_export.json").write_text(json.dumps(_provenance(root, point, lora, out), indent=1) + "\n")
+        provenance = _provenance(root, point, lora, out)
+        if lora == "merge":
+            provenance["auto_tokenizer"] = auto_tokenizer_agrees(tmp, tokenizer, shown=out)
+        (tmp / "cptlab_export.json").write_text(json.dumps(provenance, indent=1) + "\n")
         _shareable(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -133,6 +140,33 @@ def export_model(run_dir: Path | str, out: Path | str, *, stage: int | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+PROBE = "sort asc: 34 0 27\n  two spaces; <answer>3 4</answer> end\n\n"
+"""Text whose round trip through AutoTokenizer an export checks: spaces, newlines, the answer tags (only
+characters of the tiny model's vocabulary: outside it, Qwen2Tokenizer drops what the run reads as <unk>)."""
+
+
+def auto_tokenizer_agrees(directory: Path, tokenizer, shown: Path | None = None) -> bool:
+    """Whether `AutoTokenizer.from_pretrained(directory)` encodes PROBE (and the tokenizer's own special
+    tokens) to the ids `tokenizer` gives and decodes them back to the same text; where it does not, one
+    line tells the user which class reads the directory right (`shown`: the directory's name in it)."""
+    from transformers import AutoTokenizer
+
+    from .ui import console
+
+    text = PROBE + "".join(tokenizer.all_special_tokens)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        auto = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        same = auto(text, add_special_tokens=False)["input_ids"] == ids and auto.decode(ids) == tokenizer.decode(ids)
+        name = type(auto).__name__
+    except Exception as e:  # transformers raises many types for a tokenizer it cannot build
+        same, name = False, f"an error ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+    if not same:
+        console.print(f"warning: AutoTokenizer reads {shown or directory}'s tokenizer differently ({name}); load it with "
+                      "transformers.PreTrainedTokenizerFast.from_pretrained", markup=False, soft_wrap=True)
+    return same
 
 
 def _shareable(directory: Path) -> None:

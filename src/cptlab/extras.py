@@ -41,3 +41,6 @@ def check_extras(cfg) -> None:
         missing = [m for m in modules if not installed(m)]
         if missing:
             raise UserError(f"{setting} needs {', '.join(missing)}, which is not installed: {install_hint(extra)}")
+    from .trackers import require_packages
+
+    require_packages(list(cfg.run.report_to))  # run.report_to's trackers (their extras are named alike)

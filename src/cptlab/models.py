@@ -71,6 +71,55 @@ def build_tokenizer():
                                    padding_side="left")
 
 
+def byte_level_form(tokenizer):
+    """The same tokenizer (the same ids for every text of its characters, the same decoded text) written
+    as a byte-level BPE, or None where `tokenizer` is not a character tokenizer like `build_tokenizer`'s
+    (a BPE without merges, normaliser or pre-tokenizer, whose ordinary tokens are single-byte characters).
+
+    Why: `AutoTokenizer` picks the class from config.json's model type, and for a qwen2 model
+    transformers 5 loads Qwen2Tokenizer whatever tokenizer_config.json declares; that class imposes a
+    byte-level pre-tokenizer and decoder, under which the character vocabulary's ' ' and '\\n' are
+    unknown (a space is the byte character 'Ġ', a newline 'Ċ'), so they vanish. Spelled in byte
+    characters, the vocabulary reads the same under Qwen2Tokenizer, the generic TokenizersBackend and
+    PreTrainedTokenizerFast. Outside the vocabulary (a tab, a non-ASCII character) they differ: the run
+    reads one <unk> per character, this spelling one <unk> per UTF-8 byte, and Qwen2Tokenizer (which
+    builds its BPE without an unknown token) drops the character; the tiny model's tasks use none."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model") or {}
+    if (model.get("type") != "BPE" or model.get("merges") or spec.get("normalizer") or spec.get("pre_tokenizer")
+            or (spec.get("decoder") or {}).get("type") != "Fuse"):
+        return None
+    added = {t["content"] for t in spec.get("added_tokens", [])}
+    probe = "".join(t for t in model["vocab"] if t not in added) + "".join(sorted(added)) + " a\n b"
+    byte_char = bytes_to_unicode()
+    vocab = {}
+    for token, i in model["vocab"].items():
+        raw = token.encode()
+        if token not in added and len(raw) != 1:
+            return None
+        vocab[token if token in added else byte_char[raw[0]]] = i
+    model["vocab"] = vocab
+    backend = Tokenizer.from_str(json.dumps(spec))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                if getattr(tokenizer, k, None) is not None}
+    out = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=tokenizer.padding_side,
+                                  model_max_length=tokenizer.model_max_length, **specials)
+    if getattr(tokenizer, "chat_template", None):
+        out.chat_template = tokenizer.chat_template
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if out(probe, add_special_tokens=False)["input_ids"] != ids or out.decode(ids) != tokenizer.decode(ids):
+        return None  # not the same tokenizer after all: keep the original
+    return out
+
+
 def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     """A randomly initialised decoder (Qwen2 or Llama architecture) with dims from `cfg`."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

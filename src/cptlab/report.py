@@ -14,7 +14,9 @@ be rebuilt for any run, finished or not. compare.html for several runs is compar
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,11 +207,23 @@ def drift_artifact_figure(run: Run, counts: dict[int, int]) -> list[str]:
             img(figure, "drift and artifacts per stage", "drift-artifacts")]
 
 
-def build_report(run: Run) -> str:
+def story(run: Run) -> tuple[list[StageStory], list, dict[int, int]]:
+    """What the headline tells: each stage's changes, the domains' retention since their own stage, and the
+    evaluation answer counts per stage."""
     records = per_prompt.final_records(run.root)
     stories = stage_stories(run.R, run.domains, run.stage_domains, records) if run.R.size else []
     kept = retained(run.R, run.domains, run.stage_domains, records) if run.R.size else []
-    counts = answer_counts(run)
+    return stories, kept, answer_counts(run)
+
+
+def headline_text(run_dir: Path | str) -> list[str]:
+    """The report's headline sentences as plain text (for the terminal at the end of a run)."""
+    run = load_run(run_dir)
+    return [html.unescape(re.sub(r"<[^>]*>", "", h)) for h in headline(run, *story(run))]
+
+
+def build_report(run: Run) -> str:
+    stories, kept, counts = story(run)
     stages = " → ".join(f"{esc(st['method'])} {esc(st['domain'])} ({esc(st['steps'])} steps)"
                         for st in map(run.stage, range(1, len(run.plan) + 1))) or "no stages"
     base = run.summary.get("base") if isinstance(run.summary.get("base"), dict) else {}

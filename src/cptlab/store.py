@@ -1,4 +1,5 @@
 """The run directory on disk, the source of truth: config.yaml, metrics.jsonl, checkpoints/, samples/.
+Each metrics record, once on disk, also goes to the run's experiment trackers (trackers.py, rank 0).
 
 Every file is written atomically (temp file or temp dir, fsynced, then renamed) and metrics lines
 are appended, flushed and fsynced one by one; a line counts once its newline is on disk. A checkpoint
@@ -163,6 +164,7 @@ class RunStore:
         self._metrics_file = None
         self._lock: int | None = None
         self.metrics_lines = 0
+        self._trackers = None  # trackers.Trackers, opened at the first record (run.report_to)
         self.made = None
         """What this process made: 'directory' (it created the run directory), 'contents' (it filled
         an empty one), None (it opened an existing run); `abandon` removes exactly that."""
@@ -260,6 +262,7 @@ class RunStore:
         record leaves nothing behind, and the corrected command is not refused as 'already exists'.
         Never touches a directory that held a run before."""
         self._close_metrics()
+        self._close_trackers()
         if self.made == "directory":
             shutil.rmtree(self.root, ignore_errors=True)
         elif self.made == "contents":
@@ -312,8 +315,10 @@ class RunStore:
         return fd
 
     def log(self, event: str, **fields: Any) -> dict:
+        """Append one record to metrics.jsonl (flushed and fsynced), then hand it to the run's trackers."""
         record = {"event": event, **fields}
-        line = (json_text(record) + "\n").encode()
+        data = strict_json(record)
+        line = (json.dumps(data, allow_nan=False) + "\n").encode()
         if self._metrics_file is None:
             self._metrics_file = self._open_metrics()
         fd = self._metrics_file
@@ -330,7 +335,26 @@ class RunStore:
                 pass
             raise OSError(e.errno, e.strerror, str(self.metrics_path)) from None
         self.metrics_lines += 1
+        self._feed_trackers(self.metrics_lines - 1, data)
         return record
+
+    def _feed_trackers(self, index: int, data: dict) -> None:
+        """The experiment trackers of config.yaml's run.report_to (trackers.py) get every record as it is
+        appended; they are opened at the first one, from the config the directory holds."""
+        if self._trackers is None:
+            from .trackers import Trackers
+
+            try:
+                config = self.read_config()
+            except (UserError, OSError):
+                config = {}
+            self._trackers = Trackers(self.root, config)
+        self._trackers.log(index, data, self.read_metrics)
+
+    def _close_trackers(self) -> None:
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
     def _close_metrics(self) -> None:
         if self._metrics_file is not None:
@@ -338,8 +362,9 @@ class RunStore:
             self._metrics_file = None
 
     def close(self) -> None:
-        """Close metrics.jsonl and release the claim on the directory."""
+        """Close metrics.jsonl and the trackers, and release the claim on the directory."""
         self._close_metrics()
+        self._close_trackers()
         self.release()
 
     # -- samples and summaries ---------------------------------------------------------------------

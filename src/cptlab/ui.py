@@ -1,8 +1,11 @@
-"""Terminal output: one rich console, progress bars and tables. Model text is always escaped."""
+"""Terminal output: one rich console, progress bars (or, without a terminal, a progress line every
+CPTLAB_PROGRESS_SECONDS) and tables. Model text is always escaped."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
 
 from rich import box
@@ -26,19 +29,74 @@ def safe_text(text: str) -> str:
     return escape(cleaned)
 
 
+PROGRESS_SECONDS = 30.0
+"""Without a terminal: one progress line every this many seconds (env CPTLAB_PROGRESS_SECONDS; 0: none)."""
+
+
+def progress_seconds() -> float:
+    """The interval of progress lines without a terminal: CPTLAB_PROGRESS_SECONDS, else PROGRESS_SECONDS."""
+    raw = os.environ.get("CPTLAB_PROGRESS_SECONDS", "")
+    try:
+        value = float(raw) if raw.strip() else PROGRESS_SECONDS
+    except ValueError:
+        return PROGRESS_SECONDS
+    return value if value >= 0 and value == value else PROGRESS_SECONDS
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 @contextmanager
 def progress(description: str, total: int):
-    """Yields advance(n=1, **fields); a live bar on a terminal, silent elsewhere."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=console, transient=True,
-                   disable=not console.is_terminal)
-    with bar:
-        task = bar.add_task(description, total=total, info="")
+    """Yields advance(n=1, info=""). On a terminal: a live bar. Elsewhere (nohup, CI, a log file): one line
+    'DESCRIPTION: DONE/TOTAL (P%), H:MM:SS elapsed, INFO' every progress_seconds(), from a timer thread
+    (so a slow step still shows the run is alive), and a last line when the work ends, if any was
+    printed; silent when the interval is 0."""
+    if console.is_terminal:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[info]}"), console=console, transient=True)
+        with bar:
+            task = bar.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str = "") -> None:
-            bar.update(task, advance=n, info=info)
+            def advance(n: int = 1, info: str = "") -> None:
+                bar.update(task, advance=n, info=info)
 
+            yield advance
+        return
+    interval = progress_seconds()
+    state = {"done": 0, "info": "", "lines": 0}
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def line() -> None:
+        done = state["done"]
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        info = f", {state['info']}" if state["info"] else ""
+        console.print(f"{description}: {done}/{total}{share}, {_clock(time.monotonic() - start)} elapsed{info}",
+                      markup=False, highlight=False, soft_wrap=True)
+        state["lines"] += 1
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            line()
+
+    def advance(n: int = 1, info: str = "") -> None:
+        state["done"] += n
+        state["info"] = info
+
+    timer = threading.Thread(target=beat, name="cptlab-progress", daemon=True) if interval > 0 else None
+    if timer is not None:
+        timer.start()
+    try:
         yield advance
+    finally:
+        stop.set()
+        if timer is not None:
+            timer.join()
+            if state["lines"]:
+                line()
 
 
 def eval_table(title: str, rows: dict[str, dict]) -> Table:

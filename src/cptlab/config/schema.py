@@ -517,6 +517,14 @@ class RunSettings:
     which keep only the `keep_checkpoints` newest and the newest stage end; true/false: always/never."""
     report: bool = True
     """Write report.html at the end of the run."""
+    report_to: list[str] = field(default_factory=list)
+    """Default [] (none). Experiment trackers that receive every train, eval and drift scalar at its global
+    step while the run goes (rank 0; metrics.jsonl stays the source of truth): any of tensorboard (event
+    files in RUN/tensorboard/), trackio (its local store; `trackio show`) and wandb (offline in RUN/wandb/
+    unless WANDB_MODE is set). Each needs its extra (pip install 'cptlab[tensorboard]'), checked before
+    the run starts. Names: train/<field>, eval/<domain>/<field>, drift/<field> and stage (docs/trackers.md)."""
+    tracker_project: str = "cptlab"
+    """The project that trackio and W&B file the run under (run.report_to); TensorBoard does not use it."""
 
 
 @dataclass

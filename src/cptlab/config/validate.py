@@ -171,6 +171,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "an integer >= 0")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "an integer >= 1")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name, "a non-empty name without '/'")
+    from ..trackers import check_names
+
+    check_names(cfg.run.report_to)
+    _check(bool(cfg.run.tracker_project), "run.tracker_project", cfg.run.tracker_project, "a non-empty project name")
     _check(cfg.distributed.bucket_mb >= 0, "distributed.bucket_mb", cfg.distributed.bucket_mb, "a size >= 0 (0: no buckets)")
     if cfg.distributed.strategy == "fsdp":
         _check(m.lora.rank == 0, "model.lora.rank", m.lora.rank, "0 with distributed.strategy=fsdp (LoRA is not sharded)")
