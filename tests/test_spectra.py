@@ -129,11 +129,15 @@ def test_low_rank_factors_give_the_norm_and_spectrum_of_their_product():
 def test_lora_updates_from_factors_equal_the_materialised_computation():
     pytest.importorskip("peft")
     from cptlab.config import LoraConfig
-    from cptlab.lora import apply_lora, drift_state, lowrank_updates, merged_state_dict
+    from cptlab.lora import apply_lora, lowrank_updates, merged_state_dict
+    from cptlab.variants import drift_state
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
     model = build_tiny_model(cfg, build_tokenizer(), seed=0).double()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = drift_state(model, base)  # a full model's: a float32 copy, never the live tensors
+    assert all(full[k].dtype == torch.float32 and full[k].data_ptr() != p.data_ptr()
+               and torch.equal(full[k], p.float()) for k, p in model.state_dict().items())
     model = apply_lora(model, LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]), seed=0)
     g = torch.Generator().manual_seed(3)
 
@@ -170,20 +174,22 @@ def test_the_base_cache_saves_atomically_and_loads_only_matching_entries(tmp_pat
     current = moved(base, 1e-2, seed=1)
     cache = BaseSpectra()
     first = weight_drift(base, current, cache=cache)
-    cache.save(tmp_path / "spectra")
-    assert sorted(p.name for p in (tmp_path / "spectra").iterdir()) == ["index.json", "spectra.safetensors"]
-    loaded = BaseSpectra.load(tmp_path / "spectra", base)
+    assert cache.unsaved
+    path = tmp_path / "run" / "drift_base.safetensors"
+    cache.save(path)
+    assert not cache.unsaved and [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    loaded = BaseSpectra.load(path, base)
     assert sorted(loaded) == sorted(cache)
     for name, entry in cache.items():
         assert torch.equal(loaded[name]["u"], entry["u"]) and torch.equal(loaded[name]["mask"], entry["mask"])
     marker = {n: loaded[n]["u"] for n in loaded}
     assert weight_drift(base, current, cache=loaded) == pytest.approx(first, nan_ok=True)
-    assert all(loaded[n]["u"] is marker[n] for n in loaded)  # read from the cache, not recomputed
+    assert all(loaded[n]["u"] is marker[n] for n in loaded) and not loaded.unsaved  # not recomputed
     other = tiny_state(seed=5)  # another base: every entry is refused
-    assert BaseSpectra.load(tmp_path / "spectra", other) == {}
-    assert BaseSpectra.load(tmp_path / "missing", base) == {}
-    (tmp_path / "spectra" / "spectra.safetensors").write_bytes(b"torn")
-    assert BaseSpectra.load(tmp_path / "spectra", base) == {}
+    assert BaseSpectra.load(path, other) == {}
+    assert BaseSpectra.load(tmp_path / "missing.safetensors", base) == {}
+    path.write_bytes(b"torn")
+    assert BaseSpectra.load(path, base) == {}
 
 
 def test_low_rank_entries_of_a_wide_matrix_in_a_batch():

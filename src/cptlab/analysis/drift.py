@@ -7,7 +7,7 @@ delta = current - base (or current - previous stage). Spectral metrics follow:
                     weight's principal directions; we report the mean cos^2 of the principal angles
                     between the update's and the base weight's top-k left singular subspaces.
 All sums run in float32 or better, whatever the weights' dtype. `parameter_drift` gives the same
-bits at any CPU thread count (see _fixed_threads).
+bits at any CPU thread count (see fixed_threads).
 
 Weight geometry after "The Path Not Taken" (`principal_drift`), each 2-D weight W_t against its base W_0
 (an [m, n] matrix, embeddings included), then the plain mean over matrices, overall and per module kind:
@@ -30,11 +30,16 @@ curves (max angle ~0 degrees for GRPO, 2.5-3.3 for SDPO) but not the code or the
 The spectra come from the float64 Gram eigendecomposition used above (one per matrix and record; the
 base's spectrum, top vectors and mask are cached); the angle is taken as arcsin ||(I - U_0 U_0^T) U_t||_2,
 which stays accurate for angles far below a degree.
+
+This module holds the definitions, one matrix at a time (the readable reference, tested against hand
+numbers). The record over a whole model (`parameter_drift`, `principal_drift`, or both in one pass with
+`drift_record.weight_drift`) is computed in batches on the device by drift_record.py / spectra.py, which
+reach the numbers of these definitions (tests/test_spectra.py).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 
 import numpy as np
@@ -214,21 +219,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _fixed_threads(fn):
-    """Run fn with one CPU thread: LAPACK's eigh and large reductions split their work by the thread
-    count, and the last digits of effective_rank and subspace_overlap followed it (measured: 1 vs 2
-    threads). Work placed on a GPU is unaffected; the CPU part is small beside the spectra."""
+def fixed_threads(device: torch.device):
+    """A context that runs torch on one CPU thread when `device` is the CPU (else does nothing): LAPACK's
+    eigh and large reductions split their work by the thread count, and the last digits of
+    effective_rank and subspace_overlap followed it (measured: 1 vs 2 threads)."""
+    return _OneThread() if device.type == "cpu" else contextlib.nullcontext()
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
+
+class _OneThread:
+    def __enter__(self):
+        self.before = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
-    return wrapper
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
 
 
 def parameter_drift(base: dict[str, Tensor], current: dict, previous: dict | None = None,

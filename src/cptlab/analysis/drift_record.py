@@ -15,7 +15,7 @@ How it scales to billions of parameters:
     lora.lowrank_updates) gives the update's norms and spectrum from its factors (r x r Grams, the QR of
     the factors); only the entry-wise numbers (sparsity, update share) and W_t's own spectrum (spectral
     shift, angle, mask) form b @ a, one batch at a time on the device.
-The CPU path pins torch to one thread (bitwise the same numbers at any thread count, drift._fixed_threads).
+The CPU path pins torch to one thread (bitwise the same numbers at any thread count, drift.fixed_threads).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .drift import (
     GEOMETRY_METRICS, KINDS, MASK_DENSITY, _mean, _numerical_rank, _overlap, _rank_from_singular_values,
-    _untied_names, geometry_ranks, max_principal_angle, module_kind, spectral_shift,
+    _untied_names, fixed_threads, geometry_ranks, max_principal_angle, module_kind, spectral_shift,
 )
 from .spectra import (BaseSpectra, LowRank, gram_spectra, lowrank_frobenius_sq, lowrank_spectrum, pack_masks,
                       principal_reconstruction, top_thresholds, unpack_masks)
@@ -99,15 +99,9 @@ def weight_drift(base: dict[str, Tensor], current: dict, previous: dict | None =
     kept across calls, filled here where missing.
     """
     device = torch.device(device) if device is not None else next(iter(base.values())).device
-    if device.type == "cpu":
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _record(base, current, previous, top_k, tol, density, device, cache, update, geometry,
-                           batch_bytes)
-        finally:
-            torch.set_num_threads(before)
-    return _record(base, current, previous, top_k, tol, density, device, cache, update, geometry, batch_bytes)
+    with fixed_threads(device):
+        return _record(base, current, previous, top_k, tol, density, device, cache, update, geometry,
+                       batch_bytes)
 
 
 def _record(base, current, previous, top_k, tol, density, device, cache, update, geometry, batch_bytes):

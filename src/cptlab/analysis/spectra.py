@@ -144,6 +144,7 @@ def principal_reconstruction(w: Tensor, u_rank: Tensor) -> Tensor:
 
 
 SCALARS = ("norm_sq", "rank", "density")
+PARTS = ("sigma", "u", "mask")
 
 
 class BaseSpectra(dict):
@@ -153,44 +154,50 @@ class BaseSpectra(dict):
     ||W_0||_F^2, "rank": r, "density": rho} for each 2-D weight. Entries live on the CPU (at 4B the
     vectors take ~2.7 GB in float64, the masks 0.5 GB) and travel to the device batch by batch.
 
-    `save(path)` writes the cache atomically (safetensors + a JSON index); `load(path, base)` reads it
+    `save(path)` writes the cache atomically (one safetensors file); `load(path, base)` reads it
     back, keeping only the entries whose shape and norm match the given base weights (a cache of another
-    base is ignored, entry by entry)."""
+    base is ignored, entry by entry). `unsaved`: entries were added since the last save or load."""
+
+    unsaved = False
+
+    def __setitem__(self, name, entry) -> None:
+        super().__setitem__(name, entry)
+        self.unsaved = True
 
     def save(self, path: str | Path) -> None:
+        """Write the cache as one safetensors file (the scalars in its metadata), atomically."""
         from safetensors.torch import save
 
-        from ..store import atomic_write_bytes, atomic_write_json
+        from ..store import atomic_write_bytes
 
-        path = Path(path)
         tensors, index = {}, {}
-        for i, (name, entry) in enumerate(sorted(self.items())):
-            for part in ("sigma", "u", "mask"):
-                tensors[f"{i}.{part}"] = entry[part].contiguous()
-            index[name] = {"id": i, **{k: entry[k] for k in SCALARS}}
-        atomic_write_bytes(path / "spectra.safetensors", save(tensors))
-        atomic_write_json(path / "index.json", index)  # written last: a torn save leaves an old index or none
+        for name, entry in self.items():
+            for part in PARTS:
+                tensors[f"{name}/{part}"] = entry[part].contiguous()
+            index[name] = {k: entry[k] for k in SCALARS}
+        atomic_write_bytes(Path(path), save(tensors, metadata={"index": json.dumps(index)}))
+        self.unsaved = False
 
     @classmethod
     def load(cls, path: str | Path, base: dict[str, Tensor] | None = None) -> "BaseSpectra":
         """The cache at `path` (empty when there is none or it cannot be read: it is only a cache)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
-        path, out = Path(path), cls()
+        out = cls()
         try:
-            index = json.loads((path / "index.json").read_text())
-            tensors = load_file(path / "spectra.safetensors")
-        except (OSError, ValueError, KeyError, SafetensorError):
+            with safe_open(str(path), framework="pt") as f:
+                index = json.loads(f.metadata()["index"])
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return out
         for name, meta in index.items():
-            entry = {**{k: meta[k] for k in SCALARS},
-                     **{part: tensors.get(f"{meta['id']}.{part}") for part in ("sigma", "u", "mask")}}
-            if any(entry[part] is None for part in ("sigma", "u", "mask")):
+            entry = {**{k: meta[k] for k in SCALARS}, **{part: tensors.get(f"{name}/{part}") for part in PARTS}}
+            if any(entry[part] is None for part in PARTS):
                 continue
             if base is not None and not matches(entry, base.get(name)):
                 continue
             out[name] = entry
+        out.unsaved = False
         return out
 
 
