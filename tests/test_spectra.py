@@ -69,6 +69,16 @@ def test_the_record_equals_the_reference_implementation_on_a_tiny_model(low_rank
     assert split == pytest.approx(new, nan_ok=True)
 
 
+def test_grams_accumulated_in_pieces_give_the_same_record(monkeypatch):
+    import cptlab.analysis.spectra as S
+
+    base = tiny_state()
+    current = moved(base, 1e-2, seed=1)
+    whole = weight_drift(base, current)
+    monkeypatch.setattr(S, "CHUNK_BYTES", 4096)  # a few rows or columns per piece
+    assert_same_record(weight_drift(base, current), whole, rel=1e-9, abs_=1e-12, angle_abs=1e-9)
+
+
 def test_the_stage_zero_record_needs_no_update_spectra_and_equals_the_reference():
     base = tiny_state()
     current = {k: v.clone() for k, v in base.items()}  # the stage-0 record: nothing moved yet
@@ -203,3 +213,19 @@ def test_low_rank_entries_of_a_wide_matrix_in_a_batch():
     low = weight_drift(base, updates)
     assert_same_record(low, reference_record(base, dense), rel=1e-5, abs_=1e-7, angle_abs=1e-3)
     assert low["num_tensors"] == 2.0
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_and_the_two_paths_agree(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "drift_scale.py"
+    out = tmp_path / "drift.json"
+    subprocess.run([sys.executable, str(script), "--smoke", "--shrink", "16", "--out", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["layers"] == 1 and result["old_later_s"] > 0 and result["new_later_s"] > 0
+    assert result["largest_difference"][1] < 1e-5  # relative (degrees for an angle)

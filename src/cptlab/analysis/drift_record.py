@@ -61,6 +61,11 @@ def _form(entry) -> tuple[str, int]:
     return ("lowrank", entry.b.shape[1]) if isinstance(entry, LowRank) else ("dense", 0)
 
 
+def _pick(batch: Tensor, items: list[int]) -> Tensor:
+    """batch[items], without a copy when that is the whole batch."""
+    return batch if len(items) == batch.shape[0] else batch[items]
+
+
 def _base_entries(cache: BaseSpectra, names: list[str], w0: Tensor, top_k: int, density: float) -> None:
     """Fill the cache entries missing for a batch of base matrices (w0 [B, m, n] on the device)."""
     shape = tuple(w0.shape[1:])
@@ -143,10 +148,11 @@ def _batch(chunk, base, current, previous, dtype, device, cache, top_k, tol, den
     flat = delta.abs().flatten(1)
     peak = flat.amax(1)
     unchanged = (flat <= tol * peak.unsqueeze(1)).sum(1)
-    rows = {n: {"diff_sq": float(diff_sq[j]), "ref_sq": float(ref_sq[j]), "numel": delta[j].numel(),
-                "unchanged": float(unchanged[j]), "moved": bool(peak[j] > 0)} for j, n in enumerate(chunk)}
+    diff_sq, ref_sq, unchanged, peak = (x.tolist() for x in (diff_sq, ref_sq, unchanged, peak))  # one sync each
+    rows = {n: {"diff_sq": diff_sq[j], "ref_sq": ref_sq[j], "numel": delta[j].numel(), "unchanged": float(unchanged[j]),
+                "moved": peak[j] > 0} for j, n in enumerate(chunk)}
     if previous and chunk[0] in previous:
-        _previous(chunk, rows, previous, w0, b if lowrank else None, a if lowrank else None,
+        _previous(chunk, rows, base, previous, w0, b if lowrank else None, a if lowrank else None,
                   None if lowrank else wt, device, dtype)
     shape = tuple(w0.shape[1:])
     if len(shape) != 2 or min(shape) < 2:
@@ -159,9 +165,9 @@ def _batch(chunk, base, current, previous, dtype, device, cache, top_k, tol, den
             rows[n]["rank"] = rows[n]["overlap"] = float("nan")
         if moved:
             if lowrank:
-                s, u = lowrank_spectrum(b[moved], a[moved], k)
+                s, u = lowrank_spectrum(_pick(b, moved), _pick(a, moved), k)
             else:
-                s, u = gram_spectra(delta[moved], k)
+                s, u = gram_spectra(_pick(delta, moved), k)
             for j, i in enumerate(moved):
                 n = chunk[i]
                 rows[n]["rank"] = _rank_from_singular_values(s[j])
@@ -171,7 +177,7 @@ def _batch(chunk, base, current, previous, dtype, device, cache, top_k, tol, den
     return rows
 
 
-def _previous(chunk, rows, previous, w0, b, a, wt, device, dtype) -> None:
+def _previous(chunk, rows, base, previous, w0, b, a, wt, device, dtype) -> None:
     """||current - previous||^2 and ||previous||^2 per matrix; from the factors when both are low-rank."""
     if b is not None and isinstance(previous[chunk[0]], LowRank):
         bp = _stack([previous[n].b for n in chunk], device, torch.float64)
@@ -183,10 +189,11 @@ def _previous(chunk, rows, previous, w0, b, a, wt, device, dtype) -> None:
     else:
         wt = wt if wt is not None else w0 + (b @ a).to(dtype)
         wp = torch.stack([w0[j] + previous[n].dense(dtype).to(device) if isinstance(previous[n], LowRank)
+                          else w0[j] if previous[n] is base[n]  # a frozen weight: no second transfer
                           else previous[n].detach().to(device, dtype) for j, n in enumerate(chunk)])
         diff, prev_sq = _sq(wt - wp), _sq(wp)
-    for j, n in enumerate(chunk):
-        rows[n]["prev_diff_sq"], rows[n]["prev_sq"] = float(diff[j]), float(prev_sq[j])
+    for n, d, p in zip(chunk, diff.tolist(), prev_sq.tolist()):
+        rows[n]["prev_diff_sq"], rows[n]["prev_sq"] = d, p
 
 
 def _geometry(chunk, rows, moved, w0, wt, delta, cache, density) -> None:
@@ -196,13 +203,13 @@ def _geometry(chunk, rows, moved, w0, wt, delta, cache, density) -> None:
     entries = [cache[n] for n in chunk]
     for j, n in enumerate(chunk):  # an unmoved matrix is its base: the base's own spectra and mask
         if j not in moved:
-            u0 = entries[j]["u"][:, :k]
+            u0 = entries[j]["u"][:, :k].to(w0.device)
             full = _numerical_rank(entries[j]["sigma"], shape, F32_EPS) >= k
             rows[n].update(spectral_shift=0.0, max_angle=max_principal_angle(u0, u0) if full else float("nan"),
                            principal_mask_overlap=1.0, principal_update_share=float("nan"))
     if not moved:
         return
-    wtm, dm = wt[moved], delta[moved]
+    wtm, dm = _pick(wt, moved), _pick(delta, moved)
     sigma, u = gram_spectra(wtm, min(max(k, rank), *shape))
     mask = _masks(wtm, u, rank, density)
     u0 = torch.stack([entries[i]["u"][:, :k] for i in moved]).to(u)
@@ -210,10 +217,8 @@ def _geometry(chunk, rows, moved, w0, wt, delta, cache, density) -> None:
     moved_abs = dm.abs()
     update_cuts = top_thresholds(moved_abs.flatten(1), density)
     updated = (moved_abs >= update_cuts.to(moved_abs).view(-1, 1, 1)) & (moved_abs > 0)
-    inter_mask = (mask0 & mask).flatten(1).sum(1)
-    size_mask0 = mask0.flatten(1).sum(1)
-    inter_update = (updated & mask0).flatten(1).sum(1)
-    size_update = updated.flatten(1).sum(1)
+    inter_mask, size_mask0, inter_update, size_update = (x.flatten(1).sum(1).tolist() for x in (
+        mask0 & mask, mask0, updated & mask0, updated))
     for j, i in enumerate(moved):
         entry, n = entries[i], chunk[i]
         sigma0 = entry["sigma"].to(sigma)
@@ -221,9 +226,8 @@ def _geometry(chunk, rows, moved, w0, wt, delta, cache, density) -> None:
         rows[n].update(
             spectral_shift=spectral_shift(sigma[j], sigma0),
             max_angle=max_principal_angle(u0[j][:, :k], u[j][:, :k]) if full else float("nan"),
-            principal_mask_overlap=int(inter_mask[j]) / int(size_mask0[j]) if int(size_mask0[j]) else float("nan"),
-            principal_update_share=(int(inter_update[j]) / int(size_update[j]) if int(size_update[j])
-                                    else float("nan")))
+            principal_mask_overlap=inter_mask[j] / size_mask0[j] if size_mask0[j] else float("nan"),
+            principal_update_share=inter_update[j] / size_update[j] if size_update[j] else float("nan"))
 
 
 def _assemble(names: list[str], rows: dict[str, dict], previous: dict, update: bool, geometry: bool
