@@ -30,7 +30,7 @@ from .drift import (
     _untied_names, fixed_threads, geometry_ranks, max_principal_angle, module_kind, spectral_shift,
 )
 from .spectra import (BaseSpectra, LowRank, gram_spectra, lowrank_frobenius_sq, lowrank_spectrum, pack_masks,
-                      principal_reconstruction, top_thresholds, unpack_masks)
+                      principal_reconstruction, project64, top_thresholds, unpack_masks)
 
 BATCH_BYTES = 512 * 2 ** 20
 """Size of one batch of same-shaped matrices, counted as float64 (bytes); the device holds a few times
@@ -184,7 +184,7 @@ def _previous(chunk, rows, base, previous, w0, b, a, wt, device, dtype) -> None:
         ap = _stack([previous[n].a for n in chunk], device, torch.float64)
         diff = lowrank_frobenius_sq(torch.cat([b, -bp], -1), torch.cat([a, ap], -2))
         # ||W_0 + b_p a_p||^2 = ||W_0||^2 + 2 <b_p^T W_0, a_p> + ||b_p a_p||^2
-        cross = ((bp.mT @ w0.double()) * ap).flatten(1).sum(1)
+        cross = (project64(bp, w0) * ap).flatten(1).sum(1)
         prev_sq = _sq(w0) + 2 * cross + lowrank_frobenius_sq(bp, ap)
     else:
         wt = wt if wt is not None else w0 + (b @ a).to(dtype)

@@ -138,9 +138,19 @@ def unpack_masks(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     return bits.flatten(1)[:, :math.prod(shape)].view(packed.shape[0], *shape)
 
 
+def project64(u: Tensor, w: Tensor) -> Tensor:
+    """u^T w in float64, accumulated over pieces of the rows (no float64 copy of w): [B, m, r], [B, m, n]
+    -> [B, r, n]."""
+    out = torch.zeros(*u.shape[:-2], u.shape[-1], w.shape[-1], dtype=torch.float64, device=w.device)
+    step = _pieces(w.shape[-2], w.shape[-1], w.shape[0] if w.dim() == 3 else 1)
+    for i in range(0, w.shape[-2], step):
+        out += u[..., i:i + step, :].double().mT @ w[..., i:i + step, :].double()
+    return out
+
+
 def principal_reconstruction(w: Tensor, u_rank: Tensor) -> Tensor:
     """|U_r U_r^T W|, the magnitudes the principal mask ranks (float64): [B, m, n], [B, m, r] -> [B, m, n]."""
-    return (u_rank @ (u_rank.mT @ w.double())).abs()
+    return (u_rank @ project64(u_rank, w)).abs_()
 
 
 SCALARS = ("norm_sq", "rank", "density")
