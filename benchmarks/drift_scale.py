@@ -14,10 +14,10 @@ merged float32 weights, as the driver gives them today). Each path computes a fi
 spectra computed: the stage-0 case has current == base, timed separately) and a later one (cached).
 
 --smoke: one layer and a 4096-token vocabulary, on the CPU unless --device says otherwise: checks that
-the script runs (figures from a shared CPU are not results; one layer of these shapes takes ~15 minutes
-on one CPU thread); --shrink K divides every width by K (a quick check of the script itself). --old-layers N times the old path on the
-first N layers only and scales its seconds by layers / N (printed as extrapolated); the old path on
-all 36 layers of a GPU takes minutes.
+the script runs (figures from a shared CPU are not results; one layer of these shapes took over 20
+minutes for both paths on a shared 2-core CPU); --shrink K divides every width by K (a quick check of the
+script itself). --old-layers N times the old path on the first N layers only and scales its seconds by
+layers / N (printed as extrapolated); the old path on all 36 layers of a GPU takes minutes.
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ def main() -> None:
         current, previous = moved(base, gen), moved(base, gen, 5e-4)
         dense, dense_prev = current, previous
     params = sum(t.numel() for n, t in base.items() if n != "lm_head.weight")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"Qwen3-4B shapes{f' / {a.shrink}' if a.shrink > 1 else ''}: {layers} layers, vocabulary {vocab}, {params / 1e9:.2f}B parameters, "
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
+    shrunk = f" / {a.shrink}" if a.shrink > 1 else ""
+    print(f"Qwen3-4B shapes{shrunk}: {layers} layers, vocabulary {vocab}, {params / 1e9:.2f}B parameters, "
           f"{'LoRA rank ' + str(a.lora) if a.lora else 'full update'}, {device_name}")
 
     cache = BaseSpectra()

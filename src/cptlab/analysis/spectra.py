@@ -11,10 +11,11 @@ Precision, and why float64 stays for the spectra. Every spectral quantity of the
 spectrum: the update's effective rank reads all its singular values, the spectral shift all of W_t's
 and W_0's. The Gram route squares the condition number: an eigensolver's eigenvalue error is about
 eps * sigma_max^2, so singular values below sqrt(eps) * sigma_max are noise. In float32 that floor is
-3.5e-4 * sigma_max: the ~2500 zero singular values of a rank-16 update of a 2560-wide random matrix read
-up to ~4e-4 sigma_max and its effective rank comes out 17.2 instead of 16.0 (measured; tests/test_spectra.py
-shows the same on a 256 x 384 matrix of rank 2: 2.11 for 2.00); and the spectral shift of a small update (about rel_l2 / sqrt(m), ~1e-6)
-sits below even a float32 SVD's error (~1e-7 sigma_max per value). In float64 the floor is 1.5e-8 *
+3.5e-4 * sigma_max: the ~2500 zero singular values of a rank-16 update of a 2560-wide random matrix
+read up to ~4e-4 sigma_max and its effective rank comes out 17.2 instead of 16.0 (measured;
+tests/test_spectra.py shows the same on a 256 x 384 matrix of rank 2: 2.11 for 2.00); and the spectral
+shift of a small update (about rel_l2 / sqrt(m), ~1e-6) sits below even a float32 SVD's error (~1e-7
+sigma_max per value). In float64 the floor is 1.5e-8 *
 sigma_max. So the Grams are accumulated and decomposed in float64 (on an H100/H200 float64 runs at half
 the float32 rate, not 1/64 as on consumer GPUs), while everything entry-wise (deltas, sparsity, masks)
 stays in float32 (a difference of two float32 weights is exact when they are within a factor 2 of each
