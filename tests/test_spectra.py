@@ -229,3 +229,27 @@ def test_the_scale_benchmark_runs_and_the_two_paths_agree(tmp_path):
     result = json.loads(out.read_text())
     assert result["layers"] == 1 and result["old_later_s"] > 0 and result["new_later_s"] > 0
     assert result["largest_difference"][1] < 1e-5  # relative (degrees for an angle)
+
+
+def test_lowrank_updates_of_a_fan_in_fan_out_layer_are_transposed():
+    """GPT-2's Conv1D stores its weight [in, out]: peft's update is (B A)^T there."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cptlab.lora import lowrank_updates, merged_state_dict
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=8))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                         fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    updates = lowrank_updates(wrapped)
+    merged = merged_state_dict(wrapped)
+    assert list(updates) == ["transformer.h.0.attn.c_attn.weight"]
+    name, update = next(iter(updates.items()))
+    assert update.shape == tuple(base[name].shape) == (16, 48)
+    assert torch.allclose(base[name] + update.dense(), merged[name], atol=1e-6)
