@@ -184,8 +184,9 @@ def test_update_spectrum_matches_the_separate_measures_and_the_base_cache_is_reu
     cur = {n: w + 0.1 * torch.randn(24, 16, generator=g) for n, w in base.items()}
     cache: dict = {}
     first = parameter_drift(base, cur, base_subspaces=cache)
-    assert sorted(cache) == sorted(names) and cache[names[0]].shape == (24, 8)
-    cache[names[0]] = cache[names[0]].clone()
+    assert sorted(cache) == sorted(names) and cache[names[0]]["u"].shape == (24, 8)  # max(top_k, 16 / 8)
+    assert torch.allclose(cache[names[0]]["u"].abs(), top_left_singular(base[names[0]], 8).abs(), atol=1e-8)
+    cache[names[0]] = dict(cache[names[0]])
     marker = cache[names[0]]
     again = parameter_drift(base, cur, base_subspaces=cache)
     assert cache[names[0]] is marker  # not recomputed

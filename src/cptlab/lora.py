@@ -113,3 +113,47 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
             key = f"{name}.weight"
             state[key] = state[key].detach() + delta
     return state
+
+
+@torch.no_grad()
+def lowrank_updates(model) -> dict:
+    """The adapters' updates of a peft model as factors, under the base model's weight names:
+    name -> analysis.spectra.LowRank(b, a) with delta W = b @ a = (alpha / r) * B @ A (the active adapters
+    of a layer side by side along r). Detached copies, on the adapters' device; nothing m x n is formed.
+    Linear layers only (`fan_in_fan_out` ones transposed); any other adapted layer (an embedding, DoRA)
+    is left out of this dict: `drift_state` gives it as a dense merged weight instead."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    from .analysis.spectra import LowRank
+
+    out = {}
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+            continue
+        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        if not isinstance(module, Linear) or not adapters or any(module.use_dora.get(a) for a in adapters):
+            continue
+        b = torch.cat([module.lora_B[a].weight.detach() * module.scaling[a] for a in adapters], 1)
+        a = torch.cat([module.lora_A[a].weight.detach() for a in adapters], 0)
+        if module.fan_in_fan_out:  # the layer's weight is stored [in, out]: delta = (B A)^T
+            b, a = a.T, b.T
+        out[f"{name}.weight"] = LowRank(b.clone(), a.clone())
+    return out
+
+
+def drift_state(model, base_state: dict[str, torch.Tensor]) -> dict:
+    """What the drift record compares with `base_state` (the base model's weights) for a peft model: the
+    base tensors themselves where the weight is frozen, a LowRank update where an adapter adds one
+    (lowrank_updates), the merged weight for an adapted layer of another kind. Costs the adapters' size,
+    not a copy of the model."""
+    updates = lowrank_updates(model)
+    state = dict(base_state)
+    state.update(updates)
+    merged = None
+    for name, module in model.get_base_model().named_modules():
+        key = f"{name}.weight"
+        if key in updates or not hasattr(module, "lora_A") or _lora_delta(module) is None:
+            continue
+        merged = merged if merged is not None else merged_state_dict(model)
+        state[key] = merged[key].detach().to("cpu", torch.float32, copy=True)
+    return state

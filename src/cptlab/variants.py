@@ -8,7 +8,7 @@ implementation per variant, chosen once, where the variant is made.
 `apply_lora` (lora.py) and `shard` (sharding.py) register the variant of the model they make
 (`set_variant`); every other model is full. Nothing outside this module asks whether a model is LoRA
 or sharded: it calls `variant_of(model).<operation>(model, ...)`, or one of the module functions below
-that do (base_reference, effective_state_dict, checkpoint_state_dict, load_checkpoint_state, ...).
+that do (base_reference, effective_state_dict, drift_state, checkpoint_state_dict, load_checkpoint_state, ...).
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ class Full:
     def checkpoint_state(self, model) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of the weights."""
         return model.state_dict()
+
+    def drift_state(self, model, base_state: dict[str, torch.Tensor]) -> dict:
+        """What the drift record (analysis.drift_record.weight_drift) compares with `base_state`: a
+        float32 CPU copy of the weights (never a view of the live parameters)."""
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.effective_state_dict(model).items()}
 
     def _load(self, model, state):
         return model.load_state_dict(state, strict=False)
@@ -133,6 +138,13 @@ class LoRA(Full):
         from .lora import merged_state_dict
 
         return merged_state_dict(model)
+
+    def drift_state(self, model, base_state: dict[str, torch.Tensor]) -> dict:
+        """The base tensors themselves for the frozen weights and the adapters' updates as LowRank factors
+        (lora.drift_state): the adapters' size, not a copy of the model."""
+        from .lora import drift_state
+
+        return drift_state(model, base_state)
 
     def checkpoint_state(self, model) -> dict[str, torch.Tensor]:
         from .lora import is_adapter_key
@@ -240,6 +252,11 @@ def base_reference(model):
 
 def effective_state_dict(model) -> dict[str, torch.Tensor]:
     return variant_of(model).effective_state_dict(model)
+
+
+def drift_state(model, base_state: dict[str, torch.Tensor]) -> dict:
+    """The model's weights as the drift record reads them against `base_state` (the variant's)."""
+    return variant_of(model).drift_state(model, base_state)
 
 
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ delta = current - base (or current - previous stage). Spectral metrics follow:
                     weight's principal directions; we report the mean cos^2 of the principal angles
                     between the update's and the base weight's top-k left singular subspaces.
 All sums run in float32 or better, whatever the weights' dtype. `parameter_drift` gives the same
-bits at any CPU thread count (see _fixed_threads).
+bits at any CPU thread count (see fixed_threads).
 
 Weight geometry after "The Path Not Taken" (`principal_drift`), each 2-D weight W_t against its base W_0
 (an [m, n] matrix, embeddings included), then the plain mean over matrices, overall and per module kind:
@@ -30,16 +30,24 @@ curves (max angle ~0 degrees for GRPO, 2.5-3.3 for SDPO) but not the code or the
 The spectra come from the float64 Gram eigendecomposition used above (one per matrix and record; the
 base's spectrum, top vectors and mask are cached); the angle is taken as arcsin ||(I - U_0 U_0^T) U_t||_2,
 which stays accurate for angles far below a degree.
+
+This module holds the definitions, one matrix at a time (the readable reference, tested against hand
+numbers). The record over a whole model (`parameter_drift`, `principal_drift`, or both in one pass with
+`drift_record.weight_drift`) is computed in batches on the device by drift_record.py / spectra.py, which
+reach the numbers of these definitions (tests/test_spectra.py).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .spectra import (BaseSpectra, LowRank, gram_spectra, lowrank_frobenius_sq, lowrank_spectrum,
+                      principal_reconstruction, top_thresholds)
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
 _ATTENTION = ("self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn")
@@ -127,21 +135,11 @@ def _numerical_rank(s: Tensor, shape: tuple[int, ...], eps: float | None = None)
 
 
 def _gram_spectrum(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(all singular values, descending; top-k left singular vectors [m, k]) of a matrix, from the
-    eigendecomposition of its float64 Gram matrix (on an H100 about 4x faster than an SVD of a
+    """(all singular values, descending; top-k left singular vectors [m, k]) of one matrix: the float64
+    Gram route of spectra.gram_spectra on a batch of one (on an H100 about 4x faster than an SVD of a
     768 x 2048 float32 matrix; singular values carry an absolute error near 1e-8 * the largest)."""
-    a = matrix.detach().to(torch.float64)
-    m, n = a.shape
-    if m <= n:
-        evals, evecs = torch.linalg.eigh(a @ a.T)  # left singular vectors directly
-        s = evals.flip(0).clamp_min(0).sqrt()
-        return s, evecs.flip(1)[:, :k]
-    evals, evecs = torch.linalg.eigh(a.T @ a)  # right singular vectors W: U = A W / s
-    s = evals.flip(0).clamp_min(0).sqrt()
-    w = evecs.flip(1)[:, :k]
-    top = s[:k]
-    u = (a @ w) / torch.where(top > 0, top, torch.ones_like(top))
-    return s, u
+    s, u = gram_spectra(matrix.detach().unsqueeze(0), k)
+    return s[0], u[0]
 
 
 def top_left_singular(matrix: Tensor, k: int = 8) -> Tensor:
@@ -187,22 +185,29 @@ def update_spectrum(delta: Tensor, base_top: Tensor, k: int = 8) -> tuple[float,
                                                     eps=torch.finfo(torch.float32).eps))
 
 
-def _untied_names(base: dict[str, Tensor], current: dict[str, Tensor]) -> list[str]:
+def _untied_names(base: dict[str, Tensor], current: dict) -> list[str]:
     """Names of floating tensors present in both dicts with one shape, tied duplicates dropped.
 
     A duplicate is a tensor sharing storage with an earlier one, or an lm_head weight equal to an
-    embedding weight in both dicts (tied embeddings, after a round trip through safetensors).
+    embedding weight in both dicts (tied embeddings, after a round trip through safetensors). A
+    `LowRank` entry of `current` (an update of the base weight) counts as a floating tensor of its shape.
     """
     names, seen_ptrs = [], set()
     embeddings = [n for n in current if "embed_tokens" in n or n.endswith("wte.weight")]
     for n, t in current.items():
-        if n not in base or base[n].shape != t.shape or not t.is_floating_point():
+        if n not in base or tuple(base[n].shape) != tuple(t.shape):
+            continue
+        if isinstance(t, LowRank):
+            names.append(n)
+            continue
+        if not t.is_floating_point():
             continue
         ptr = (t.device, t.data_ptr()) if t.numel() else None
         if ptr is not None and ptr in seen_ptrs:
             continue
-        if "lm_head" in n and any(e in base and current[e].shape == t.shape and torch.equal(current[e], t)
-                                  and torch.equal(base[e], base[n]) for e in embeddings):
+        if "lm_head" in n and any(e in base and isinstance(current[e], Tensor) and current[e].shape == t.shape
+                                  and torch.equal(current[e], t) and torch.equal(base[e], base[n])
+                                  for e in embeddings):
             continue
         seen_ptrs.add(ptr)
         names.append(n)
@@ -214,83 +219,49 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _fixed_threads(fn):
-    """Run fn with one CPU thread: LAPACK's eigh and large reductions split their work by the thread
-    count, and the last digits of effective_rank and subspace_overlap followed it (measured: 1 vs 2
-    threads). Work placed on a GPU is unaffected; the CPU part is small beside the spectra."""
+def fixed_threads(device: torch.device):
+    """A context that runs torch on one CPU thread when `device` is the CPU (else does nothing): LAPACK's
+    eigh and large reductions split their work by the thread count, and the last digits of
+    effective_rank and subspace_overlap followed it (measured: 1 vs 2 threads)."""
+    return _OneThread() if device.type == "cpu" else contextlib.nullcontext()
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
+
+class _OneThread:
+    def __enter__(self):
+        self.before = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
-    return wrapper
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
 
 
-@_fixed_threads
-@torch.no_grad()
-def parameter_drift(base: dict[str, Tensor], current: dict[str, Tensor], previous: dict[str, Tensor] | None = None,
+def parameter_drift(base: dict[str, Tensor], current: dict, previous: dict | None = None,
                     top_k: int = 8, tol: float = 1e-3, device: torch.device | str | None = None,
-                    base_subspaces: dict[str, Tensor] | None = None) -> dict[str, float]:
+                    base_subspaces: dict | None = None) -> dict[str, float]:
     """Drift numbers of `current` weights against the base (and the previous stage's) weights.
 
     Keys:
       rel_l2_base, rel_l2_base/<kind>   ||theta - theta_0|| / ||theta_0||, all tensors, and per
                                         module kind present (attention, mlp, embedding, norm, other)
-      rel_l2_prev                       the same against `previous` (when given)
+      rel_l2_prev                       ||theta - theta_prev|| / ||theta_prev|| (when `previous` is given)
       update_norm                       ||theta - theta_0|| (absolute)
       sparsity, sparsity/<kind>         fraction of entries left unchanged (update_sparsity, each
                                         tensor against its own largest change), entry-weighted
       effective_rank, subspace_overlap  means over the 2-D updates (NaN ones skipped); embedding
-                                        matrices are left out (vocabulary-sized SVDs, row-sparse
+                                        matrices are left out (vocabulary-sized spectra, row-sparse
                                         updates of the tokens seen)
       num_tensors                       tensors compared (tied duplicates skipped)
 
-    The spectra (float64 Gram eigendecompositions) run on `device` (default: where the tensors are):
-    1.1 s per call for a 76M model on an H100, 5.3 s on 2 CPU threads (benchmarks/bench_drift.py)
-    before the CPU work was pinned to one thread (_fixed_threads).
-    `base_subspaces`, when given, caches the base weights' top-k singular vectors by name across
-    calls (filled here where missing).
+    `current` / `previous` may hold `LowRank` updates of the base weights (a LoRA run: see
+    lora.lowrank_updates). Computed by drift_record.weight_drift: batches of same-shaped matrices on
+    `device` (default: where the base tensors are), one thread on the CPU. `base_subspaces`: a cache
+    of the base weights' spectra (a `BaseSpectra` or a dict) kept across calls, filled where missing;
+    pass the same one to `principal_drift`, or call `weight_drift` for both key sets in one pass.
     """
-    names = _untied_names(base, current)
-    out: dict[str, float] = {"rel_l2_base": relative_l2(current, base, names)}
-    if previous is not None:
-        out["rel_l2_prev"] = relative_l2(current, previous, [n for n in names if n in previous])
-    by_kind: dict[str, list[str]] = {}
-    for n in names:
-        by_kind.setdefault(module_kind(n), []).append(n)
-    for kind in KINDS:
-        if kind in by_kind:
-            out[f"rel_l2_base/{kind}"] = relative_l2(current, base, by_kind[kind])
+    from .drift_record import weight_drift
 
-    update_sq, kind_counts, ranks, overlaps = 0.0, {}, [], []
-    for n in names:
-        delta = _f(current[n]) - _f(base[n])
-        update_sq += float(delta.pow(2).sum())
-        unchanged, total = kind_counts.get(module_kind(n), (0.0, 0))
-        kind_counts[module_kind(n)] = (unchanged + update_sparsity(delta, tol) * delta.numel(), total + delta.numel())
-        if delta.dim() == 2 and module_kind(n) != "embedding" and min(delta.shape) > 1:
-            cache = base_subspaces if base_subspaces is not None else {}
-            if n not in cache:
-                cache[n] = top_left_singular(base[n].to(device) if device is not None else base[n], top_k)
-            rank, overlap = update_spectrum(delta.to(device) if device is not None else delta, cache[n], top_k)
-            ranks.append(rank)
-            overlaps.append(overlap)
-    out["update_norm"] = math.sqrt(update_sq)
-    unchanged_all = sum(u for u, _ in kind_counts.values())
-    total_all = sum(t for _, t in kind_counts.values())
-    out["sparsity"] = unchanged_all / total_all if total_all else float("nan")
-    for kind in KINDS:
-        if kind in kind_counts and kind_counts[kind][1]:
-            out[f"sparsity/{kind}"] = kind_counts[kind][0] / kind_counts[kind][1]
-    out["effective_rank"] = _mean(ranks)
-    out["subspace_overlap"] = _mean(overlaps)
-    out["num_tensors"] = float(len(names))
-    return out
+    return weight_drift(base, current, previous, top_k=top_k, tol=tol, device=device, cache=base_subspaces,
+                        geometry=False)
 
 
 # -- weight geometry after "The Path Not Taken" (arXiv 2511.08567): W_t against the base W_0 -------------
@@ -401,30 +372,16 @@ def weight_geometry(base_weight: Tensor, weight: Tensor, k: int | None = None, r
             "principal_update_share": principal_update_share(w - w0, mask0, density)}
 
 
-@torch.no_grad()
-def principal_drift(base: dict[str, Tensor], current: dict[str, Tensor], density: float = MASK_DENSITY,
+def principal_drift(base: dict[str, Tensor], current: dict, density: float = MASK_DENSITY,
                     device: torch.device | str | None = None, cache: dict | None = None) -> dict[str, float]:
     """`weight_geometry` of every 2-D weight (embeddings and lm_head included, tied duplicates once),
     averaged over the matrices with equal weight (as PNT does), overall and per module kind.
 
     Keys: spectral_shift, max_angle, principal_mask_overlap, principal_update_share, each also as
-    <key>/<kind>. The spectra run on `device` (default: where the tensors are); `cache` keeps each base
-    matrix's `base_geometry` by name across calls (filled here where missing).
+    <key>/<kind>. Computed by drift_record.weight_drift in batches on `device` (default: where the
+    tensors are); `cache` (a `BaseSpectra` or a dict) keeps each base matrix's spectrum, top vectors and
+    mask cut by name across calls (filled here where missing).
     """
-    cache = cache if cache is not None else {}
-    per_kind: dict[str, list[dict[str, float]]] = {}
-    for n in _untied_names(base, current):
-        if current[n].dim() != 2 or min(current[n].shape) < 2:
-            continue
-        w0, w = (t.to(device) if device is not None else t for t in (base[n], current[n]))
-        k, rank = geometry_ranks(tuple(w.shape))
-        if n not in cache:
-            cache[n] = base_geometry(w0, k, rank, density)
-        per_kind.setdefault(module_kind(n), []).append(weight_geometry(w0, w, k, rank, density, cache[n]))
-    out: dict[str, float] = {}
-    for metric in GEOMETRY_METRICS:
-        out[metric] = _mean([g[metric] for rows in per_kind.values() for g in rows])
-        for kind in KINDS:
-            if kind in per_kind:
-                out[f"{metric}/{kind}"] = _mean([g[metric] for g in per_kind[kind]])
-    return out
+    from .drift_record import weight_drift
+
+    return weight_drift(base, current, None, density=density, device=device, cache=cache, update=False)
