@@ -1,7 +1,9 @@
 """The drift probe: after every stage end (and for the base, stage 0), one `drift` record with how far
 the model moved and how its answers changed.
 
-  param/*      parameter drift vs the base and vs the previous stage's end (analysis/drift.py)
+  param/*      parameter drift vs the base and vs the previous stage's end (analysis/drift.py defines
+               it; analysis/drift_record.weight_drift computes it in one batched pass on the model's
+               device, a LoRA update from its factors)
   response/*   response drift on probe prompts of every domain, model vs base (analysis/response.py)
   artifacts/*  format artifact rates in the stage-end evaluation's answers (analysis/artifacts.py)
   general/*    the general-ability probe, when enabled (analysis/general.py)
@@ -24,11 +26,12 @@ import time
 import torch
 
 from . import distributed as dist
+from .analysis.spectra import BaseSpectra
 from .config import Config, general_probe_enabled, resolve_eval
 from .rollout import SamplingSpec, prepare_generation
 from .store import RunStore
 from .trainer import derive_seed
-from .variants import effective_state_dict
+from .variants import drift_state, effective_state_dict
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -44,27 +47,26 @@ class DriftProbe:
         self.base, self.sharded = base, sharded
         self.spec = SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout)
         self.base_state = snapshot(base)
-        self.prev_state: dict[str, torch.Tensor] | None = None  # the previous stage end's weights
-        self.base_subspaces: dict[str, torch.Tensor] = {}  # the base weights' top singular vectors
-        self.base_geometry: dict[str, tuple] = {}  # the base weights' spectra and principal masks
+        self.prev_state: dict | None = None  # the previous stage end's weights (variants.drift_state)
+        self.base_spectra = BaseSpectra()  # the base weights' spectra, top vectors and masks, once per run
         self.general_base_answers = None  # the base model's greedy answers to the general probe
 
     def remember(self, model) -> None:
         """Take `model`'s weights as the previous stage end's (a resumed run's, from its checkpoint)."""
-        self.prev_state = snapshot(model)
+        self.prev_state = drift_state(model, self.base_state)
 
     def __call__(self, model, stage: int, global_step: int, results: dict) -> None:
         """Write the drift record of `model` at the end of `stage`; `results` are the stage-end
         evaluation's (rank 0's). Call on every rank."""
         from .analysis.artifacts import artifact_stats
-        from .analysis.drift import parameter_drift, principal_drift
+        from .analysis.drift_record import weight_drift
         from .analysis.response import drift_metrics, merge_samples, response_samples
         from .prompts import student_prompt
         from .tasks import make_split
 
         cfg, p = self.cfg, self.cfg.prompt
         t0 = time.perf_counter()
-        current = snapshot(model) if self.info.is_main or self.sharded else None
+        current = drift_state(model, self.base_state) if self.info.is_main or self.sharded else None
         prepare_generation(model, self.spec)
         prepare_generation(self.base, self.spec)
         probes = [student_prompt(p, ex.question, self.tokenizer) for d in self.domains
@@ -84,9 +86,8 @@ class DriftProbe:
         if not self.info.is_main:
             return
         resp = drift_metrics(merge_samples(parts))
-        drift = parameter_drift(self.base_state, current, self.prev_state, device=self.info.device,
-                                base_subspaces=self.base_subspaces)
-        drift.update(principal_drift(self.base_state, current, device=self.info.device, cache=self.base_geometry))
+        drift = weight_drift(self.base_state, current, self.prev_state, device=self.info.device,
+                             cache=self.base_spectra)
         t_param = time.perf_counter()
         fields = {f"param/{k}": v for k, v in drift.items()}
         fields.update({f"response/{k}": v for k, v in resp.items()})
