@@ -72,7 +72,8 @@ def require_submitit():
     try:
         import submitit
     except ImportError:
-        raise UserError("--launcher submitit needs the submitit library: pip install cptlab[cluster]") from None
+        raise UserError("--launcher submitit needs the submitit library: pip install cptlab[cluster] "
+                        "(from a checkout: pip install -e .[cluster])") from None
     return submitit
 
 
