@@ -240,3 +240,37 @@ def test_base_model_is_built_once_only_where_cells_would_each_build_it(tmp_path)
     (cache_path(cached)).mkdir(parents=True)
     (cache_path(cached) / "config.json").write_text("{}")
     assert not needs_base_job(cached)  # already cached
+
+
+def test_a_cell_whose_earlier_job_still_runs_is_waited_for_not_submitted_again(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    import subprocess
+    import sys
+
+    from cptlab import submit
+
+    monkeypatch.setattr(submit, "POLL_SECONDS", 0.05)
+    root, cell = tmp_path / "s", tmp_path / "s" / "grpo-s0"
+    cell.mkdir(parents=True)
+    # a local "job" of an earlier run: a process whose command line names submitit, alive for a moment
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(1.5)", "submitit"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"  # its command line is its own now (not its parent's)
+    record = dict(job_id=str(proc.pid), cluster="local", folder=str(tmp_path), stdout="o", stderr="e")
+    (root / "grpo-s0.job.json").write_text(json.dumps(record))
+    submitted, said = [], []
+
+    class Executor:
+        def submit(self, *args):
+            submitted.append(args)
+            raise AssertionError("submitted again")
+
+    monkeypatch.setattr(submit, "make_executor", lambda cfg, folder: (Executor(), "local"))
+    try:
+        with pytest.raises(UserError, match="grpo-s0"):  # the job ended without finishing the cell
+            submit.run_cells("smoke", "s", root, [(cell, [])], submit.SlurmConfig(cluster="local"), None, said.append)
+    finally:
+        proc.wait()
+    assert submitted == [] and any("still queued or running" in line for line in said)
+    # once that process is gone, the record no longer holds the cell back
+    assert submit._still_running(root, cell) is None

@@ -176,7 +176,8 @@ class _Recorded:
                 os.kill(int(self.job_id), 0)
             except (OSError, ValueError):
                 return False
-            return True
+            cmdline = Path(f"/proc/{self.job_id}/cmdline")  # Linux: not a pid reused by another program
+            return not cmdline.exists() or b"submitit" in cmdline.read_bytes()
         return False
 
     def done(self) -> bool:
