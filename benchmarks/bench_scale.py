@@ -164,6 +164,7 @@ def bench_qwen3_grpo(model, a, device) -> dict:
     """GRPO steps on the model: fast-engine rollout of random prompts, random rewards, cptlab's GRPO loss
     and train_step (AdamW), timed by phase."""
     from cptlab.config import MethodConfig, PromptConfig, RolloutConfig
+    from cptlab.losses import grouped_advantages
     from cptlab.methods import Batch, MethodContext, build_method
     from cptlab.models import build_tokenizer
     from cptlab.optim import make_optimizer
@@ -196,7 +197,7 @@ def bench_qwen3_grpo(model, a, device) -> dict:
         model.train()
         ro = Rollout(ids, mask, completion, torch.ones(completion.shape, device=device), [""] * rows, group_ids)
         batch = Batch([None] * rows, ro, rewards=torch.rand(rows, generator=g).round().to(device))
-        batch.advantages = method._advantages(batch)
+        batch.advantages = grouped_advantages(batch.rewards, group_ids, scale=mcfg.grpo.scale_rewards)
         sync(device)
         t1 = time.perf_counter()
         marks = {}
