@@ -185,6 +185,17 @@ def test_submitit_missing_is_one_line_naming_the_extra_before_any_work(tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+def test_cli_without_submitit_exits_2_with_one_line(tmp_path, monkeypatch, cli):
+    import sys
+
+    from helpers import assert_one_line_error
+
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    result = cli("study", "ood", "--launcher", "submitit", "--out", tmp_path / "runs")
+    assert_one_line_error(result, "--launcher submitit", "pip install cptlab[cluster]")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_launcher_and_slurm_settings_are_checked_and_the_cli_overrides_the_study(tmp_path):
     from cptlab.study import _slurm_config
 
