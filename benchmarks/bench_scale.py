@@ -240,9 +240,8 @@ def bench_long(a, device) -> dict:
     model = (qwen3_model if a.model == "qwen3" else small_model)(a.size, positions, device)
     from cptlab.models import count_parameters
 
-    vocab = model.config.vocab_size if a.model == "qwen3" else 100
     lengths = heavy_tailed_lengths(a.batch, a.budget, a.median_len or a.budget / 16, a.sigma, a.at_budget)
-    ids, mask = random_prompts(a.batch, a.prompt_len, vocab, device)
+    ids, mask = random_prompts(a.batch, a.prompt_len, model.config.vocab_size, device)
     warm, seconds = time_it(engine_run(model, "fast", device, ids, mask, a.budget), device, a.repeats)
     generated, slots = int(lengths.sum()), a.batch * a.budget
     kv = kv_bytes_per_token(model)
