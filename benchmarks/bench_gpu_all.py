@@ -25,6 +25,13 @@ Sections (one GPU), in the order they run:
   profile           bench_step.py --profile on the 76M model, GRPO and SDPO: where a step's time goes
   sdpo_check        bench_vs_trl.py --check (on the CPU): cptlab's and TRL's SDPO loss on one batch, the tiny
                     random model and SmolLM2 (whose trained attention shows what TRL's positions change)
+  qwen3_1p7b        bench_scale.py qwen3: the Qwen3-1.7B shape (random init, 49k vocabulary), rollout at batch 64
+                    and 256 x 128 new tokens (fast, compiled, generate), each beside its bandwidth bound (weights +
+                    live KV bytes per decode step at 3 TB/s; goal >= 60% of it), then GRPO steps of 32 x 8 rows
+                    (rollout and training tokens/s)
+  long_rollout      bench_scale.py long: heavy-tailed planted lengths up to 4,096 tokens (most rows stop early, 1% at
+                    the budget), the 76M model at batch 256 and the 1.7B shape at batch 64: time against generated
+                    tokens and rows x budget, KV allocated against what live tokens need
 With --gpus N (a machine with N GPUs), bench_dist.py under torchrun against one process on the same machine:
   dist_grpo         76M model, 256 prompts x 8, 128 tokens: one process, ddp, fsdp (goal: >= 1.8x on two GPUs)
   dist_sdpo         the same for SDPO (EMA teacher): one process, ddp
@@ -61,7 +68,9 @@ def smoke(commands: list[list[str]]) -> list[list[str]]:
             "cptlab:fast,trl:default,trl:static_compile,cptlab:compiled": "cptlab:fast,trl:default",
             "plain,static,fast,compiled": "plain,static,fast", "plain,fast,compiled": "plain,fast", "fast,compiled": "fast",
             "method.prompts_per_step=32": "method.prompts_per_step=2", "rollout.group_size=8": "rollout.group_size=2",
-            "rollout.max_new_tokens=128": "rollout.max_new_tokens=8", "--group-size": "--group-size", "8": "2"}
+            "rollout.max_new_tokens=128": "rollout.max_new_tokens=8", "--group-size": "--group-size", "8": "2",
+            "64,256": "4,8", "4096": "64", "fast,compiled,plain": "fast,plain", "--steps=2": "--steps=1",
+            "--repeats=2": "--repeats=1"}
     return [[swap.get(c, c) for c in cmd if c not in LARGE] for cmd in commands]
 
 
@@ -107,6 +116,14 @@ def sections(a) -> list[tuple[str, list[list[str]], float]]:
         ]
     out.append(("profile", [py + [str(HERE / "bench_step.py"), "--methods", "grpo,sdpo", "--profile", *STEP_76M,
                                   "--out", "{out}"]], 90))
+    scale = [str(HERE / "bench_scale.py")]
+    out.append(("qwen3_1p7b", [py + scale + ["qwen3", "--size", "gpu", "--batches", "64,256", "--prompt-len", "64",
+                                             "--new-tokens", "128", "--engines", "fast,compiled,plain", "--repeats=2",
+                                             "--grpo-prompts", "32", "--group-size", "8", "--micro-batch", "32",
+                                             "--steps=2", "--out", "{out}"]], 300))
+    long = ["long", "--size", "gpu", "--prompt-len", "64", "--budget", "4096", "--repeats=1"]
+    out.append(("long_rollout", [py + scale + long + ["--model", "76m", "--batch", "256", "--out", "{out}.76m"],
+                                 py + scale + long + ["--model", "qwen3", "--batch", "64", "--out", "{out}.qwen3"]], 300))
     check = [str(HERE / "bench_vs_trl.py"), "--check", "--prompts", "4", "--group-size", "4", "--max-new-tokens", "16"]
     out.append(("sdpo_check", [py + check + ["--out", "{out}.tiny"]]
                 + ([py + check + ["--model-dir", a.smollm2, "--success-every", "4", "--out", "{out}.smollm2"]]
@@ -151,7 +168,7 @@ def summarise(out_dir: Path) -> dict:
     """The figures the issue asks for, from the sections' JSON files (a part that cannot be read says
     so under its own key instead of losing the others)."""
     s: dict = {}
-    for part in (_summarise_trl, _summarise_rollout, _summarise_steps, _summarise_rest):
+    for part in (_summarise_trl, _summarise_rollout, _summarise_steps, _summarise_rest, _summarise_scale):
         try:
             part(out_dir, s)
         except Exception as e:  # noqa: BLE001 - the summary of the other sections must survive
@@ -233,6 +250,27 @@ def _summarise_rest(out_dir: Path, s: dict) -> None:
                        for k, v in runs.items() if v}
 
 
+def _summarise_scale(out_dir: Path, s: dict) -> None:
+    r = _load(out_dir / "qwen3_1p7b.json")
+    if r:
+        s["qwen3_1p7b"] = dict(
+            parameters=r["parameters"], device=r["device"], goal_fraction_of_bound=0.6, new_tokens=r["args"]["new_tokens"],
+            rollout=[{k: x.get(k) for k in ("batch", "engine", "tokens_per_second", "fraction_of_bound", "error")}
+                     | ({"bound_tokens_per_second": x["bound"]["bound_tokens_per_second"],
+                         "bytes_per_step": x["bound"]["mean_bytes_per_step"], "weight_bytes": x["bound"]["weight_bytes"],
+                         "kv_bytes_per_token": x["bound"]["kv_bytes_per_token"]} if "bound" in x else {})
+                     for x in r["rollout"]],
+            grpo={k: (r["grpo"] or {}).get(k) for k in ("rows", "seconds_per_step", "rollout_tokens_per_second",
+                                                         "train_tokens_per_second", "peak_gib")} if r.get("grpo") else None)
+    for model in ("76m", "qwen3"):
+        r = _load(out_dir / f"long_rollout.json.{model}")
+        if r:
+            s[f"long_rollout_{model}"] = {k: r.get(k) for k in (
+                "parameters", "rows", "budget", "seconds", "generated_tokens", "rows_x_budget", "generated_fraction",
+                "rows_at_budget", "generated_tokens_per_second", "slot_tokens_per_second", "kv_allocated_bytes",
+                "kv_live_max_bytes")}
+
+
 def print_summary(s: dict, runs: list[dict]) -> None:
     def f(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
@@ -279,6 +317,31 @@ def print_summary(s: dict, runs: list[dict]) -> None:
                   f"loss {f(x['ratio_same_maths']['loss'], '.6f')} grad {f(x['ratio_same_maths']['grad_norm'], '.6f')}; "
                   f"as each side runs {f(x['ratio_as_each_side_runs']['loss'], '.4f')}; TRL positions "
                   f"{f(x['ratio_positions_only']['loss'], '.4f')}")
+    x = s.get("qwen3_1p7b")
+    if x:
+        print(f"Qwen3-1.7B shape ({x['parameters'] / 1e9:.2f}B, random init), rollout x {x['new_tokens']} new tokens "
+              "(goal >= 60% of the bandwidth bound: weights + live KV bytes per decode step at 3 TB/s):")
+        for r in x["rollout"]:
+            if r.get("error"):
+                print(f"  b{r['batch']} {r['engine']}: error {r['error'][:120]}")
+            else:
+                print(f"  b{r['batch']} {r['engine']}: {f(r['tokens_per_second'], ',.0f')} tok/s = "
+                      f"{f(r['fraction_of_bound'], '.0%')} of {f(r['bound_tokens_per_second'], ',.0f')} (per step "
+                      f"{r['bytes_per_step'] / 1e9:.2f} GB: weights {r['weight_bytes'] / 1e9:.2f} GB + KV "
+                      f"{r['kv_bytes_per_token'] / 1024:.0f} KiB/token)")
+        g = x.get("grpo")
+        if g:
+            print(f"  GRPO {g['rows']} rows: {f(g['seconds_per_step'], '.3f')} s/step, rollout "
+                  f"{f(g['rollout_tokens_per_second'], ',.0f')} tok/s, training {f(g['train_tokens_per_second'], ',.0f')} "
+                  f"tok/s, peak GiB {f(g['peak_gib'], '.1f')}")
+    for model in ("76m", "qwen3"):
+        x = s.get(f"long_rollout_{model}")
+        if x:
+            print(f"long rollout {model} ({x['rows']} rows, budget {x['budget']}, {x['rows_at_budget']} at it): "
+                  f"{f(x['seconds'])} s; generated {x['generated_tokens']:,} = {f(x['generated_fraction'], '.1%')} of "
+                  f"rows x budget {x['rows_x_budget']:,}; {f(x['generated_tokens_per_second'], ',.0f')} generated tok/s, "
+                  f"{f(x['slot_tokens_per_second'], ',.0f')} slot tok/s; KV allocated "
+                  f"{x['kv_allocated_bytes'] / 1e9:.2f} GB, live at most {x['kv_live_max_bytes'] / 1e9:.2f} GB")
     for name in ("dist_grpo", "dist_sdpo", "dist_large"):
         x = s.get(name)
         if x:

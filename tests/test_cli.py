@@ -19,6 +19,8 @@ from helpers import assert_one_line_error
     (["run", "smoke", "method.grpo.loss_type=ppo"], ["method.grpo.loss_type", "registered policy loss", "cispo"]),
     (["eval", "/nonexistent/model"], ["/nonexistent/model", "not a directory"]),
     (["study", "ood", "--variants", "grpo,nope"], ["--variants", "nope", "grpo, sdpo"]),
+    (["study", "ood", "--launcher", "ray"], ["--launcher", "ray", "local, submitit"]),
+    (["study", "ood", "--launcher", "submitit", "--time-min", "0"], ["study.slurm.time_min", "--time-min", ">= 1"]),
 ])
 def test_bad_input_exit_2(args, needles, tmp_path, cli):
     result = cli(*args, "--out", tmp_path / "r") if args[0] == "run" else cli(*args)

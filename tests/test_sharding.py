@@ -152,6 +152,37 @@ def test_fsdp_step_equals_ddp_and_one_process(case):
     spawn(_check_fsdp_against_ddp_and_one_process, case, mcfg, world=world)
 
 
+def _check_fsdp_with_gradient_checkpointing(info):
+    from cptlab.methods import build_method
+    from cptlab.sharding import full_state_dict, shard
+    from cptlab.variants import enable_gradient_checkpointing, gradient_checkpointing
+
+    mcfg = MethodConfig(name="grpo")
+    model = new_tiny_model().train()
+    method, batch = method_and_batch(model, mcfg)
+    n = len(batch) // info.world_size
+    local = batch.select(slice(info.rank * n, (info.rank + 1) * n))
+    one = copy.deepcopy(model)  # one process, no checkpointing, the whole batch
+    _, one_stats = _one_step(one, build_method(mcfg, method.ctx, one), batch, 0, None)
+    enable_gradient_checkpointing(model)  # as models.py does it: before the model is sharded
+    shard(model)
+    assert gradient_checkpointing(model)
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    _, stats = _one_step(model, build_method(mcfg, method.ctx, model), local, 4, D.gradient_sync(model))
+    assert calls == [True] * 4  # two micro-batches of 4 rows: each layer forward ran again in the backward
+    got = full_state_dict(model)
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=LR / 200, msg=k)
+    assert stats["grad_norm"] == pytest.approx(one_stats["grad_norm"], rel=1e-4)
+
+
+def test_fsdp_step_with_gradient_checkpointing_equals_one_process_without():
+    """model.gradient_checkpointing under FSDP2 (applied before sharding, as a run does): the recompute
+    happens, and the step's weights and gradient norm are one process's without checkpointing."""
+    spawn(_check_fsdp_with_gradient_checkpointing, world=2)
+
+
 # ------------------------------------------------------------------ an FSDP checkpoint, resumed
 
 

@@ -289,10 +289,21 @@ def study(
     out: str = typer.Option("runs/studies", "--out", help="Parent directory of the study's runs."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides for every run"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the study's)."),
-    jobs: int = typer.Option(1, "--jobs", help="Cells run in parallel (separate processes)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Cells run in parallel (separate processes; default 1). "
+                                       "With --launcher submitit: most cells queued or running at once (default: all)."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants to run (default: all)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are tested against "
                                            "(default: the study's first)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (this machine: --jobs) or submitit (each cell "
+                                 "a Slurm job; pip install cptlab[cluster]; docs/cluster.md)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="submitit: slurm, local or auto (study.slurm.cluster; "
+                                          "default auto)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="submitit: Slurm partition (default: the "
+                                            "cluster's)."),
+    gpus_per_cell: Optional[int] = typer.Option(None, "--gpus-per-cell", help="submitit: GPUs per cell (default 1)."),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="submitit: minutes per cell job (default 720)."),
+    log_folder: Optional[str] = typer.Option(None, "--log-folder", help="submitit: job logs (default "
+                                             "OUT/STUDY/submitit)."),
 ) -> None:
     """Run a grid of variants x seeds and write the comparison (resumes finished and stopped cells)."""
     from .config import ConfigError
@@ -306,7 +317,10 @@ def study(
             raise ConfigError("--seeds", seeds, "comma-separated integers, e.g. 0,1,2") from None
     _configure_threads()
     variant_list = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs, variants=variant_list, baseline=baseline)
+    slurm = dict(cluster=cluster, partition=partition, gpus_per_cell=gpus_per_cell, time_min=time_min,
+                 log_folder=log_folder)
+    run_study(name, out, overrides or [], seeds=seed_list, jobs=jobs, variants=variant_list, baseline=baseline,
+              launcher=launcher, slurm=slurm)
 
 
 @app.command("studies")

@@ -136,7 +136,17 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         torch.manual_seed(seed)
         model = model_cls(hf_config)
     set_compute_dtype(model, cfg.compute_dtype)
+    apply_training_options(model, cfg)
     return model
+
+
+def apply_training_options(model, cfg: ModelConfig) -> None:
+    """What the model section asks of every model it builds or loads for training (the variants that
+    apply_lora or shard make later keep it): activation checkpointing."""
+    if cfg.gradient_checkpointing:
+        from .variants import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
 
 
 def check_model_dir(path: str) -> Path:
@@ -212,6 +222,7 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     set_compute_dtype(model, cfg.compute_dtype)
+    apply_training_options(model, cfg)
     return model.to(device), tokenizer
 
 

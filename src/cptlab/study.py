@@ -3,6 +3,8 @@
 A study file (presets/studies/NAME.yaml) names a run preset, the seeds, and the variants as lists of
 dotted overrides. `run_study` runs (or resumes) each cell under <out>/<study>/<variant>-s<seed>/ and
 writes <out>/<study>/compare.html. Finished cells are skipped, so a stopped study just runs again.
+Launchers: in this process (`--jobs 1`), as `cptlab run` processes (`--jobs N`), or as jobs through
+submitit on Slurm (`--launcher submitit`, submit.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .config import ConfigError, from_dict, load_config, read_yaml
 from .errors import UserError, closest, did_you_mean
+from .submit import SlurmConfig
 from .ui import console
 
 
@@ -29,6 +32,8 @@ class StudyConfig:
     """Applied to every cell, before the variant's own overrides."""
     variants: dict[str, list[str]] = field(default_factory=dict)
     """name -> dotted overrides, e.g. {grpo: [method.name=grpo], sdpo: [method.name=sdpo]}."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """How `--launcher submitit` submits the cells (partition, GPUs, time; see submit.py, docs/cluster.md)."""
 
 
 def _say(message: str) -> None:
@@ -62,9 +67,23 @@ def load_study(name: str) -> StudyConfig:
     return study
 
 
-def _cell_done(cell: Path) -> bool:
+def cell_done(cell: Path) -> bool:
+    """Whether the cell's run is finished (its summary.json says complete)."""
     summary = cell / "summary.json"
-    return summary.exists() and bool(json.loads(summary.read_text()).get("complete"))
+    try:
+        return summary.exists() and bool(json.loads(summary.read_text()).get("complete"))
+    except ValueError:
+        return False
+
+
+def run_cell(preset: str, overrides: list[str], cell: Path) -> None:
+    """Run one cell in this process: start it, or resume it where a config.yaml says it started."""
+    from .api import run_continual
+
+    if (cell / "config.yaml").exists():
+        run_continual(resume=str(cell))
+    else:
+        run_continual(load_config(preset, overrides), out_dir=str(cell), overwrite=True)
 
 
 def select_variants(study: StudyConfig, names: list[str] | None) -> dict[str, list[str]]:
@@ -77,22 +96,34 @@ def select_variants(study: StudyConfig, names: list[str] | None) -> dict[str, li
     return {k: v for k, v in study.variants.items() if k in names}
 
 
+LAUNCHERS = ("local", "submitit")
+
+
 def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[str] | None = None,
-              seeds: list[int] | None = None, jobs: int = 1, variants: list[str] | None = None,
-              baseline: str | None = None) -> Path:
+              seeds: list[int] | None = None, jobs: int | None = None, variants: list[str] | None = None,
+              baseline: str | None = None, launcher: str = "local", slurm: dict | None = None) -> Path:
     """Run (or resume) every cell of a study (or of the `variants` named), `jobs` at a time, then write
     <out>/<study>/compare.html comparing those cells and print its statistics table (every variant
     against `baseline`, default the first variant run).
 
-    jobs > 1 runs cells as parallel `cptlab run` processes (CPU threads split between them; on a GPU
-    they share it), each logging to <cell>.log; the base model is built and cached once beforehand.
+    launcher 'local': jobs 1 (the default) runs the cells one after the other in this process; jobs > 1
+    as parallel `cptlab run` processes (CPU threads split between them; on a GPU they share it), each
+    logging to <cell>.log; the base model is built and cached once beforehand.
+    launcher 'submitit': each cell a job (submit.py), at most `jobs` queued or running at once (None:
+    all); `slurm` overrides fields of the study's `slurm` section (SlurmConfig).
     """
-    from .api import run_continual
     from .compare_page import write_compare
 
+    if launcher not in LAUNCHERS:
+        raise ConfigError("--launcher", launcher, "one of " + ", ".join(LAUNCHERS))
+    if launcher == "submitit":
+        from .submit import require_submitit
+
+        require_submitit()  # before any work
     study = load_study(name)
-    if jobs < 1:
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise ConfigError("--jobs", jobs, "an integer >= 1")
+    slurm_cfg = _slurm_config(study, slurm)
     chosen = select_variants(study, variants)
     if baseline is not None and baseline not in chosen:
         raise ConfigError("--baseline", baseline, "one of the variants run: " + ", ".join(chosen))
@@ -109,23 +140,36 @@ def run_study(name: str, out_dir: str = "runs/studies", extra_overrides: list[st
             arms.setdefault(variant, []).append(root / f"{variant}-s{seed}")
     pending = []
     for cell, overrides in cells:
-        if _cell_done(cell):
+        if cell_done(cell):
             _say(f"[study {study_name}] {cell.name}: done, skipped")
         else:
             pending.append((cell, overrides))
-    if jobs == 1 or len(pending) <= 1:
+    if launcher == "submitit" and pending:
+        from .submit import run_cells
+
+        run_cells(study.preset, study_name, root, pending, slurm_cfg, jobs, _say)
+    elif (jobs or 1) == 1 or len(pending) <= 1:
         for cell, overrides in pending:
             _say(f"[study {study_name}] running {cell.name}")
-            if (cell / "config.yaml").exists():
-                run_continual(resume=str(cell))
-            else:
-                run_continual(load_config(study.preset, overrides), out_dir=str(cell), overwrite=True)
+            run_cell(study.preset, overrides, cell)
     elif pending:
         _run_parallel(study, study_name, root, pending, jobs)
     out = write_compare([cell for cell, _ in cells], root / "compare.html", baseline)
     _say(f"[study {study_name}] comparison written to {out}")
     _say(study_statistics(arms, baseline))
     return out
+
+
+def _slurm_config(study: StudyConfig, slurm: dict | None) -> SlurmConfig:
+    """The study's `slurm` section with the CLI's settings (those not None) over it, checked."""
+    from dataclasses import asdict
+
+    from .submit import check_slurm_config
+
+    merged = {**asdict(study.slurm), **{k: v for k, v in (slurm or {}).items() if v is not None}}
+    cfg = from_dict(SlurmConfig, merged, "study.slurm")
+    check_slurm_config(cfg)
+    return cfg
 
 
 def study_statistics(arms: dict[str, list[Path]], baseline: str | None = None) -> str:

@@ -105,6 +105,32 @@ class Full:
     def needs_base_for_anchor(self) -> bool:
         return True
 
+    def enable_gradient_checkpointing(self, model) -> None:
+        """Activation checkpointing of every decoder layer in training-mode forwards (Hugging Face's
+        per-layer checkpointing). Non-reentrant: gradients reach the weights inside a layer even when
+        its input does not require grad (a LoRA model's frozen embeddings), and no-grad forwards run as
+        usual."""
+        from .errors import ConfigError
+
+        inner = self._hf_model(model)
+        if not getattr(inner, "supports_gradient_checkpointing", False):
+            raise ConfigError("model.gradient_checkpointing", True,
+                              f"false for {type(inner).__name__} (it does not support activation checkpointing)")
+        kwargs = {"use_reentrant": False}
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing(self, model) -> bool:
+        """Whether activation checkpointing is on."""
+        inner = self._hf_model(model)
+        return bool(getattr(inner, "is_activation_checkpointing", None) if hasattr(inner, "activation_checkpointing_enable")
+                    else getattr(inner, "is_gradient_checkpointing", False))
+
+    def _hf_model(self, model):
+        return model
+
 
 class LoRA(Full):
     """peft adapters over frozen base weights (lora.py): the base weights never change during a run,
@@ -169,6 +195,9 @@ class LoRA(Full):
 
     def needs_base_for_anchor(self) -> bool:
         return False
+
+    def _hf_model(self, model):
+        return model.get_base_model()  # the peft wrapper's model (adapter layers included)
 
     def save_pretrained(self, model, path, adapter: bool = False) -> bool:
         if adapter:
@@ -265,6 +294,15 @@ def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
 
 def load_checkpoint_state(model, state: dict[str, torch.Tensor]) -> None:
     variant_of(model).load_checkpoint_state(model, state)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """model.gradient_checkpointing: recompute each layer's activations in the backward."""
+    variant_of(model).enable_gradient_checkpointing(model)
+
+
+def gradient_checkpointing(model) -> bool:
+    return variant_of(model).gradient_checkpointing(model)
 
 
 def copy_sharing_base_weights(model):

@@ -111,7 +111,8 @@ def base_model_key(cfg: Config, source: str | None = None) -> str:
     """Hash of everything that determines the warmed-up base model; `source` identifies the weights it
     started from when those were loaded (model.path: the sha256 of the loaded weights)."""
     # adapters come after the base; the GGUF cache only concerns model.path (and must not move old keys)
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("lora", "gguf_cache_dir")}
+    # and activation checkpointing changes memory, not values
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("lora", "gguf_cache_dir", "gradient_checkpointing")}
     prompt = asdict(cfg.prompt)
     for key, default in (("answer_format", "tags"), ("format_example", False)):
         if prompt[key] == default:  # keys added later count only when set, so cached base models stay valid

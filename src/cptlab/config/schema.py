@@ -60,6 +60,13 @@ class ModelConfig:
     bfloat16 autocast (nan loss at step 353 on an H100), while it trains in float32."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the directory's code."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in training forwards: each decoder layer keeps only its input and
+    recomputes its activations during the backward, so a pass holds one layer's activations instead of
+    every layer's, for about one more forward of compute. For long completions or large batches of a big
+    model; the loss and gradients are unchanged (tests/test_models.py). Any Hugging Face model or the
+    tiny one; full, LoRA or FSDP. Rollouts and no-grad scoring are unaffected. Does not change the
+    warm-up cache key (it does not change the weights)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (rank 0: full fine-tuning)."""
 
