@@ -23,6 +23,7 @@ from cptlab import distributed as D
 from cptlab.config import ModelConfig, PromptConfig, RolloutConfig, load_config
 from cptlab.api import run_continual
 from cptlab.methods import MethodContext, build_method
+from cptlab.metric_names import is_timing  # wall-clock fields, which differ between identical runs
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.rollout import make_generator
 from cptlab.tasks import make_split
@@ -30,12 +31,6 @@ from cptlab.trainer import TrainSampler
 
 # -- run records -------------------------------------------------------------------------------------
 
-TIMING = {"step_seconds", "rollout_seconds", "tokens_per_second", "seconds", "warmup_seconds", "eval_seconds"}
-"""Wall-clock fields, which differ between identical runs (and every `seconds/<phase>` of a drift record)."""
-
-
-def is_timing(key: str) -> bool:
-    return key in TIMING or key.startswith("seconds/")
 
 
 def records(run_dir: Path, drop: tuple[str, ...] = ()) -> list[dict]:

@@ -101,3 +101,14 @@ def test_resuming_a_finished_run_changes_no_record(uninterrupted, tmp_path, caps
     run_continual(resume=str(run))
     assert "already complete" in capsys.readouterr().out
     assert (run / "metrics.jsonl").read_bytes() == metrics and evals(run) == evals(uninterrupted)
+
+
+def test_every_record_is_named_in_metric_names(uninterrupted):
+    from cptlab import metric_names as N
+
+    recs = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert {r["event"] for r in recs} <= set(N.EVENTS)
+    assert {N.RUN_START, N.TRAIN, N.EVAL, N.STAGE_END, N.RUN_END} <= {r["event"] for r in recs}
+    for r in recs:
+        if r["event"] == N.EVAL:
+            assert set(N.EVAL_METRICS) <= set(r)

@@ -319,6 +319,20 @@ def test_drift_after_a_mid_stage_resume_equals_the_uninterrupted_run(drift_runs)
     assert [d.name for d in RunStore.open(full).checkpoint_dirs()] == ["stage1-step2", "stage2-step4"]
 
 
+def test_drift_records_hold_their_families_and_seconds_by_phase(drift_runs):
+    from cptlab import metric_names as N
+
+    full, _ = drift_runs
+    drift = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines() if f'"{N.DRIFT}"' in x]
+    assert [r["stage"] for r in drift] == [0, 1, 2]
+    for r in drift:
+        families = {k.split("/")[0] for k in r if "/" in k and not N.is_timing(k)}
+        assert families <= set(N.DRIFT_FAMILIES) and {"param", "response", "artifacts"} <= families
+        phases = {k: r[k] for k in r if N.is_timing(k) and k != "seconds"}
+        assert set(phases) == {"seconds/param", "seconds/response", "seconds/general"}
+        assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= r["seconds"] + 1e-6
+
+
 def test_every_json_file_is_strict_and_nan_is_written_as_null(drift_runs):
     full, _ = drift_runs
     lines = (full / "metrics.jsonl").read_text().splitlines()

@@ -30,6 +30,7 @@ from .labels import label
 from .report_details import scaled
 from .runview import Run, load_run, numbers
 from .store import atomic_write_text
+from .metric_names import FAULT, RUN_END
 
 _SEED_SUFFIX = re.compile(r"[-_.]?(seed|s)[-_]?\d+$")
 
@@ -228,11 +229,11 @@ def _build(runs: list[Run], baseline: str | None) -> tuple[str, StatsTable, list
 
     overview = [[swatch(i), esc(r.root), esc(r.config.get("run", {}).get("seed", "?")),
                  esc(" → ".join(f"{s.get('method', '?')}:{s.get('domain', '?')}" for s in r.plan)),
-                 "yes" if r.events("run_end") else '<span class="neg">no</span>'] for i, r in enumerate(runs)]
+                 "yes" if r.events(RUN_END) else '<span class="neg">no</span>'] for i, r in enumerate(runs)]
     body = [f"<h1>cptlab comparison: {len(runs)} runs</h1>", *_mismatch_banner(found),
             table(["run", "directory", "seed", "stages", "finished"], overview, None)]
     body += [f'<div class="banner fault">{esc(labels[i])}: fault in stage {esc(f.get("stage", "?"))}: '
-             f'{esc(f.get("reason", "?"))}</div>' for i, r in enumerate(runs) for f in r.events("fault")]
+             f'{esc(f.get("reason", "?"))}</div>' for i, r in enumerate(runs) for f in r.events(FAULT)]
     panels = [(labels[i], colours[i], 100 * r.R, [r.stage_label(s) for s in range(len(r.R))], r.domains,
                r.stage_domains) for i, r in enumerate(runs) if r.R.size]
     if panels:

@@ -38,6 +38,7 @@ from .tasks import domain_info, domains_installed
 from .trainer import StageRun, TrainSampler, train_stage
 from .ui import console
 from .variants import base_reference
+from .metric_names import RUN_END, RUN_START, STAGE_END
 
 
 class Driver:
@@ -128,7 +129,7 @@ class Driver:
         t_start = time.perf_counter()
         state = self.setup()
         if state["path"] is None:
-            store.log("run_start", name=cfg.run.name, base={**state["base_info"], "weights_sha256": self.base_digest},
+            store.log(RUN_START, name=cfg.run.name, base={**state["base_info"], "weights_sha256": self.base_digest},
                       domains=self.domains,
                       domain_info={d: domain_info(d) for d in dict.fromkeys([*self.domains,
                                                                               *(s.domain for s in cfg.stages)])},
@@ -142,7 +143,7 @@ class Driver:
             if index < state["stage"] or (index == state["stage"] and state["stage_done"]):
                 continue
             global_step = self.run_stage(index, stage, state, global_step)
-        store.log("run_end", seconds=time.perf_counter() - t_start, global_step=global_step)
+        store.log(RUN_END, seconds=time.perf_counter() - t_start, global_step=global_step)
 
     def run_stage(self, index: int, stage, state: dict, global_step: int) -> int:
         """One stage: its method and optimizer (restored when the run stopped inside it), the steps
@@ -171,7 +172,7 @@ class Driver:
                        on_step_end, bucket_mb=cfg.distributed.bucket_mb)
         global_step = train_stage(run, start_step, global_step)  # a NumericalFault is logged there
         self.stage_end(index, stage.domain, stage.steps, global_step)
-        self.store.log("stage_end", stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
+        self.store.log(STAGE_END, stage=index, domain=stage.domain, method=mcfg.name, steps=stage.steps,
                        global_step=global_step, seconds=time.perf_counter() - t0)
         self.checkpoint(index, stage.steps, global_step, True)
         return global_step

@@ -32,6 +32,7 @@ from .rollout import SamplingSpec, prepare_generation
 from .store import RunStore
 from .trainer import derive_seed
 from .variants import drift_state, effective_state_dict
+from .metric_names import DRIFT
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -98,7 +99,7 @@ class DriftProbe:
             fields.update({f"general/{k}": v for k, v in general.items()})
         phases = {"seconds/response": t_response - t0, "seconds/general": t_general - t_response,
                   "seconds/param": t_param - t_general}
-        self.store.log("drift", stage=stage, global_step=global_step, seconds=time.perf_counter() - t0,
+        self.store.log(DRIFT, stage=stage, global_step=global_step, seconds=time.perf_counter() - t0,
                        **phases, **fields)
         self.prev_state = current
 

@@ -20,6 +20,7 @@ from .store import RunStore
 from .tasks import eval_set_identity
 from .trainer import derive_seed
 from .ui import console, eval_table, progress
+from .metric_names import EVAL, VERIFIER_ERROR
 
 
 class Evaluator:
@@ -44,10 +45,10 @@ class Evaluator:
         results = {name: gathered[name] for name in self.domains}
         seconds = time.perf_counter() - t0
         for name, r in results.items():
-            self.store.log("eval", stage=stage, stage_name=stage_name, step=step, global_step=global_step,
+            self.store.log(EVAL, stage=stage, stage_name=stage_name, step=step, global_step=global_step,
                            final=final, domain=name, eval_seconds=seconds, **r.metrics())
             if r.verifier_errors:
-                self.store.log("verifier_error", stage=stage, step=step, domain=name, count=r.verifier_errors,
+                self.store.log(VERIFIER_ERROR, stage=stage, step=step, domain=name, count=r.verifier_errors,
                                first=r.verifier_error)
         self.store.write_samples(f"stage{stage}-step{step}", {n: r.samples for n, r in results.items()})
         identities = {n: eval_set_identity(n, cfg.eval.num_prompts, cfg.prompt.style, cfg.prompt.answer_format)

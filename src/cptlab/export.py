@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .metric_names import EVAL, GREEDY_ACC
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def _provenance(root: Path, point: Point, lora: str, out: Path) -> dict:
     from .store import read_jsonl
 
     records = read_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").is_file() else []
-    accuracy = {r["domain"]: r.get("greedy_acc") for r in records if r.get("event") == "eval"
+    accuracy = {r["domain"]: r.get(GREEDY_ACC) for r in records if r.get("event") == EVAL
                 and r.get("stage") == point.stage and r.get("global_step") == point.global_step and "domain" in r}
     return {"run": str(root.resolve()), "checkpoint": point.path.name if point.path else "base", "stage": point.stage,
             "step": point.step, "global_step": point.global_step, "lora": lora, "greedy_acc": accuracy,

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from .metric_names import DRIFT, DRIFT_FAMILIES, EVAL, FAULT, STAGE_END, TRAIN
 
 DPI = 100
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -96,7 +97,7 @@ def stage_bounds(records: list[dict], label: Callable[[int], str]) -> list[tuple
     last: dict[int, float] = {}
     for r in records:
         step = finite(r.get("global_step"))
-        if r.get("event") in ("train", "eval", "fault", "stage_end") and isinstance(r.get("stage"), int) \
+        if r.get("event") in (TRAIN, EVAL, FAULT, STAGE_END) and isinstance(r.get("stage"), int) \
                 and r["stage"] > 0 and not math.isnan(step):
             last[r["stage"]] = max(last.get(r["stage"], 0.0), step)
     bounds, lo = [], 0.0
@@ -116,13 +117,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def drift_table(records: list[dict]) -> tuple[dict[str, tuple[list, list]], bool]:
     """key -> (x, values) of each numeric param/, response/, artifacts/ and general/ quantity of the drift
     records, and whether x is the global step (some stage has several drift records) rather than the stage."""
-    rows = [_flatten(r) for r in records if r.get("event") == "drift" and isinstance(r.get("stage"), int)]
+    rows = [_flatten(r) for r in records if r.get("event") == DRIFT and isinstance(r.get("stage"), int)]
     stages = [r.get("stage") for r in rows]
     by_step = len(stages) != len(set(stages)) and all(not math.isnan(finite(r.get("global_step"))) for r in rows)
     table: dict[str, tuple[list, list]] = {}
     for row in rows:
         for k, v in row.items():
-            if k.split("/")[0] in ("param", "response", "artifacts", "general") and not math.isnan(finite(v)):
+            if k.split("/")[0] in DRIFT_FAMILIES and not math.isnan(finite(v)):
                 xs, ys = table.setdefault(k, ([], []))
                 xs.append(row["global_step"] if by_step else row.get("stage"))
                 ys.append(finite(v))

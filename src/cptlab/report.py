@@ -30,6 +30,7 @@ from .labels import label
 from .plots import finite
 from .runview import Run, load_run, numbers
 from .store import atomic_write_text
+from .metric_names import DRIFT, EVAL, FAULT, GREEDY_ACC, LENIENT_ACC, RUN_END
 
 DRIFT_CURVE = "param/rel_l2_base"  # the one drift curve on the first page
 ARTIFACT_CURVE = "artifacts/malformed_rate"  # the one artifact curve on the first page
@@ -78,7 +79,7 @@ def _final_sentence(run: Run, kept: list[tuple[int, str, Change]], counts: dict[
             f"{100 * avg[0]:.0f}% → {100 * avg[-1]:.0f}%")
     if kept:
         text += "; since their own stage " + ", ".join(f"{esc(d)} {change_html(c)}" for _, d, c in kept)
-    drift = {r["stage"]: r for r in run.events("drift") if isinstance(r.get("stage"), int)}
+    drift = {r["stage"]: r for r in run.events(DRIFT) if isinstance(r.get("stage"), int)}
     moved = finite(drift.get(S, {}).get(DRIFT_CURVE))
     if not math.isnan(moved):
         text += f"; weights moved {100 * moved:.2g}% from the base"
@@ -92,7 +93,7 @@ def _final_sentence(run: Run, kept: list[tuple[int, str, Change]], counts: dict[
 
 def _general_sentence(run: Run) -> str | None:
     """Pretrained bases: the general-ability probe after the last stage, against the base."""
-    drift = [r for r in run.events("drift") if isinstance(r.get("stage"), int)]
+    drift = [r for r in run.events(DRIFT) if isinstance(r.get("stage"), int)]
     if not drift or "general/first_line_agreement" not in drift[-1]:
         return None
     last, base = drift[-1], drift[0]
@@ -108,8 +109,8 @@ def _general_sentence(run: Run) -> str | None:
 def _lenient_sentence(run: Run) -> str | None:
     """Where strict and lenient accuracy differ by 2+ points after the last stage: what format costs."""
     S = run.R.shape[0] - 1
-    last = [r for r in run.events("eval") if r.get("stage") == S and r.get("final")]
-    gaps = [finite(r.get("lenient_acc")) - finite(r.get("greedy_acc")) for r in last]
+    last = [r for r in run.events(EVAL) if r.get("stage") == S and r.get("final")]
+    gaps = [finite(r.get(LENIENT_ACC)) - finite(r.get(GREEDY_ACC)) for r in last]
     gaps = [g for g in gaps if not math.isnan(g)]
     if not gaps or np.mean(gaps) < 0.02:
         return None
@@ -120,7 +121,7 @@ def _lenient_sentence(run: Run) -> str | None:
 def answer_counts(run: Run) -> dict[int, int]:
     """stage -> number of evaluation answers at its stage end (the denominators of the artifact rates)."""
     counts: dict[int, int] = {}
-    for r in run.events("eval"):
+    for r in run.events(EVAL):
         if r.get("final") and isinstance(r.get("stage"), int) and isinstance(r.get("num_prompts"), int):
             counts[r["stage"]] = counts.get(r["stage"], 0) + r["num_prompts"]
     return counts
@@ -130,7 +131,7 @@ def headline(run: Run, stories: list[StageStory], kept, counts: dict[int, int]) 
     if not run.R.size:
         return ["No evaluation recorded yet."]
     n = int(np.sum(~np.isnan(run.R[0])))
-    prompts = {r.get("num_prompts") for r in run.events("eval") if r.get("stage") == 0}
+    prompts = {r.get("num_prompts") for r in run.events(EVAL) if r.get("stage") == 0}
     each = f", {prompts.pop()} held-out prompts each" if len(prompts) == 1 and None not in prompts else ""
     out = [f"<b>Base model</b>: mean greedy accuracy {100 * np.nanmean(run.R[0]):.0f}% over {n} "
            f"evaluated domain{'s' if n != 1 else ''}{each}."]
@@ -146,8 +147,8 @@ def headline(run: Run, stories: list[StageStory], kept, counts: dict[int, int]) 
 def _banners(run: Run) -> list[str]:
     out = [f'<div class="banner fault">Fault in stage {esc(f.get("stage", "?"))} at global step '
            f'{esc(f.get("global_step", "?"))}: {esc(f.get("reason", "unknown"))} (action: {esc(f.get("action", "?"))})'
-           f'</div>' for f in run.events("fault")]
-    if not run.events("run_end"):
+           f'</div>' for f in run.events(FAULT)]
+    if not run.events(RUN_END):
         out.append('<div class="banner warn">This run has not finished (no run_end record): the report shows '
                    'what was written so far.</div>')
     collapse = run.summary.get("collapse")

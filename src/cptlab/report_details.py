@@ -19,6 +19,7 @@ from .htmlpage import MISSING, NOT_EVALUATED, esc, img, pct, pts, table
 from .labels import SUB_KINDS, label
 from .runview import Run, latest_samples
 from .plots import finite
+from .metric_names import DRIFT, EVAL, GREEDY_ACC, RUN_START, TRAIN
 
 SAMPLES_PER_STAGE = 6
 TRAIN_CURVES = ("reward", "kl_to_base", "entropy", "response_length")
@@ -110,8 +111,8 @@ def forgetting_tables(run: Run, nums: dict) -> list[str]:
 
 
 def accuracy_curves(run: Run, bounds) -> list[str]:
-    evals = run.events("eval")
-    acc = {d: plots.series([r for r in evals if r.get("domain") == d], "greedy_acc") for d in run.domains}
+    evals = run.events(EVAL)
+    acc = {d: plots.series([r for r in evals if r.get("domain") == d], GREEDY_ACC) for d in run.domains}
     acc = {d: (x, [100 * v for v in y]) for d, (x, y) in acc.items() if x}
     if not acc:
         return []
@@ -134,7 +135,7 @@ def lenient_matrix(run: Run) -> list[str]:
 
 def curves(run: Run, keys: tuple[str, ...], bounds) -> list[str]:
     """Training-record curves over global steps (plain names, units; constant ones listed)."""
-    train = run.events("train")
+    train = run.events(TRAIN)
     found = {key: plots.series(train, key) for key in keys}
     panels, axes, left_out = panels_for({k: xy for k, xy in found.items() if xy[0]})
     if not panels:
@@ -174,7 +175,7 @@ GEOMETRY_COLUMNS = [("spectral_shift", "spectral shift", lambda v: f"{v:.2e}"),
 
 def geometry_table(run: Run) -> list[str]:
     """Per stage and module type, the weight-geometry numbers of the stage's last drift record."""
-    last = {r["stage"]: r for r in run.events("drift") if isinstance(r.get("stage"), int) and r["stage"] > 0}
+    last = {r["stage"]: r for r in run.events(DRIFT) if isinstance(r.get("stage"), int) and r["stage"] > 0}
     rows = []
     for s, record in sorted(last.items()):
         for kind in ("all", "attention", "mlp", "embedding", "other"):
@@ -196,7 +197,7 @@ def geometry_table(run: Run) -> list[str]:
 
 def domain_sources(run: Run) -> list[str]:
     """The data-set domains of the run (run_start's domain_info): verifier, answer format, split sizes."""
-    start = next(iter(run.events("run_start")), {})
+    start = next(iter(run.events(RUN_START)), {})
     info = start.get("domain_info") if isinstance(start.get("domain_info"), dict) else {}
     rows = [[esc(name), esc(i.get("verifier", "")), esc(i.get("answer_format") or "the run's"),
              esc(i.get("train", "")), esc(i.get("eval", "")), esc(i.get("duplicates", 0))]

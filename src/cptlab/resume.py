@@ -23,6 +23,7 @@ from .errors import ConfigError, UserError
 from .store import FollowerStore, RunStore
 from .ui import console
 from .warmup import cache_path
+from .metric_names import RUN_END
 
 
 def is_complete(store: RunStore, n_stages: int) -> bool:
@@ -31,11 +32,11 @@ def is_complete(store: RunStore, n_stages: int) -> bool:
     records = store.read_metrics()
     ckpts = store.checkpoint_dirs()
     if not ckpts:
-        return any(r.get("event") == "run_end" for r in records)
+        return any(r.get("event") == RUN_END for r in records)
     state = load_state(ckpts[-1])
     after = records[state.get("metrics_lines", len(records)):]
     return (state.get("stage") == n_stages and bool(state.get("stage_done"))
-            and any(r.get("event") == "run_end" for r in after))
+            and any(r.get("event") == RUN_END for r in after))
 
 
 def restore(store: RunStore, model, remember_previous: Callable | None = None) -> dict:

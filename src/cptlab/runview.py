@@ -20,6 +20,7 @@ from .analysis.summary import build_summary
 from .errors import UserError
 from .plots import finite
 from .store import read_jsonl
+from .metric_names import RUN_START
 
 
 @dataclass
@@ -63,7 +64,7 @@ def load_run(run_dir: Path | str) -> Run:
         config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else None
     except yaml.YAMLError as e:
         raise UserError(f"{root / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
-    start = next((r for r in records if r.get("event") == "run_start"), {})
+    start = next((r for r in records if r.get("event") == RUN_START), {})
     return Run(root, records, build_summary(records), config if isinstance(config, dict) else {},
                list(start.get("stages") or []), *matrix_from_records(records))
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .metric_names import DRIFT, EVAL, TRAIN
 
 TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
 """name in run.report_to -> the Python package it needs (installed by the cptlab extra of that name)."""
@@ -67,9 +68,9 @@ def require_packages(names: list[str], field: str = "run.report_to") -> None:
 def scalars(record: dict) -> tuple[int, dict[str, float]] | None:
     """(global step, {name: value}) of a train, eval or drift record; None for any other record."""
     event, step = record.get("event"), record.get("global_step")
-    if event not in ("train", "eval", "drift") or not isinstance(step, int):
+    if event not in (TRAIN, EVAL, DRIFT) or not isinstance(step, int):
         return None
-    prefix = f"eval/{record.get('domain')}" if event == "eval" else event
+    prefix = f"{EVAL}/{record.get('domain')}" if event == EVAL else event
     values = {f"{prefix}/{k}": float(v) for k, v in record.items() if k not in KEYS
               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return step, values

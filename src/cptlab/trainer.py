@@ -28,6 +28,7 @@ from .rollout import make_generator
 from .step import train_step
 from .tasks import Example, make_split, train_pool_size
 from .ui import progress
+from .metric_names import FAULT, TRAIN
 
 
 def derive_seed(*parts: object) -> int:
@@ -102,10 +103,10 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
                     where = dict(stage=run.index, step=step + 1, update=update, global_step=global_step + 1)
                     if m.nan_policy == "skip":
                         skipped += 1
-                        run.log("fault", **where, action="skipped", reason=str(fault))
+                        run.log(FAULT, **where, action="skipped", reason=str(fault))
                         continue
                     reason = f"stage {run.index} ({stage.domain}, {m.name}) step {step + 1} of {stage.steps}: {fault}"
-                    run.log("fault", **where, action="stopped", reason=reason)
+                    run.log(FAULT, **where, action="stopped", reason=reason)
                     raise NumericalFault(reason) from None
                 updated = True
                 stats = {**result.stats, "loss": result.loss}
@@ -116,7 +117,7 @@ def train_stage(run: StageRun, start_step: int, global_step: int) -> int:
             tokens = float(batch.rollout.completion_mask.sum()) * dist.world_size()
             stats = {**batch.stats, **rollout_repetition(batch.rollout.texts), **stats}
             stats = dist.all_reduce_mean(stats)  # ranks' means (a collective: all call it)
-            run.log("train", stage=run.index, domain=stage.domain, method=m.name, step=step + 1,
+            run.log(TRAIN, stage=run.index, domain=stage.domain, method=m.name, step=step + 1,
                     global_step=global_step, lr=run.optimizer.param_groups[0]["lr"], **stats,
                     skipped_batches=skipped, step_seconds=dt, rollout_seconds=t_rollout, tokens_per_second=tokens / dt)
             advance(info=f"reward {stats.get('reward', float('nan')):.2f} loss {stats.get('loss', float('nan')):.3f}")

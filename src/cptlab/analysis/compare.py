@@ -31,6 +31,7 @@ from .metrics import (
     mean_forgetting,
 )
 from .stats import Difference, Summary, describe, difference, direction_word, holm
+from ..metric_names import DRIFT, RUN_START
 
 DRIFT_ROWS = [("param/rel_l2_base", "weights moved from the base (% of its norm)", "share"),
               ("response/kl_to_base", "answers drift from the base (token KL, nats)", "nats"),
@@ -115,7 +116,7 @@ def _run_numbers(run: RunData) -> _Numbers:
     trained = sorted({domains[k] for k in stage_domains if k >= 0})
     for key, names in (("avg_all", domains), ("avg_trained", trained)):
         cells[key] = None if not names or any(bits[d] is None for d in names) else [bits[d] for d in names]
-    drift = [r for r in run.records if r.get("event") == "drift" and r.get("stage") == S and S >= 1]
+    drift = [r for r in run.records if r.get("event") == DRIFT and r.get("stage") == S and S >= 1]
     for key, _, _ in DRIFT_ROWS:
         v = drift[-1].get(key) if drift else None
         values[key] = float(v) if isinstance(v, (int, float)) else math.nan
@@ -302,7 +303,7 @@ def _grouped(values: dict[str, object], show, arms: dict[str, list[str]]) -> str
 
 
 def _start(run: RunData) -> dict:
-    return next((r for r in run.records if r.get("event") == "run_start"), {})
+    return next((r for r in run.records if r.get("event") == RUN_START), {})
 
 
 def _eval_identity(run: RunData, domain: str) -> tuple | None:

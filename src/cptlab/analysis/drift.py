@@ -46,8 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectra import (BaseSpectra, LowRank, gram_spectra, lowrank_frobenius_sq, lowrank_spectrum,
-                      principal_reconstruction, top_thresholds)
+from .spectra import LowRank, gram_spectra
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
 _ATTENTION = ("self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn")

@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from ..metric_names import EVAL, GREEDY_ACC, RUN_START
 
 
-def accuracy_matrix(records: list[dict], metric: str = "greedy_acc") -> dict:
+def accuracy_matrix(records: list[dict], metric: str = GREEDY_ACC) -> dict:
     """R[stage][domain] from the stage-end ('final') eval records; stage 0 is the base model."""
-    finals = [r for r in records if r.get("event") == "eval" and r.get("final")]
+    finals = [r for r in records if r.get("event") == EVAL and r.get("final")]
     stages = sorted({r["stage"] for r in finals})
     domains = list(dict.fromkeys(r["domain"] for r in finals))
     names = {r["stage"]: r["stage_name"] for r in finals}
@@ -29,7 +30,7 @@ def accuracy_matrix(records: list[dict], metric: str = "greedy_acc") -> dict:
             metric: [[table.get((s, d)) for d in domains] for s in stages]}
 
 
-def matrix_from_records(records: list[dict], metric: str = "greedy_acc") -> tuple[np.ndarray, list[str], list[int]]:
+def matrix_from_records(records: list[dict], metric: str = GREEDY_ACC) -> tuple[np.ndarray, list[str], list[int]]:
     """(R [S+1, D], domains, stage_domains) from a run's records.
 
     Rows run over stages 0..S, S = the last stage with a final eval (rows of stages without one
@@ -38,7 +39,7 @@ def matrix_from_records(records: list[dict], metric: str = "greedy_acc") -> tupl
     run_start's plan, else from the final evals' stage_name.
     """
     view = accuracy_matrix(records, metric)
-    start = next((r for r in records if r.get("event") == "run_start"), {})
+    start = next((r for r in records if r.get("event") == RUN_START), {})
     planned = [st.get("domain") for st in start.get("stages", [])]
     named = {s: n for s, n in zip(view["stages"], view["stage_names"])}
     S = max(view["stages"], default=-1)

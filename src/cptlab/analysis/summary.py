@@ -18,6 +18,7 @@ from .metrics import (
     accuracy_matrix, average_accuracy, average_accuracy_trained, backward_transfer, forgetting, forward_transfer,
     in_domain_gain, matrix_from_records, mean_forgetting, ood_change, ood_columns, worst_drop,
 )
+from ..metric_names import DRIFT, FAULT, GREEDY_ACC, RUN_END, RUN_START, SAMPLED_ACC, TRAIN
 
 METRICS_VERSION = 2
 """Bumped when a summary key changes meaning. 2: `forgetting` and `mean_forgetting` follow Chaudhry et
@@ -76,25 +77,25 @@ def _headline(s: int, method: str, domain: str, gain: float, ood: float, drop: t
 
 def build_summary(records: list[dict]) -> dict:
     records = [r for r in records if isinstance(r, dict)]
-    start = next((r for r in records if r.get("event") == "run_start"), {})
+    start = next((r for r in records if r.get("event") == RUN_START), {})
     plan = start.get("stages", []) or []
-    faults = [r for r in records if r.get("event") == "fault"]
-    end = next((r for r in records if r.get("event") == "run_end"), None)
+    faults = [r for r in records if r.get("event") == FAULT]
+    end = next((r for r in records if r.get("event") == RUN_END), None)
     names = accuracy_matrix(records)
-    R, domains, stage_domains = matrix_from_records(records, "greedy_acc")
-    R_sampled, _, _ = matrix_from_records(records, "sampled_acc")
+    R, domains, stage_domains = matrix_from_records(records, GREEDY_ACC)
+    R_sampled, _, _ = matrix_from_records(records, SAMPLED_ACC)
     done = R.shape[0] - 1  # stages with a final eval (-1: not even the base model's)
 
     by_stage: dict[int, dict[str, list[dict]]] = {}
     for r in records:
-        if r.get("event") in ("train", "drift") and isinstance(r.get("stage"), int):
+        if r.get("event") in (TRAIN, DRIFT) and isinstance(r.get("stage"), int):
             by_stage.setdefault(r["stage"], {}).setdefault(r["event"], []).append(r)
     n_stages = max([len(plan), done] + [s for s in by_stage])
 
     def stage_info(s: int) -> tuple[str, str]:
         """(METHOD, domain) of stage s from the plan, else its train records."""
         p = plan[s - 1] if s - 1 < len(plan) else {}
-        train = by_stage.get(s, {}).get("train", [{}])
+        train = by_stage.get(s, {}).get(TRAIN, [{}])
         return (str(p.get("method") or train[0].get("method") or "?").upper(),
                 str(p.get("domain") or train[0].get("domain") or "?"))
 
@@ -119,9 +120,9 @@ def build_summary(records: list[dict]) -> dict:
 
     drift = []
     for s in range(1, n_stages + 1):
-        events = by_stage.get(s, {}).get("drift", [])
+        events = by_stage.get(s, {}).get(DRIFT, [])
         drift.append({k: v for k, v in events[-1].items() if k != "event"} if events else None)
-    collapse = [_stage_collapse(by_stage.get(s, {}).get("train", [])) for s in range(1, n_stages + 1)]
+    collapse = [_stage_collapse(by_stage.get(s, {}).get(TRAIN, [])) for s in range(1, n_stages + 1)]
 
     headline = []
     if done < 0:
