@@ -554,3 +554,41 @@ def test_unknown_loss_type_names_the_registered_ones():
     lp, old, adv, mask = trl_batch()
     with pytest.raises(ValueError, match="'cispo', 'dapo'"):
         grpo_loss(lp, old, adv, mask, loss_type="ppo")
+
+
+def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_others_and_registered():
+    from cptlab.losses import ADVANTAGE_ESTIMATORS, rloo_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    ids = torch.tensor([3, 3, 3, 3, 7, 7, 7, 7])
+    # group 3: each 1 against (0 + 0 + 1) / 3, each 0 against (1 + 0 + 1) / 3; group 7: all equal, 0
+    expected = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(rloo_advantages(rewards, ids), expected)
+    # the rows need not be contiguous: keyed by group id
+    perm = torch.tensor([4, 0, 5, 1, 6, 2, 7, 3])
+    assert torch.allclose(rloo_advantages(rewards[perm], ids[perm]), expected[perm])
+    assert torch.equal(rloo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1])), torch.zeros(2))
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo"}
+    assert torch.equal(ADVANTAGE_ESTIMATORS["grpo"](rewards, ids, scale=False),
+                       grouped_advantages(rewards, ids, scale=False))
+
+
+def test_the_advantage_estimator_is_chosen_by_config_and_an_unknown_one_is_one_line():
+    from cptlab.config import ConfigError, load_config
+
+    assert load_config("smoke", ["method.grpo.advantage=rloo"]).method.grpo.advantage == "rloo"
+    with pytest.raises(ConfigError, match=r"method.grpo.advantage' = 'rlo': did you mean 'rloo'\?"):
+        load_config("smoke", ["method.grpo.advantage=rlo"])
+
+
+def test_the_grpo_method_reads_its_advantages_from_the_configured_estimator():
+    from cptlab.config import GRPOConfig, MethodConfig
+    from cptlab.losses import rloo_advantages
+    from helpers import method_and_batch, new_tiny_model
+
+    model = new_tiny_model()
+    method, batch = method_and_batch(model, MethodConfig(name="grpo", grpo=GRPOConfig(advantage="rloo")))
+    batch.rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0.5, 1, 0, 0])
+    got = method._advantages(batch)
+    assert torch.allclose(got, rloo_advantages(batch.rewards, batch.rollout.group_ids))
+    assert not torch.allclose(got, grouped_advantages(batch.rewards, batch.rollout.group_ids))

@@ -237,6 +237,43 @@ def grouped_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True, e
     return torch.empty_like(rewards, dtype=centered.dtype).index_put_((rows.reshape(-1),), centered.reshape(-1))
 
 
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+"""name -> estimator(rewards [B], group_ids [B], *, scale, eps) -> advantages [B]: the registry behind
+`grpo.advantage` (register_advantage adds one)."""
+
+
+def register_advantage(name: str):
+    """Register an advantage estimator under `name` (as verl's @register_adv_est); returns it unchanged."""
+    def add(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return add
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-normalised advantages (grouped_advantages): centred on the group mean, divided by
+    the group std where `scale` (grpo.scale_rewards; False is Dr. GRPO)."""
+    return grouped_advantages(rewards, group_ids, scale, eps)
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: Tensor, group_ids: Tensor, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740): A_i = r_i - mean_{j != i} r_j over
+    the other samples of i's group, = G / (G - 1) * (r_i - mean_g r); never scaled (`scale` and `eps` are
+    GRPO's). A group of one has no other sample: advantage 0."""
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rloo_advantages: rewards and group_ids must both be [B], got "
+                         f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    grouped, rows = _group_matrix(rewards.float(), group_ids)
+    n = grouped.shape[1]
+    if n < 2:
+        return torch.zeros_like(rewards, dtype=grouped.dtype)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (n - 1)
+    adv = grouped - others
+    return torch.empty_like(rewards, dtype=adv.dtype).index_put_((rows.reshape(-1),), adv.reshape(-1))
+
+
 def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     """Share of groups whose rewards are all equal (no GRPO signal): rewards, group_ids [B] -> float."""
     grouped, _ = _group_matrix(rewards.float(), group_ids)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import MethodConfig, PromptConfig, RolloutConfig
-from .losses import (gather_logprobs, grouped_advantages, grpo_loss, k3_kl, loss_units_of, masked_mean, sdpo_loss,
+from .losses import (ADVANTAGE_ESTIMATORS, gather_logprobs, grpo_loss, k3_kl, loss_units_of, masked_mean, sdpo_loss,
                      sdpo_token_loss, sft_loss, token_entropy, zero_variance_fraction)
 from .prompts import student_prompt
 from .rollout import Rollout, SamplingSpec, encode_prompts, eval_mode, generate, rollout_from_texts
@@ -190,7 +190,8 @@ class OnPolicyMethod(Method):
         return logits, logprobs, stats
 
     def _advantages(self, batch: Batch) -> Tensor:
-        return grouped_advantages(batch.rewards, batch.rollout.group_ids, scale=self.cfg.grpo.scale_rewards)
+        g = self.cfg.grpo
+        return ADVANTAGE_ESTIMATORS[g.advantage](batch.rewards, batch.rollout.group_ids, scale=g.scale_rewards)
 
     def _grpo_term(self, batch: Batch, scale: float = 1.0) -> LossTerm:
         return LossTerm(batch.rollout.completion_mask, loss_units_of(self.cfg.grpo.loss_type),

@@ -191,8 +191,13 @@ class GRPOConfig:
     cispo_max_ratio: float = 5.0
     """loss_type cispo: the cap on the stopped importance ratio (TRL's epsilon_high for cispo; 5.0 as
     ScaleRL recommends). Only read by cispo."""
+    advantage: str = "grpo"
+    """The advantage estimator (losses.ADVANTAGE_ESTIMATORS): grpo, the group-normalised reward
+    (scale_rewards); rloo, the reward minus the mean of the other samples of its group (REINFORCE
+    leave-one-out, never scaled)."""
     scale_rewards: bool = True
-    """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO's centring only."""
+    """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO's centring only. Only
+    read by advantage grpo."""
 
 
 @dataclass

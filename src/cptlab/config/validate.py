@@ -74,8 +74,10 @@ def _validate_method(m: MethodConfig, where: str) -> None:
     _check(g.clip_eps_high is None or g.clip_eps_high > 0, f"{where}.grpo.clip_eps_high",
            g.clip_eps_high, "a positive value or null")
     _check(g.beta >= 0, f"{where}.grpo.beta", g.beta, "a value >= 0")
-    from ..losses import POLICY_LOSSES
+    from ..losses import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 
+    _check(g.advantage in ADVANTAGE_ESTIMATORS, f"{where}.grpo.advantage", g.advantage,
+           "a registered advantage estimator (one of " + ", ".join(ADVANTAGE_ESTIMATORS) + ")", ADVANTAGE_ESTIMATORS)
     _check(g.loss_type in POLICY_LOSSES, f"{where}.grpo.loss_type", g.loss_type,
            "a registered policy loss (one of " + ", ".join(POLICY_LOSSES) + ")", POLICY_LOSSES)
     _check(g.cispo_max_ratio > 0, f"{where}.grpo.cispo_max_ratio", g.cispo_max_ratio, "a positive cap")
