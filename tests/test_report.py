@@ -227,3 +227,27 @@ def test_rate_axes_start_at_zero_and_a_handful_of_answers_stays_near_the_floor()
     assert limits("artifacts/malformed_rate", [1.0, 8.0, 10.0]) == (0.0, 11.5)  # 15% headroom above the top
     assert limits("param/rel_l2_base", [0.0, 0.4, 0.8]) == (0.0, 0.92)
     assert limits("response/kl_to_base", [1.0, 1.1, 1.2])[0] > 0.9  # a value: not forced to zero
+
+
+def test_only_answer_rates_are_annotated_with_answer_counts(monkeypatch):
+    """The numbers on the artifact panels are answers k/n: only for the shares of answers, never for the
+    token ratios (distinct-n, repetition)."""
+    from cptlab import report_details
+    from cptlab.analysis.artifacts import ANSWER_RATES, artifact_stats
+
+    assert set(ANSWER_RATES) <= set(artifact_stats(["<answer>1</answer>"]))
+    seen = {}
+    monkeypatch.setattr(report_details.plots, "stage_grid", lambda panels, labels, **kw: seen.update(kw["notes"]) or b"")
+    monkeypatch.setattr(report_details, "img", lambda *a, **k: "")
+
+    class FakeRun:
+        plan = [{}]
+
+        def stage_label(self, s):
+            return f"stage {s}"
+
+    drift = {"artifacts/malformed_rate": ([0, 1], [0.25, 0.5]), "artifacts/distinct_2": ([0, 1], [0.4, 0.3]),
+             "artifacts/repetition_rate": ([0, 1], [0.1, 0.2])}
+    report_details.drift_section(FakeRun(), "artifacts", "artifacts", drift, False, None, {0: 8, 1: 8})
+    labelled = {report_details.label(k).name: k for k in drift}
+    assert seen == {report_details.label("artifacts/malformed_rate").name: ["2/8", "4/8"]}, (seen, labelled)

@@ -203,7 +203,7 @@ def drift_artifact_figure(run: Run, counts: dict[int, int]) -> list[str]:
     text = " ".join(f"{label(k).name[0].upper() + label(k).name[1:]}: {label(k).meaning}." for k in keys)
     return ["<h2>How far the model moved</h2>",
             f'<p class="note">After each stage (0 = the base model). {esc(text)} Both axes start at zero (the '
-            f"rate's reaches at least {labels.SHARE_AXIS_TOP:g}%, so that a handful of answers stays near the floor)"
+            f"rate's axis reaches at least {labels.SHARE_AXIS_TOP:g}%, so that a handful of answers stays near the floor)"
             + ("; numbers on the points: malformed answers / all evaluation answers." if notes else ".") + "</p>",
             img(figure, "drift and artifacts per stage", "drift-artifacts")]
 

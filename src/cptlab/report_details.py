@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from . import plots
+from .analysis.artifacts import ANSWER_RATES
 from .analysis.metrics import matrix_from_records
 from .htmlpage import MISSING, NOT_EVALUATED, esc, img, pct, pts, table
 from .labels import SUB_KINDS, label
@@ -154,9 +155,9 @@ def drift_section(run: Run, prefix: str, title: str, drift: dict, by_step: bool,
         return constant_note(left_out)
     stage_labels = {s: run.stage_label(s) for s in range(len(run.plan) + 1)}
     notes = {}
-    if prefix == "artifacts" and counts and not by_step:  # the answers behind each rate
+    if prefix == "artifacts" and counts and not by_step:  # the answers behind each answer rate
         for key, xy in part.items():
-            if label(key).kind == "share" and label(key).name in panels:
+            if key.split("/")[1] in ANSWER_RATES and label(key).name in panels:  # not the token ratios
                 notes[label(key).name] = [f"{round(v * counts.get(s, 0))}/{counts.get(s, 0)}" if counts.get(s) else ""
                                           for s, v in zip(*xy)]
     figure = (plots.curve_grid(panels, bounds, ncols=3, axes=axes) if by_step

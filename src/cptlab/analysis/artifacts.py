@@ -83,6 +83,12 @@ _KEYS = ("malformed_rate", "no_answer_rate", "multiple_answer_rate", "unclosed_a
          "longest_repeated_ngram", "repetition_rate", "mean_tokens", "char_level")
 
 
+ANSWER_RATES = ("malformed_rate", "no_answer_rate", "multiple_answer_rate", "unclosed_answer_rate",
+                "empty_answer_rate", "placeholder_answer_rate", "text_after_answer_rate")
+"""The keys of artifact_stats that are shares of answers (k of the n evaluation answers); the others
+(distinct-n, repetition) are ratios over tokens."""
+
+
 def artifact_stats(texts: list[str], unit: str = "auto", rep_n: int = 4,
                    answer_format: str | Sequence[str] = "tags") -> dict[str, float]:
     """Artifact rates over a list of completions, the wrapper read in `answer_format` (one format, or
