@@ -1,8 +1,9 @@
-"""The library's entry points, the ones the CLI calls:
+"""The library's entry points, the ones the CLI calls, and the two that `import cptlab` exports:
 
+    run(preset | file | Config, out_dir=, overrides=[...]) -> Path    `cptlab run` from Python
+    load_run(run_dir) -> RunResults       a run as plain tables: accuracy matrix, forgetting, drift, samples
     run_continual(cfg | resume=DIR) -> Path       run (or resume) a continual study, then its summary and report
     write_summary_and_report(run_dir) -> Path     rebuild summary.json (and report.html) from metrics.jsonl
-    load_run(run_dir) -> Run                       a run directory read for analysis and pages
 
 The driver (continual.py) runs the stages; this module puts what comes after it (the analyses and the
 pages, the headline in the terminal), so that the driver never imports the report. The experiment
@@ -78,11 +79,38 @@ def run_continual(cfg: Config | None = None, *, out_dir: str | None = None, resu
     return root
 
 
+def run(config: str | Path | Config | None = None, *, out_dir: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False, resume: str | Path | None = None) -> Path:
+    """`cptlab run` from Python: a preset name or YAML file (None: the default preset, tiny) or a Config,
+    then dotted `key.sub=value` overrides, as on the command line; runs it into `out_dir` (default
+    runs/<run.name>) and returns the run directory. `resume=DIR` continues a stopped run (no config
+    then). A bad input raises cptlab.errors.UserError (ConfigError for the config) naming the field."""
+    from .config import (absolute_sources, apply_overrides, from_dict, load_config, refuse_unused_settings, to_dict,
+                         validate)
+    from .errors import UserError
+
+    if resume is not None:
+        if config is not None or overrides:
+            raise UserError("resume takes the run's own config; drop the config and overrides")
+        return run_continual(resume=str(resume))
+    if isinstance(config, Config):
+        cfg = config
+        if overrides:
+            cfg = from_dict(Config, apply_overrides(to_dict(config), list(overrides)))
+            absolute_sources(cfg)
+            validate(cfg)
+            refuse_unused_settings(cfg)
+    else:
+        cfg = load_config(None if config is None else str(config), list(overrides))
+    return run_continual(cfg, out_dir=None if out_dir is None else str(out_dir), overwrite=overwrite)
+
+
 def load_run(run_dir: Path | str):
-    """A run directory read for analysis: records, summary, config, plan, the accuracy matrix."""
-    from .runview import load_run as read
+    """A run directory (finished or not) as plain tables: cptlab.results.RunResults, with the accuracy
+    matrix, forgetting, drift, samples, the summary and the records."""
+    from .results import load_results
 
-    return read(run_dir)
+    return load_results(run_dir)
 
 
-__all__ = ["run_continual", "write_summary_and_report", "load_run"]
+__all__ = ["run", "load_run", "run_continual", "write_summary_and_report"]

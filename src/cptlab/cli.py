@@ -138,6 +138,8 @@ def run(
 @friendly
 def config_cmd(
     args: Optional[list[str]] = typer.Argument(None, help="[PRESET|FILE.yaml] [key.sub=value ...]"),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the config reference as Markdown (docs/config.md "
+                                  "is the output without arguments; with a preset, its values beside the defaults)."),
 ) -> None:
     """Print the resolved config, every field with its value, its default where it differs, and its docstring."""
     import dataclasses
@@ -146,6 +148,11 @@ def config_cmd(
     from .config import describe, load_config
 
     preset, overrides = _split_args(args)
+    if markdown:
+        from .config.describe import markdown as reference
+
+        print(reference(load_config(preset, overrides) if args else None), end="")
+        return
     for key, value, default, doc in describe(load_config(preset, overrides)):
         if dataclasses.is_dataclass(value):
             print(f"\n[{key}]  {doc}")

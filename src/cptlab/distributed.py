@@ -14,7 +14,7 @@ reductions across ranks.
 
 Loss normalisation. The gradient reduction averages over ranks; the trainer weights each rank's
 loss terms by W * (its units) / (the units of all ranks, `all_reduce_sum`), so that the mean is the
-gradient of the loss over the union of all ranks' data (trainer._backward owns this).
+gradient of the loss over the union of all ranks' data (step.train_step owns this).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ dr_grpo, dapo, cispo, gspo; `register_policy_loss`), UNITS (what a loss is a mea
 Normalisation has one owner. Every loss here is `numerator / units`, and `loss_units` says what the
 units are: sequences with a counted token ("grpo", "gspo"), counted tokens ("bnpo", "dapo", "cispo",
 and every token-mean loss: SDPO, SFT), or the constant B * L_max ("dr_grpo", L_max the run's completion
-budget). The trainer weights each micro-batch's loss by its units over the units of the whole batch on
-all ranks, so the accumulated gradient is the whole batch's (trainer._backward).
+budget). step.train_step weights each micro-batch's loss by its units over the units of the whole batch
+on all ranks, so the accumulated gradient is the whole batch's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ read demonstrations in exactly the layout the teacher will later show it.
 With `prompt.format_example` every prompt starts with one worked exchange on a neutral question (the
 answer format's example, tasks/answer.py): a user turn and an assistant turn in the chat template, or a
 question/answer pair in the plain layout. A prior exchange rather than a line in the instruction:
-SmolLM2-135M-Instruct copied or answered an in-line example instead of the real question (README).
+SmolLM2-135M-Instruct copied or answered an in-line example instead of the real question
+(docs/domains.md, "Answer formats").
 """
 
 from __future__ import annotations

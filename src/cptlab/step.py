@@ -11,9 +11,12 @@ verl's agg_loss given global counts:
     loss_p = sum_terms scale * (sum_p / u_p) * (W * u_p / U_global)     (= scale * sum_p / (U_global / W))
 
 so the accumulated gradient is that of the whole global batch whatever the micro-batch size or the
-number of ranks. (Written as the micro-batch's own mean times its share of the units, so that the
-numbers are bit for bit those of the trainer before this module existed.) One GRPO step reads top to bottom in five files: trainer.py (the loop), methods.py
-(the batch, the terms), rollout.py (sampling and the training forwards), this file, losses.py (the math).
+number of ranks. (Written as the micro-batch's own mean times its share of the units, which keeps the
+rounding of a single micro-batch the plain mean's.)
+
+A step reads top to bottom in five files: trainer.py (the loop: prompts, `method.make_batch`, this
+step, the record), rollout.py with engine.py (sampling and the training forwards), methods.py (the
+batch, the loss terms), this file, and losses.py (the tensor math).
 """
 
 from __future__ import annotations

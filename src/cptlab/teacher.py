@@ -261,7 +261,7 @@ class TrustRegionTeacher(FrozenTeacher):
 
 @register_teacher("stable")
 class StableTeacher(Teacher):
-    """StableSDPO, our restart-and-freeze reading (README, "Methods"): a copy set by `restart()` to
+    """StableSDPO, our restart-and-freeze reading (docs/concepts.md, "Teachers"): a copy set by `restart()` to
     theta_T = (1 - gamma) * theta_anchor + gamma * theta_S, now (the stage start) and after each count
     of updating batches in `restart_after`, frozen in between. `anchor`: "base" (the base model) or
     "stage_start" (the student's weights now, kept for the restarts). With LoRA only the adapters are

@@ -2,7 +2,7 @@
 
 The loop is `train_stage`, and one step reads top to bottom in five files: this one (the loop),
 methods.py (the batch and the loss terms of GRPO, SDPO or SFT, and the method's own state such as the
-self-teacher), rollout.py (sampling and the training forwards), step.py (`train_step`: the one owner
+self-teacher), rollout.py with engine.py (sampling and the training forwards), step.py (`train_step`: the one owner
 of loss normalisation, clipping and the optimizer step) and losses.py (the tensor math). Evaluation
 and checkpoints are the driver's (continual.py), which it schedules through the `on_step_end` callback.
 """

@@ -82,7 +82,8 @@ class PromptConfig:
     answer_format: str = "tags"
     """How the final answer is wrapped, asked for and read back: 'tags' (<answer>X</answer>; the tiny
     model's tokenizer has the tags as tokens) or 'boxed' (\\boxed{X}, the study's format). The reward
-    reads only a correctly wrapped answer; evaluation also reports a lenient accuracy (see README)."""
+    reads only a correctly wrapped answer; evaluation also reports a lenient accuracy (docs/domains.md,
+    "Answer formats")."""
     format_example: bool = False
     """Start every prompt with one worked exchange in the answer format on a neutral question that no
     domain asks ("How many days are in a week?" -> "... \\boxed{7}."): a prior user/assistant turn in
@@ -263,7 +264,7 @@ class TrustRegionTeacherConfig:
 
 @dataclass
 class StableTeacherConfig:
-    """teacher.mode stable: StableSDPO, our restart-and-freeze reading (README, "Methods")."""
+    """teacher.mode stable: StableSDPO, our restart-and-freeze reading (docs/concepts.md, "Teachers")."""
 
     gamma: float = 0.4
     """The student's weight in theta_T = (1 - gamma) * theta_anchor + gamma * theta_student, set at each
@@ -369,7 +370,7 @@ class MethodConfig:
     """The method (methods.METHODS): grpo, group-relative policy gradient; sdpo, on-policy
     self-distillation; sft, cross-entropy on reference solutions (the off-policy baseline)."""
     lr: float = 3e-5
-    """AdamW peak learning rate (the tiny model drifts at 1e-4 and above under RL; see README)."""
+    """AdamW peak learning rate (the tiny model drifts at 1e-4 and above under RL; docs/studies.md)."""
     prompts_per_step: int = 16
     """Prompts per rollout batch; the batch holds prompts_per_step * group_size samples."""
     updates_per_batch: int = 1
@@ -411,7 +412,7 @@ class StageConfig:
 class DomainSpec:
     """One entry of the top-level `domains` section: a new domain, or changes to a built-in one. A
     domain is a reasoning-gym generator (`task`, `config`) or a data set checked by a verifier
-    (`source` and/or `eval_source`, `fields`, `verifier`; tasks/datasets.py, README "Your own data")."""
+    (`source` and/or `eval_source`, `fields`, `verifier`; tasks/datasets.py, docs/domains.md)."""
 
     task: str = ""
     """reasoning-gym task of a new domain (any name in reasoning_gym.factory.DATASETS); for a built-in
