@@ -24,7 +24,8 @@ import yaml
 import cptlab.basemodel
 from cptlab.analysis.drift import parameter_drift
 from cptlab.config import load_config
-from cptlab.api import load_run, run_continual
+from cptlab.api import run_continual
+from cptlab.runview import load_run as read_run
 from cptlab.errors import ConfigError, UserError
 from cptlab.models import build_tiny_model, build_tokenizer
 from cptlab.store import RunStore
@@ -199,7 +200,7 @@ def test_compare_warns_when_runs_trained_other_domains(unevaluated, cli, tmp_pat
     assert "not like for like" in page and "cost$_$x: arithmetic→sorting; other: sorting" in page
     rows = {words[0]: words for words in map(str.split, result.stdout.splitlines())
             if words[:1] in (["cost$_$x"], ["other"])}
-    acc = {r: 100 * np.nanmean(load_run(d).R[-1]) for r, d in (("cost$_$x", unevaluated), ("other", other))}
+    acc = {r: 100 * np.nanmean(read_run(d).R[-1]) for r, d in (("cost$_$x", unevaluated), ("other", other))}
     assert rows["cost$_$x"][1:3] == ["1", f"{acc['cost$_$x']:.1f}"] and rows["other"][2] == f"{acc['other']:.1f}"
     assert rows["cost$_$x"][-1] == "baseline"
 
