@@ -26,7 +26,8 @@ from .metric_names import EVAL, VERIFIER_ERROR
 class Evaluator:
     def __init__(self, cfg: Config, store: RunStore, info: dist.DistInfo, domains: list[str], tokenizer):
         self.cfg, self.store, self.info, self.domains, self.tokenizer = cfg, store, info, domains, tokenizer
-        self.spec = SamplingSpec.for_eval(resolve_eval(cfg), cfg.rollout)
+        self.ecfg = resolve_eval(cfg)
+        self.spec = SamplingSpec.for_eval(self.ecfg, cfg.rollout)
 
     def __call__(self, model, stage: int, stage_name: str, step: int, global_step: int, final: bool) -> dict:
         """Evaluate `model` on every domain; returns {domain: EvalResult} on rank 0 ({} elsewhere). Call
@@ -36,7 +37,7 @@ class Evaluator:
         prepare_generation(model, self.spec)  # a sharded model's weights, gathered by every rank here
         mine = dist.share(self.domains, self.info.rank, self.info.world_size)
         with progress(f"eval after {stage_name} step {step}", len(mine)) as advance:
-            results = evaluate_all(model, self.tokenizer, mine, resolve_eval(cfg), cfg.prompt, self.spec,
+            results = evaluate_all(model, self.tokenizer, mine, self.ecfg, cfg.prompt, self.spec,
                                    seed=derive_seed(cfg.run.seed, stage, step, "eval"),
                                    on_domain=lambda name: advance(info=name))
         gathered = {name: r for part in dist.gather_objects(results) for name, r in part.items()}

@@ -172,17 +172,20 @@ def domain_registry(specs: Mapping[str, Any], field: str = "domains") -> dict[st
     return registry
 
 
-def install_domains(specs: Mapping[str, Any] | dict[str, Domain], field: str = "domains") -> dict[str, Domain]:
-    """Make the domains this process looks names up in (make_split, verify, ...) the built-in ones plus
-    `specs` (or a registry from domain_registry); returns the previous registry. Called by the entry
-    points that run work on a config (the driver, `cptlab eval`, `cptlab domains`, a study's shared
-    warm-up, the analyses that re-read a run), never by loading or validating a config."""
-    registry = (dict(specs) if specs and all(isinstance(v, Domain) for v in specs.values())
-                else domain_registry(specs, field))
+def _use(registry: dict[str, Domain]) -> dict[str, Domain]:
+    """Make `registry` the one names are looked up in; returns the one it replaces."""
     previous = dict(_REGISTRY)
     _REGISTRY.clear()
     _REGISTRY.update(registry)
     return previous
+
+
+def install_domains(specs: Mapping[str, Any], field: str = "domains") -> dict[str, Domain]:
+    """Make the domains this process looks names up in (make_split, verify, ...) the built-in ones plus
+    `specs` (domain_registry); returns the previous registry. Called by the entry points that run work
+    on a config (the driver, `cptlab eval`, `cptlab domains`, a study's shared warm-up, the analyses that
+    re-read a run), never by loading or validating a config."""
+    return _use(domain_registry(specs, field))
 
 
 @contextlib.contextmanager
@@ -192,8 +195,7 @@ def domains_installed(specs: Mapping[str, Any], field: str = "domains"):
     try:
         yield
     finally:
-        _REGISTRY.clear()
-        _REGISTRY.update(previous)
+        _use(previous)
 
 
 # --- examples ------------------------------------------------------------------------------------
