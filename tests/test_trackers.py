@@ -356,7 +356,9 @@ def test_on_a_terminal_the_bar_stays_and_no_progress_lines_are_printed(monkeypat
 def test_a_run_without_a_terminal_shows_progress_from_the_warm_up_on_and_ends_with_the_report(tmp_path):
     """`python -m cptlab.cli run smoke` with stdout a pipe (as under nohup or CI): progress lines during
     the warm-up and the stages, then the headline and the report's path."""
-    env = {**os.environ, "CPTLAB_PROGRESS_SECONDS": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # an interval far below the warm-up's length on any machine (a 2 s one printed nothing where the
+    # 40-step warm-up took under 2 s)
+    env = {**os.environ, "CPTLAB_PROGRESS_SECONDS": "0.05", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-m", "cptlab.cli", "run", "smoke", "--out", str(tmp_path / "run"),
                            "run.device=cpu", f"warmup.cache_dir={tmp_path / 'cache'}", "run.report_to=[tensorboard]"],
                           env=env, capture_output=True, text=True, timeout=900)
